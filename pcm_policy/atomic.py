@@ -1,0 +1,79 @@
+"""Atomic writes: build outputs under a temporary name beside the target, rename into place on success.
+
+A crash or an exception therefore never leaves a half-written checkpoint or dataset at the final path.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary path (file or directory, the caller decides) next to `final`.
+
+    On normal exit the temporary path replaces `final` (an existing directory is swapped out and removed);
+    on an exception it is deleted and `final` is left untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp.rmdir()  # the caller creates a file or a directory at this name
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    if final.exists() and not overwrite:
+        _remove(tmp)
+        raise FileExistsError(final)
+    if final.is_dir() and not final.is_symlink():
+        # os.replace cannot replace a non-empty directory: move the old one aside first.
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        _remove(old)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        _remove(old)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def atomic_write_text(final: str | os.PathLike, text: str) -> None:
+    with atomic_path(final) as tmp:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def atomic_write_bytes(final: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(final) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
