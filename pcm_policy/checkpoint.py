@@ -1,0 +1,142 @@
+"""Checkpoints: a directory per save, written atomically.
+
+    <run>/checkpoints/step_000200/
+        policy.yaml          what the weights are: task, policy shape, kind (base | pcm)
+        policy.safetensors   evaluation weights (EMA) + normalizer statistics
+        config.yaml          the fully resolved run config
+        train_state.pt       online weights, optimizer, LR schedule, EMA, step, RNG (for resuming; optional)
+
+`load_policy` accepts a checkpoint directory or a run directory (then it takes the latest checkpoint).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from pcm_policy.atomic import atomic_path
+from pcm_policy.errors import CheckpointError
+
+POLICY_CARD = "policy.yaml"
+POLICY_WEIGHTS = "policy.safetensors"
+RUN_CONFIG = "config.yaml"
+TRAIN_STATE = "train_state.pt"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def step_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:07d}"
+
+
+def save_checkpoint(
+    final_dir: str | Path,
+    card: Mapping[str, Any],
+    weights: Mapping[str, torch.Tensor],
+    config: Mapping[str, Any] | None = None,
+    train_state: Mapping[str, Any] | None = None,
+    extra_weights: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+) -> Path:
+    """Write a checkpoint directory atomically (a crash leaves either the old directory or the new one)."""
+    final_dir = Path(final_dir)
+    with atomic_path(final_dir) as tmp:
+        tmp.mkdir()
+        (tmp / POLICY_CARD).write_text(yaml.safe_dump(dict(card), sort_keys=False))
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / POLICY_WEIGHTS)
+        for name, tensors in (extra_weights or {}).items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / name)
+        if config is not None:
+            (tmp / RUN_CONFIG).write_text(yaml.safe_dump(dict(config), sort_keys=False))
+        if train_state is not None:
+            torch.save(dict(train_state), tmp / TRAIN_STATE)
+    return final_dir
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, oldest first (temporary directories of an interrupted save are ignored)."""
+    ckpt_root = Path(run_dir) / "checkpoints"
+    if not ckpt_root.is_dir():
+        return []
+    found = []
+    for p in ckpt_root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and (p / POLICY_WEIGHTS).is_file() and (p / POLICY_CARD).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1][1] if ckpts else None
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
+    import shutil
+
+    for _, path in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory holding checkpoints/ (latest wins)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    if (path / POLICY_WEIGHTS).is_file():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise CheckpointError(f"{path}: not a checkpoint (no {POLICY_WEIGHTS}) and holds no checkpoints/step_*")
+    return latest
+
+
+def read_card(ckpt: Path) -> dict[str, Any]:
+    try:
+        card = yaml.safe_load((ckpt / POLICY_CARD).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise CheckpointError(f"{ckpt / POLICY_CARD}: unreadable ({type(e).__name__})") from None
+    if not isinstance(card, dict) or "policy" not in card:
+        raise CheckpointError(f"{ckpt / POLICY_CARD}: not a pcm-policy card (no 'policy' section)")
+    return card
+
+
+def read_weights(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path), device=str(device))
+    except (OSError, SafetensorError, ValueError) as e:
+        raise CheckpointError(f"{path}: corrupt or unreadable safetensors file ({str(e).splitlines()[0][:120]})") from None
+
+
+def read_train_state(ckpt: Path) -> dict[str, Any] | None:
+    path = ckpt / TRAIN_STATE
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle/zip errors come in many types
+        raise CheckpointError(f"{path}: corrupt train state ({type(e).__name__})") from None
+
+
+def load_policy(path: str | Path, device: str | torch.device = "cpu", expect_task: str | None = None):
+    """Rebuild a DiffusionPolicy (EMA weights) from a checkpoint or run directory; returns (policy, card)."""
+    from pcm_policy.data.normalizer import Normalizer
+    from pcm_policy.policy import DiffusionPolicy, PolicyConfig
+
+    ckpt = resolve_checkpoint(path)
+    card = read_card(ckpt)
+    if expect_task is not None and card.get("task") != expect_task:
+        raise CheckpointError(f"{ckpt}: checkpoint is for task {card.get('task')!r}, not {expect_task!r}")
+    try:
+        config = PolicyConfig(**card["policy"])
+    except TypeError as e:
+        raise CheckpointError(f"{ckpt / POLICY_CARD}: invalid policy section ({e})") from None
+    weights = read_weights(ckpt / POLICY_WEIGHTS)
+    weights = {k: v.float() for k, v in weights.items()}  # shipped checkpoints may be stored in fp16
+    policy = DiffusionPolicy(config, Normalizer())
+    policy.load_weights(weights, source=str(ckpt / POLICY_WEIGHTS))
+    policy.eval().to(device)
+    return policy, card

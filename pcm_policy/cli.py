@@ -1,0 +1,109 @@
+"""`pcm`: the command-line entry point. Every subcommand takes Hydra-style key=value overrides.
+
+    pcm data info PATH [--json]
+    pcm train task=pusht dataset.path=... train.steps=200 output_dir=...
+
+User errors (bad files, unknown keys, missing devices) print one line on stderr and exit with status 2.
+Set PCM_DEBUG=1 to see full tracebacks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable, Sequence
+
+os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pcm_policy.errors import PcmError  # noqa: E402
+
+EXIT_USER_ERROR = 2
+
+
+def _cmd_data_info(args: argparse.Namespace) -> int:
+    from pcm_policy.data.info import dataset_info
+
+    info = dataset_info(args.path)
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print(f"{info['path']}: {info['format']}, {info['episodes']} episodes, {info['steps']} steps")
+        for name, shape in info["arrays"].items():
+            print(f"  {name}: {shape}")
+    return 0
+
+
+def _compose(command: str, overrides: Sequence[str]) -> dict:
+    from pcm_policy.config import compose, resolve_path
+    from pcm_policy.runtime import set_threads
+
+    cfg = compose(command, overrides)
+    if cfg.get("dataset", {}).get("path"):
+        cfg["dataset"]["path"] = str(resolve_path(cfg["dataset"]["path"]))
+    set_threads(cfg.get("threads"))
+    return cfg
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from pcm_policy.training import train
+
+    cfg = _compose("train", args.overrides)
+    if args.print_config:
+        print(json.dumps(cfg, indent=2))
+        return 0
+    metrics = train(cfg)
+    print(f"checkpoint: {metrics['checkpoint']}")
+    print(f"metrics: {os.path.join(cfg['output_dir'], 'metrics.json')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pcm", description="Fast, exact diffusion-policy control (Picard Consistency Models).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    data = sub.add_parser("data", help="inspect datasets", description="Inspect demonstration datasets.")
+    data_sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+    info = data_sub.add_parser("info", help="summarise a PushT zarr or robomimic hdf5",
+                               description="Print episodes, steps and array shapes of a PushT zarr replay buffer "
+                                           "(directory or .zarr.zip) or a robomimic low-dim hdf5 file.")
+    info.add_argument("path")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.set_defaults(func=_cmd_data_info)
+
+    def overrides_command(name: str, func: Callable, help_text: str, keys: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=f"{help_text}\n\nCommon overrides:\n{keys}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra overrides (configs/%s.yaml)" % name.replace("-", "_"))
+        p.add_argument("--print-config", action="store_true", help="print the composed config and exit")
+        p.set_defaults(func=func)
+        return p
+
+    overrides_command("train", _cmd_train, "Train a Diffusion-Policy action head (DDPM) on a dataset.",
+                      "  task=pusht|lift|can  policy=unet_small|unet_dp  dataset.path=FILE  train.steps=N\n"
+                      "  train.batch_size=N  train.checkpoint_every=N  seed=N  device=auto|cpu|cuda  output_dir=DIR")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except PcmError as e:
+        print(f"pcm: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("pcm: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug, not a user error: keep it to one line unless debugging
+        if os.environ.get("PCM_DEBUG"):
+            raise
+        print(f"pcm: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+              "(set PCM_DEBUG=1 for a traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""`pcm train`: fit a DiffusionPolicy on a demonstration dataset (AdamW, cosine LR with warm-up, EMA).
+
+Batches are drawn by a deterministic schedule (a seeded permutation per epoch), so a resumed run sees exactly
+the batches the uninterrupted run would have seen. Checkpoints are atomic directories; re-running the same
+command resumes from the latest one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from pcm_policy import checkpoint as ckpt_io
+from pcm_policy.atomic import atomic_write_text
+from pcm_policy.data.lowdim_dataset import LowDimDataset
+from pcm_policy.errors import CheckpointError, ConfigError
+from pcm_policy.policy import DiffusionPolicy, PolicyConfig
+from pcm_policy.runtime import resolve_device, seed_everything
+
+
+@dataclass
+class Windows:
+    """All training windows as two tensors, so a batch is one index operation."""
+
+    obs: torch.Tensor  # (N, To, Do)
+    action: torch.Tensor  # (N, H, Da)
+
+    @classmethod
+    def from_dataset(cls, dataset) -> "Windows":
+        items = [dataset[i] for i in range(len(dataset))]
+        return cls(torch.stack([torch.as_tensor(it["obs"]) for it in items]).float(),
+                   torch.stack([torch.as_tensor(it["action"]) for it in items]).float())
+
+    def __len__(self) -> int:
+        return self.obs.shape[0]
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """Indices of the global batch for `step`: epochs are seeded permutations, the last partial batch dropped."""
+    per_epoch = max(n // batch_size, 1)
+    epoch, offset = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    if n < batch_size:  # tiny datasets: sample with replacement to fill a batch
+        return perm[torch.arange(batch_size) % n]
+    return perm[offset * batch_size:(offset + 1) * batch_size]
+
+
+def build_dataset(cfg: Mapping[str, Any]) -> LowDimDataset:
+    ds, pol = cfg["dataset"], cfg["policy"]
+    if not ds.get("path"):
+        raise ConfigError("dataset.path: no dataset given (set dataset.path=<file>)")
+    return LowDimDataset.from_config(
+        kind=ds["kind"], path=ds["path"], horizon=pol["horizon"], n_obs_steps=pol["n_obs_steps"],
+        n_action_steps=pol["n_action_steps"], val_ratio=ds.get("val_ratio", 0.02), seed=cfg["seed"],
+        max_train_episodes=ds.get("max_train_episodes"), obs_keys=ds.get("obs_keys"),
+        abs_action=ds.get("abs_action", False), filter_key=ds.get("filter_key"),
+    )
+
+
+def policy_card(cfg: Mapping[str, Any], policy_config: PolicyConfig, kind: str = "base") -> dict[str, Any]:
+    task = cfg["task"]
+    return {"kind": kind, "task": task["name"], "env_id": task.get("env_id"), "dataset": cfg["dataset"].get("path"),
+            "abs_action": bool(cfg["dataset"].get("abs_action", False)), "policy": policy_config.to_dict()}
+
+
+class _StopRequested(Exception):
+    pass
+
+
+def train(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    tcfg = cfg["train"]
+    out = Path(cfg["output_dir"])
+    device = resolve_device(cfg.get("device"))
+    seed_everything(cfg["seed"])
+
+    dataset = build_dataset(cfg)
+    val_dataset = dataset.get_validation_dataset()
+    train_windows = Windows.from_dataset(dataset)
+    val_windows = Windows.from_dataset(val_dataset) if len(val_dataset) else None
+    policy_config = PolicyConfig.from_mapping(cfg["policy"], obs_dim=dataset.obs_dim, action_dim=dataset.action_dim)
+    policy = DiffusionPolicy(policy_config, dataset.get_normalizer(cfg["dataset"].get("normalizer", "limits"))).to(device)
+    card = policy_card(cfg, policy_config)
+
+    steps = int(tcfg["steps"])
+    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=tcfg["lr"], betas=tuple(tcfg["betas"]),
+                                  weight_decay=tcfg["weight_decay"])
+    lr_schedule = get_scheduler(tcfg["lr_scheduler"], optimizer, num_warmup_steps=min(tcfg["warmup_steps"], steps // 10),
+                                num_training_steps=steps)
+    ema = EMAModel(policy.model.parameters(), decay=tcfg["ema_max_decay"], use_ema_warmup=True,
+                   power=tcfg["ema_power"], inv_gamma=1.0)
+
+    start_step = 0
+    latest = ckpt_io.latest_checkpoint(out)
+    if latest is not None:
+        start_step = _resume(latest, cfg, card, policy, optimizer, lr_schedule, ema)
+
+    log_path = out / "log.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    history: list[dict[str, Any]] = []
+    stop = {"flag": False}
+
+    def request_stop(signum, frame):  # SIGINT: finish the current step, save, exit cleanly
+        stop["flag"] = True
+
+    previous_handler = signal.signal(signal.SIGINT, request_stop)
+    t0 = time.perf_counter()
+    step = start_step
+    bar = tqdm(total=steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+    try:
+        policy.train()
+        with open(log_path, "a") as log:
+            while step < steps:
+                idx = batch_indices(len(train_windows), tcfg["batch_size"], cfg["seed"], step)
+                batch = {"obs": train_windows.obs[idx].to(device), "action": train_windows.action[idx].to(device)}
+                gen = torch.Generator(device=device).manual_seed(cfg["seed"] * 7919 + step)
+                loss = policy.compute_loss(batch, generator=gen)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                lr_schedule.step()
+                ema.step(policy.model.parameters())
+                step += 1
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
+                    raise ConfigError(f"train: loss became {loss_value} at step {step} (lower train.lr?)")
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}")
+                if step % tcfg["log_every"] == 0 or step == steps:
+                    record = {"step": step, "loss": loss_value, "lr": lr_schedule.get_last_lr()[0],
+                              "wall_s": round(time.perf_counter() - t0, 3)}
+                    history.append(record)
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                if step % tcfg["checkpoint_every"] == 0 or step == steps or stop["flag"]:
+                    val = _val_loss(policy, ema, val_windows, cfg["seed"], device)
+                    if val is not None:
+                        log.write(json.dumps({"step": step, "val_loss": val}) + "\n")
+                        log.flush()
+                    _save(out, step, cfg, card, policy, optimizer, lr_schedule, ema, tcfg["keep_checkpoints"])
+                if stop["flag"]:
+                    raise _StopRequested
+    except _StopRequested:
+        bar.close()
+        print(f"interrupted: checkpoint saved at step {step} in {out / 'checkpoints'}; re-run to resume")
+        raise SystemExit(130)
+    finally:
+        bar.close()
+        signal.signal(signal.SIGINT, previous_handler)
+
+    final = ckpt_io.latest_checkpoint(out)
+    metrics = {"command": "train", "task": card["task"], "steps": steps, "resumed_from": start_step,
+               "final_loss": history[-1]["loss"] if history else None,
+               "val_loss": _val_loss(policy, ema, val_windows, cfg["seed"], device),
+               "train_windows": len(train_windows), "episodes": dataset.n_episodes,
+               "wall_s": round(time.perf_counter() - t0, 2), "checkpoint": str(final), "device": str(device)}
+    _plot_loss(out, log_path)
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    return metrics
+
+
+@torch.no_grad()
+def _val_loss(policy: DiffusionPolicy, ema: EMAModel, windows: Windows | None, seed: int, device) -> float | None:
+    if windows is None or len(windows) == 0:
+        return None
+    ema.store(policy.model.parameters())
+    ema.copy_to(policy.model.parameters())
+    try:
+        n = min(len(windows), 1024)
+        batch = {"obs": windows.obs[:n].to(device), "action": windows.action[:n].to(device)}
+        return float(policy.compute_loss(batch, generator=torch.Generator(device=device).manual_seed(seed)))
+    finally:
+        ema.restore(policy.model.parameters())
+
+
+def _ema_weights(policy: DiffusionPolicy, ema: EMAModel) -> dict[str, torch.Tensor]:
+    ema.store(policy.model.parameters())
+    ema.copy_to(policy.model.parameters())
+    try:
+        return {k: v.clone() for k, v in policy.weights().items()}
+    finally:
+        ema.restore(policy.model.parameters())
+
+
+def _save(out: Path, step: int, cfg, card, policy, optimizer, lr_schedule, ema, keep: int) -> None:
+    train_state = {
+        "step": step,
+        "model": {k: v.detach().cpu() for k, v in policy.model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "lr_schedule": lr_schedule.state_dict(),
+        "ema": ema.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+    }
+    ckpt_io.save_checkpoint(ckpt_io.step_dir(out, step), card, _ema_weights(policy, ema), config=cfg,
+                            train_state=train_state)
+    ckpt_io.prune_checkpoints(out, keep)
+
+
+def _resume(latest: Path, cfg, card, policy, optimizer, lr_schedule, ema) -> int:
+    old_card = ckpt_io.read_card(latest)
+    if old_card.get("task") != card["task"] or old_card.get("policy") != card["policy"]:
+        raise CheckpointError(f"{latest}: existing checkpoint in output_dir was made with another task or policy "
+                              f"shape ({old_card.get('task')}); use a new output_dir")
+    state = ckpt_io.read_train_state(latest)
+    if state is None:
+        raise CheckpointError(f"{latest}: no {ckpt_io.TRAIN_STATE}; cannot resume training from it")
+    optimizer.load_state_dict(state["optimizer"])
+    lr_schedule.load_state_dict(state["lr_schedule"])
+    ema.load_state_dict(state["ema"])
+    torch.set_rng_state(state["torch_rng"])
+    # The saved normalizer wins over the one just fitted; then the online (non-EMA) weights continue training.
+    policy.load_weights(ckpt_io.read_weights(latest / ckpt_io.POLICY_WEIGHTS), source=str(latest))
+    policy.model.load_state_dict(state["model"])
+    print(f"resuming from {latest} (step {state['step']})")
+    return int(state["step"])
+
+
+def _plot_loss(out: Path, log_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    train_rows = [r for r in rows if "loss" in r]
+    val_rows = [r for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], label="train loss")
+    if val_rows:
+        ax.plot([r["step"] for r in val_rows], [r["val_loss"] for r in val_rows], "o-", label="val loss (EMA)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("MSE")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=100)
+    plt.close(fig)
