@@ -59,6 +59,52 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from pcm_policy.evaluation import evaluate
+
+    cfg = _compose("eval", args.overrides)
+    if args.print_config:
+        print(json.dumps(cfg, indent=2))
+        return 0
+    if cfg.get("checkpoint"):
+        from pcm_policy.config import resolve_path
+
+        cfg["checkpoint"] = str(resolve_path(cfg["checkpoint"]))
+    m = evaluate(cfg)
+    cov = f", mean max coverage {m['mean_max_coverage']:.3f}" if "mean_max_coverage" in m else ""
+    print(f"{m['task']}: success {m['success_rate']:.2f}, score {m['score']:.3f} over {m['episodes']} episodes{cov}")
+    for video in m.get("videos", []):
+        print(f"video: {video}")
+    print(f"metrics: {os.path.join(cfg['output_dir'], 'metrics.json')}")
+    return 0
+
+
+def _cmd_collect(args: argparse.Namespace) -> int:
+    cfg = _compose("collect", args.overrides)
+    if args.print_config:
+        print(json.dumps(cfg, indent=2))
+        return 0
+    task = cfg["task"]["name"]
+    suffix = ".zarr" if cfg["dataset"]["kind"] == "pusht_zarr" else ".hdf5"
+    path = os.path.join(cfg["output_dir"], cfg.get("output_name") or f"{task}_expert{suffix}")
+    if task == "pusht":
+        from envs.collect_pusht import collect_pusht
+
+        stats = collect_pusht(path, cfg["episodes"], seed=cfg["seed"], keep_failed=cfg["keep_failed"],
+                              images=cfg["images"], max_steps=cfg["task"]["max_steps"])
+    else:
+        from envs.collect_robomimic import collect_robomimic
+
+        stats = collect_robomimic({"lift": "Lift", "can": "PickPlaceCan"}[task], path, cfg["episodes"],
+                                  seed=cfg["seed"], keep_failed=cfg["keep_failed"], max_steps=cfg["task"]["max_steps"])
+    from pcm_policy.atomic import atomic_write_text
+
+    atomic_write_text(os.path.join(cfg["output_dir"], "metrics.json"),
+                      json.dumps({"command": "collect", "task": task, "path": path, **stats}, indent=2, default=str))
+    print(f"dataset: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pcm", description="Fast, exact diffusion-policy control (Picard Consistency Models).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -83,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     overrides_command("train", _cmd_train, "Train a Diffusion-Policy action head (DDPM) on a dataset.",
                       "  task=pusht|lift|can  policy=unet_small|unet_dp  dataset.path=FILE  train.steps=N\n"
                       "  train.batch_size=N  train.checkpoint_every=N  seed=N  device=auto|cpu|cuda  output_dir=DIR")
+    overrides_command("eval", _cmd_eval, "Closed-loop evaluation on the test seeds (100000+i), with videos.",
+                      "  checkpoint=DIR  policy=checkpoint|expert  sampler=sequential|ddim|picard|pcm|pcm_lora\n"
+                      "  task=pusht|lift|can  episodes=50  n_envs=10  vector=sync|async  videos=2  output_dir=DIR")
+    overrides_command("collect", _cmd_collect, "Record scripted-expert demonstrations in the real dataset formats.",
+                      "  task=pusht|lift|can  episodes=N  seed=0  keep_failed=false  images=false  output_dir=DIR")
     return parser
 
 

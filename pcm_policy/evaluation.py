@@ -1,0 +1,217 @@
+"""`pcm eval`: closed-loop rollouts on Diffusion Policy's test seeds, with videos and aggregate metrics.
+
+A trained policy is evaluated on gymnasium vector envs (sync by default, async on request), each env wrapped
+in a MultiStepWrapper so that one batched `predict_chunk` call serves every env per control chunk. Episodes
+run in waves of `n_envs`; an env that finished (success, termination or time limit) is ignored until the wave
+ends. The scripted experts (`policy=expert`) act from simulator state, step by step, one env at a time.
+
+PushT: score = mean over episodes of clip(max coverage / 0.95, 0, 1); success = max coverage >= 0.95.
+robomimic: score = success rate.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import gymnasium as gym
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pcm_policy.atomic import atomic_write_text
+from pcm_policy.errors import ConfigError
+
+PUSHT_SUCCESS_COVERAGE = 0.95
+
+
+@dataclass
+class EpisodeResult:
+    episode: int
+    seed: int
+    success: bool
+    max_coverage: float | None
+    steps: int
+
+    def score(self, task: str) -> float:
+        if task == "pusht" and self.max_coverage is not None:
+            return float(np.clip(self.max_coverage / PUSHT_SUCCESS_COVERAGE, 0.0, 1.0))
+        return float(self.success)
+
+
+def make_env(env_id: str, max_steps: int, render: bool = False, video_prefix: Path | None = None,
+             fps: int = 10, wrap: Callable[[gym.Env], gym.Env] | None = None) -> gym.Env:
+    import envs  # noqa: F401  (registers the ids)
+    from envs.recording import EpisodeStats, VideoRecorder
+
+    kwargs = {"render_mode": "rgb_array"} if render else {"render_mode": None}
+    env = gym.make(env_id, max_episode_steps=max_steps, disable_env_checker=True, **kwargs)
+    if video_prefix is not None:
+        env = VideoRecorder(env, video_prefix, fps=fps, max_episodes=1)
+    env = EpisodeStats(env)
+    return wrap(env) if wrap is not None else env
+
+
+def summarize(results: list[EpisodeResult], task: str) -> dict[str, Any]:
+    n = len(results)
+    out = {
+        "episodes": n,
+        "success_rate": float(np.mean([r.success for r in results])) if n else 0.0,
+        "score": float(np.mean([r.score(task) for r in results])) if n else 0.0,
+        "steps": int(sum(r.steps for r in results)),
+        "seeds": [r.seed for r in results[:1]] + ([results[-1].seed] if n > 1 else []),
+    }
+    covs = [r.max_coverage for r in results if r.max_coverage is not None]
+    if covs:
+        out["mean_max_coverage"] = float(np.mean(covs))
+    return out
+
+
+def _latency_summary(latencies_ms: list[float], iterations: list[int], evaluations: list[int], exact: list[bool]) -> dict:
+    if not latencies_ms:
+        return {}
+    lat = np.asarray(latencies_ms)
+    return {"chunks": len(lat), "latency_ms_p50": float(np.percentile(lat, 50)),
+            "latency_ms_p99": float(np.percentile(lat, 99)), "iterations_mean": float(np.mean(iterations)),
+            "evaluations_mean": float(np.mean(evaluations)), "exact_fraction": float(np.mean(exact))}
+
+
+class ChunkAgent:
+    """Batched policy calls: (N, To, Do) observation histories -> (N, Ta, Da) actions, with timing."""
+
+    def __init__(self, policy, sampler, seed: int):
+        self.policy = policy
+        self.sampler = sampler
+        self.generator = torch.Generator().manual_seed(seed)
+        self.latencies_ms: list[float] = []
+        self.iterations: list[int] = []
+        self.evaluations: list[int] = []
+        self.exact: list[bool] = []
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
+        chunk = self.policy.predict_chunk(torch.as_tensor(obs, dtype=torch.float32), self.sampler, generator=self.generator)
+        self.latencies_ms.append((time.perf_counter() - t0) * 1e3)
+        self.iterations.append(int(chunk.stats.iterations))
+        self.evaluations.append(int(chunk.stats.evaluations))
+        self.exact.append(bool(chunk.stats.converged))
+        return chunk.action.cpu().numpy()
+
+
+def rollout_policy(agent: Callable[[np.ndarray], np.ndarray], env_id: str, episodes: int, n_envs: int,
+                   n_obs_steps: int, n_action_steps: int, max_steps: int, seed_start: int = 100000,
+                   vector: str = "sync", video_dir: Path | None = None, n_videos: int = 0, fps: int = 10,
+                   progress: bool = True) -> list[EpisodeResult]:
+    from envs.multistep import MultiStepWrapper
+
+    n_envs = max(1, min(n_envs, episodes))
+
+    def env_fn(i: int):
+        # Only the first episode of the first `n_videos` envs is recorded (VideoRecorder: max_episodes=1).
+        video = video_dir / f"episode_env{i}" if (video_dir is not None and i < n_videos) else None
+        return lambda: make_env(env_id, max_steps, render=video is not None, video_prefix=video, fps=fps,
+                                wrap=lambda e: MultiStepWrapper(e, n_obs_steps, n_action_steps, max_steps))
+
+    if vector not in ("sync", "async"):
+        raise ConfigError(f"vector={vector!r}: expected sync or async")
+    cls = gym.vector.SyncVectorEnv if vector == "sync" else gym.vector.AsyncVectorEnv
+    vec = cls([env_fn(i) for i in range(n_envs)])
+    results: list[EpisodeResult] = []
+    bar = tqdm(total=episodes, desc=f"eval {env_id}", unit="ep", disable=not progress, dynamic_ncols=True)
+    try:
+        for wave_start in range(0, episodes, n_envs):
+            ids = list(range(wave_start, min(wave_start + n_envs, episodes)))
+            seeds = [seed_start + i for i in ids] + [seed_start + ids[-1]] * (n_envs - len(ids))
+            obs, info = vec.reset(seed=seeds)
+            done = np.arange(n_envs) >= len(ids)
+            last = [dict(success=False, cov=None, steps=0) for _ in range(n_envs)]
+            while not done.all():
+                actions = np.zeros((n_envs, n_action_steps, *vec.single_action_space.shape[1:]), dtype=np.float32)
+                active = np.flatnonzero(~done)
+                actions[active] = agent(obs[active])
+                obs, _, terminated, truncated, info = vec.step(actions)
+                for i in active:
+                    cov = info.get("episode_max_coverage")
+                    last[i] = dict(success=bool(info["episode_success"][i]),
+                                   cov=float(cov[i]) if cov is not None else None,
+                                   steps=int(info["episode_steps"][i]))
+                    if terminated[i] or truncated[i] or last[i]["success"]:
+                        done[i] = True
+            for k, i in enumerate(ids):
+                results.append(EpisodeResult(i, seeds[k], last[k]["success"], last[k]["cov"], last[k]["steps"]))
+                bar.update(1)
+            bar.set_postfix(success=f"{np.mean([r.success for r in results]):.2f}")
+    finally:
+        bar.close()
+        vec.close()
+    return results
+
+
+def rollout_expert(task: str, env_id: str, episodes: int, max_steps: int, seed_start: int = 100000,
+                   video_dir: Path | None = None, n_videos: int = 0, fps: int = 10, progress: bool = True) -> list[EpisodeResult]:
+    from envs.experts import make_expert
+
+    results = []
+    bar = tqdm(total=episodes, desc=f"expert {env_id}", unit="ep", disable=not progress, dynamic_ncols=True)
+    for ep in range(episodes):
+        video = video_dir / f"episode_{ep}" if (video_dir is not None and ep < n_videos) else None
+        env = make_env(env_id, max_steps, render=video is not None, video_prefix=video, fps=fps)
+        try:
+            obs, info = env.reset(seed=seed_start + ep)
+            expert = make_expert(task, env)
+            while True:
+                obs, _, terminated, truncated, info = env.step(expert.act(obs))
+                if terminated or truncated or info["episode_success"]:
+                    break
+            results.append(EpisodeResult(ep, seed_start + ep, bool(info["episode_success"]),
+                                         info.get("episode_max_coverage") if task == "pusht" else None,
+                                         int(info["episode_steps"])))
+        finally:
+            env.close()
+        bar.update(1)
+        bar.set_postfix(success=f"{np.mean([r.success for r in results]):.2f}")
+    bar.close()
+    return results
+
+
+def evaluate(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    from pcm_policy.checkpoint import load_policy
+    from pcm_policy.runtime import resolve_device
+    from pcm_policy.sampler_config import SamplerConfig
+
+    task = cfg["task"]
+    out = Path(cfg["output_dir"])
+    video_dir = out / "videos" if cfg.get("videos", 0) > 0 else None
+    fps = int(task.get("control_hz", 10))
+    t0 = time.perf_counter()
+    extra: dict[str, Any] = {}
+    if cfg["policy"]["name"] == "expert":
+        results = rollout_expert(task["name"], task["env_id"], cfg["episodes"], task["max_steps"], cfg["seed_start"],
+                                 video_dir, cfg.get("videos", 0), fps)
+        extra["policy"] = "expert"
+    else:
+        if not cfg.get("checkpoint"):
+            raise ConfigError("checkpoint: no checkpoint given (checkpoint=<run or checkpoint dir>, or policy=expert)")
+        device = resolve_device(cfg.get("device"))
+        policy, card = load_policy(cfg["checkpoint"], device, expect_task=task["name"])
+        sampler = SamplerConfig.from_mapping(cfg["sampler"])
+        from pcm_policy.pcm.attach import maybe_attach_pcm
+
+        maybe_attach_pcm(policy, sampler, cfg["sampler"].get("pcm_checkpoint"), device)
+        agent = ChunkAgent(policy, sampler, seed=cfg["seed_start"])
+        results = rollout_policy(agent, task["env_id"], cfg["episodes"], cfg["n_envs"], policy.config.n_obs_steps,
+                                 policy.config.n_action_steps, task["max_steps"], cfg["seed_start"], cfg["vector"],
+                                 video_dir, cfg.get("videos", 0), fps)
+        extra = {"policy": str(cfg["checkpoint"]), "sampler": sampler.label, "device": str(device),
+                 "threads": torch.get_num_threads(),
+                 **_latency_summary(agent.latencies_ms, agent.iterations, agent.evaluations, agent.exact)}
+    metrics = {"command": "eval", "task": task["name"], **summarize(results, task["name"]),
+               "wall_s": round(time.perf_counter() - t0, 2), **extra}
+    if video_dir is not None and video_dir.exists():
+        metrics["videos"] = sorted(str(p) for p in video_dir.glob("*.mp4"))
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "episodes.jsonl", "".join(json.dumps(asdict(r)) + "\n" for r in results))
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    return metrics
