@@ -1,0 +1,57 @@
+"""Picard Consistency Training loss: ``alpha(k) * || Phi(X^k; theta_pcm) - X* ||^2``.
+
+Phi is one full-window Picard map taken with the PCM (``pcm_policy.sampling.picard_step``); X^k and X* are
+data (detached), the gradient flows through the prefix sum into the one batched network call.
+alpha(k) = 1 / sqrt(Var(k)) with Var(k) the mean squared distance of X^k to X* over the dataset
+(``iterate_variances``) evens out the scale of early and late iterates.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..sampling.picard import picard_step
+from ..sampling.schedule import StepCoefficients
+
+
+def pct_loss(pcm_denoiser, coeffs: StepCoefficients, iterates_k, k, fixed_point, noise_terms, cond=None, alpha=None):
+    """Mean over elements of ``alpha(k_b) * (Phi(X^k; pcm) - X*)^2``.
+
+    iterates_k (S+1, B, H, Da): X^k of each sample (per-sample k allowed: k an int or a long tensor (B,));
+    fixed_point (S+1, B, H, Da); noise_terms (S, B, H, Da) = ``coeffs.noise_terms(noise)``; cond (B, C) or None;
+    alpha: None (1), a float, a callable k -> weight(s), or a tensor indexed by k (e.g. ``1/sqrt(Var)``).
+    """
+    Xk = iterates_k.detach()
+    target = fixed_point.detach()
+    phi = picard_step(pcm_denoiser, coeffs, Xk, noise_terms.detach(), cond)
+    sq = (phi - target).pow(2)  # (S+1, B, ...)
+    B = sq.shape[1]
+    per_sample = sq.transpose(0, 1).reshape(B, -1).mean(dim=1)  # (B,)
+    if alpha is None:
+        w = torch.ones((), dtype=sq.dtype, device=sq.device)
+    elif callable(alpha):
+        w = torch.as_tensor(alpha(k), dtype=sq.dtype, device=sq.device)
+    elif isinstance(alpha, torch.Tensor) and alpha.ndim > 0:
+        kk = torch.as_tensor(k, device=alpha.device, dtype=torch.long)
+        w = alpha[kk].to(device=sq.device, dtype=sq.dtype)
+    else:
+        w = torch.as_tensor(alpha, dtype=sq.dtype, device=sq.device)
+    return (w * per_sample).mean()
+
+
+def iterate_variances(iterates_list, fixed_points, max_k: int | None = None) -> torch.Tensor:
+    """Var(k) = mean squared distance of X^k to X* over a dataset of collected trajectories.
+
+    iterates_list: sequence of (K_n+1, S+1, B, ...) tensors; fixed_points: matching (S+1, B, ...).  Returns a
+    float64 tensor (max_k+1,); a k beyond a trajectory's K uses its last iterate (= X*, distance 0).
+    """
+    if max_k is None:
+        max_k = max(it.shape[0] for it in iterates_list) - 1
+    tot = torch.zeros(max_k + 1, dtype=torch.float64)
+    cnt = 0
+    for it, xs in zip(iterates_list, fixed_points):
+        kk = torch.arange(max_k + 1).clamp(max=it.shape[0] - 1)
+        d = (it[kk].double().cpu() - xs.double().cpu()).pow(2)
+        tot += d.reshape(max_k + 1, -1).mean(dim=1)
+        cnt += 1
+    return tot / max(cnt, 1)

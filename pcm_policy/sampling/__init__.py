@@ -1,0 +1,35 @@
+"""Samplers over a denoiser ``eps = denoiser(x, t, cond)`` and a diffusers DDPM/DDIM scheduler.
+
+- ``schedule``: ``StepCoefficients`` (the vectorised noise-free step m and the noise stds)
+- ``sequential``: the reference sampler
+- ``picard``: the windowed Picard loop (ParaDiGMS), ``picard_step`` (one differentiable map)
+- ``switching``: the lambda schedule and PCM -> base switching in output / weight space
+"""
+
+from .picard import SamplerStats, picard_loop, picard_step, sample_picard
+from .schedule import StepCoefficients
+from .sequential import sample_sequential
+from .switching import sample_lora_switched, sample_switched, switch_lambda
+
+__all__ = [
+    "SamplerStats",
+    "StepCoefficients",
+    "picard_loop",
+    "picard_step",
+    "sample_lora_switched",
+    "sample_picard",
+    "sample_sequential",
+    "sample_switched",
+    "switch_lambda",
+    "collect_picard_trajectory",
+    "pct_loss",
+]
+
+
+def __getattr__(name):
+    # PCT helpers live in pcm_policy.pcm (which imports this package); re-exported lazily to avoid a cycle.
+    if name in ("collect_picard_trajectory", "pct_loss"):
+        from .. import pcm
+
+        return getattr(pcm, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,219 @@
+"""Parallel Picard iteration over the denoising trajectory (ParaDiGMS, Shih et al. 2023).
+
+Trajectory Y = (y_0 .. y_S), shape (S+1, B, H, Da), y_0 = x_T.  One iteration over the window of steps
+[a, a+w) makes ONE batched network call over those w steps and updates, by a prefix sum,
+
+    y_{j+1} <- y_a + sum_{i=a..j} ( m(y_i, tau_i) - y_i + sigma_i z_i ),   j in [a, a+w).
+
+Conventions of this implementation:
+
+* Initialisation X^0: every slot = x_T (as ParaDiGMS).
+* Convergence: output slot j+1 passes when ``max_b ||y_{j+1}^{new} - y_{j+1}^{old}||^2 / D <= tol^2 * var_j``
+  (``var_j = StepCoefficients.conv_var[j]``; at a zero-variance step the smallest positive variance of the
+  schedule is used).  The anchor moves to the first failed slot (always >= a+1: that slot was computed from
+  the exact anchor); if none failed the window moves by its full size.  The window keeps its size; slots the
+  window has not reached yet always hold the latest value of the window's last slot ("new slots start from
+  the last state"), so ``Y[S]`` is the anytime estimate returned on ``should_stop``/``max_iters``.
+  Done when the anchor reaches S: at most S iterations.
+* Fixed shapes: with ``fixed_shape=True`` (default) every network call has exactly ``w * B`` rows; when the
+  window runs past step S-1 the tail is padded by repeating the last step's row and the padded results are
+  discarded.  ``fixed_shape=False`` shrinks the call instead (cheaper on CPU, not CUDA-graph friendly).
+* Counting (:class:`SamplerStats`): ``iterations`` = batched rounds (sequential network latency);
+  ``evaluations`` = useful step evaluations per trajectory, i.e. real window slots summed over iterations and
+  models, padding excluded and independent of the batch size B (sequential sampling = S);
+  ``network_rows`` = rows actually passed to networks, padding and batch included (the compute cost).
+* Host syncs: one ``.item()`` per iteration (the slide/convergence decision), none when it is not needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .schedule import StepCoefficients, _view
+
+
+@dataclass
+class SamplerStats:
+    iterations: int = 0
+    evaluations: int = 0
+    converged: bool = False
+    network_calls: int = 0
+    network_rows: int = 0
+    lambdas: list[float] = field(default_factory=list)
+
+
+def _tile_cond(cond, reps: int):
+    return None if cond is None else cond.repeat(reps, *([1] * (cond.ndim - 1)))
+
+
+def picard_loop(
+    map_fn: Callable,
+    coeffs: StepCoefficients,
+    x_T: torch.Tensor,
+    noise_terms: torch.Tensor,
+    *,
+    window: int | None = None,
+    tol: float = 0.1,
+    max_iters: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    fixed_shape: bool = True,
+    lambda_fn: Callable[[int], float] | None = None,
+    callback: Callable[[torch.Tensor], None] | None = None,
+):
+    """Generic windowed Picard loop shared by all samplers.
+
+    ``map_fn(X, idx_rows, t, lam)`` takes the window states X (w, B, H, Da), the step index and timestep of
+    every network row (w*B,) and the mixing weight, and returns
+    ``(M, rows_per_slot_models)``: the m-values (w, B, H, Da) and how many model evaluations each slot cost
+    (1 for a single model, 2 for output-space mixing).  ``lambda_fn(k)`` (switching) gives the mixing weight
+    of iteration k (0-based); while it is > 0 the iteration is not the base map: the window may slide by the
+    same rule (clamped so it stays inside the trajectory) but nothing is declared converged, and at the first
+    base iteration (lambda = 0) the anchor returns to 0 so the result is exactly base-model Picard.
+    ``callback(Y)`` sees the trajectory after initialisation and after every iteration.
+    Returns (Y, stats).
+    """
+    S = coeffs.num_steps
+    B = x_T.shape[0]
+    w = S if window is None else max(1, min(int(window), S))
+    dev = x_T.device
+    Y = x_T.unsqueeze(0).repeat(S + 1, *([1] * x_T.ndim))
+    ar = torch.arange(w, device=dev)
+    D = x_T[0].numel()
+    tol2 = float(tol) ** 2
+    thr_all = tol2 * coeffs.conv_var  # (S,)
+    stats = SamplerStats()
+    if callback is not None:
+        callback(Y)
+    a = 0
+    k = 0
+    base_phase = lambda_fn is None
+    while True:
+        if max_iters is not None and k >= max_iters:
+            break
+        if k >= 1 and should_stop is not None and should_stop():
+            break
+        lam = 0.0 if lambda_fn is None else float(lambda_fn(k))
+        if lambda_fn is not None:
+            stats.lambdas.append(lam)
+            if lam <= 0.0 and not base_phase:
+                base_phase = True
+                a = 0  # restart from the exact anchor: from here on it is plain base-model Picard
+        n_valid = min(w, S - a)
+        if fixed_shape:
+            idx = (ar + a).clamp_(max=S - 1)
+            n_rows = w
+        else:
+            idx = ar[:n_valid] + a
+            n_rows = n_valid
+        X = Y[idx]  # (n_rows, B, ...)
+        idx_rows = idx.repeat_interleave(B)
+        M, models = map_fn(X, idx_rows, coeffs.timesteps[idx_rows], lam)
+        delta = M - X + noise_terms[idx]
+        new = Y[a] + torch.cumsum(delta, dim=0)  # outputs for slots a+1 .. a+n_rows
+        new = new[:n_valid]
+        old = Y[a + 1 : a + 1 + n_valid]
+        need_decision = base_phase or w < S
+        if need_decision:
+            err = (new - old).pow(2).reshape(n_valid, B, D).mean(dim=2).amax(dim=1)
+            fail = err > thr_all[a : a + n_valid]
+            fail = torch.cat([fail, fail.new_ones(1)])
+            ind = int(torch.argmax(fail.to(torch.int32)).item())  # the one host sync per iteration
+        Y[a + 1 : a + 1 + n_valid] = new
+        end = a + n_valid
+        if end < S:
+            Y[end + 1 :] = Y[end]
+        k += 1
+        stats.iterations = k
+        stats.evaluations += n_valid * models
+        stats.network_calls += models
+        stats.network_rows += n_rows * B * models
+        if callback is not None:
+            callback(Y)
+        if need_decision:
+            new_a = a + min(1 + ind, n_valid)
+            if base_phase:
+                a = new_a
+                if a >= S:
+                    stats.converged = True
+                    break
+            else:
+                a = min(new_a, S - w)
+    return Y, stats
+
+
+def _rows(X: torch.Tensor) -> torch.Tensor:
+    """(n, B, ...) -> (n*B, ...): slot-major rows, as the network sees them."""
+    return X.reshape(X.shape[0] * X.shape[1], *X.shape[2:])
+
+
+def _cond_rows(cond_rep, n_rows: int):
+    """``cond.repeat(w)`` holds w blocks of B rows; the first n_rows of them are ``cond.repeat(n)``."""
+    return None if cond_rep is None else cond_rep[:n_rows]
+
+
+def model_m(denoiser, coeffs: StepCoefficients, X, idx_rows, t, cond_rows, *extra):
+    """m-values (same shape as X) of one batched network call over the window states X (n, B, ...)."""
+    flat = _rows(X)
+    eps = denoiser(flat, t, cond_rows, *extra)
+    return coeffs.step_no_noise(flat, eps, idx_rows).reshape(X.shape)
+
+
+def _single_model_map(denoiser, coeffs, cond_rep):
+    def map_fn(X, idx_rows, t, lam):
+        return model_m(denoiser, coeffs, X, idx_rows, t, _cond_rows(cond_rep, idx_rows.shape[0])), 1
+
+    return map_fn
+
+
+def prepare(scheduler, x_T, noise, cond):
+    """Coefficients on x_T's device/dtype and the noise terms sigma_j z_j."""
+    coeffs = StepCoefficients.from_scheduler(scheduler, x_T.device, x_T.dtype)
+    nt = coeffs.noise_terms(noise.to(device=x_T.device, dtype=x_T.dtype))
+    if cond is not None:
+        cond = cond.to(x_T.device)
+    return coeffs, nt, cond
+
+
+@torch.no_grad()
+def sample_picard(
+    denoiser,
+    scheduler,
+    x_T: torch.Tensor,
+    noise: torch.Tensor,
+    cond=None,
+    window: int | None = None,
+    tol: float = 0.1,
+    max_iters: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    *,
+    fixed_shape: bool = True,
+):
+    """Picard-iteration sampler; returns (x0 (B, H, Da), SamplerStats). ``window=None``: all S steps."""
+    coeffs, nt, cond = prepare(scheduler, x_T, noise, cond)
+    S = coeffs.num_steps
+    w = S if window is None else max(1, min(int(window), S))
+    map_fn = _single_model_map(denoiser, coeffs, _tile_cond(cond, w))
+    Y, stats = picard_loop(
+        map_fn, coeffs, x_T, nt, window=w, tol=tol, max_iters=max_iters, should_stop=should_stop,
+        fixed_shape=fixed_shape,
+    )
+    return Y[S].clone(), stats
+
+
+def picard_step(denoiser, coeffs: StepCoefficients, Y: torch.Tensor, noise_terms: torch.Tensor, cond=None):
+    """One differentiable full-window Picard map Phi(Y) (no ``no_grad``: gradients reach the network).
+
+    Y (S+1, B, H, Da) with Y[0] = x_T; noise_terms (S, B, H, Da) = ``coeffs.noise_terms(noise)``;
+    cond (B, C) or None.  Returns Phi(Y) (S+1, B, H, Da) with Phi(Y)[0] = Y[0] and
+    ``Phi(Y)[j+1] = Y[0] + sum_{i<=j} (m(Y[i], tau_i) - Y[i] + sigma_i z_i)``, from ONE network call.
+    """
+    S = coeffs.num_steps
+    X = Y[:S]
+    B = X.shape[1]
+    idx_rows = torch.arange(S, device=Y.device).repeat_interleave(B)
+    M = model_m(denoiser, coeffs, X, idx_rows, coeffs.timesteps[idx_rows], _tile_cond(cond, S))
+    delta = M - X + noise_terms
+    return torch.cat([Y[:1], Y[:1] + torch.cumsum(delta, dim=0)], dim=0)

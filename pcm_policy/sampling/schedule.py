@@ -1,0 +1,171 @@
+"""Vectorised, noise-free scheduler step ``m(y, tau)`` with per-step coefficients precomputed once.
+
+Why not ``DDPMParallelScheduler.batch_step_no_noise``: it assumes evenly spaced "leading" timesteps
+(``prev_t = t - T // S``), DDIM's batched path forces ``alpha_prev = 1`` at the last step whatever
+``set_alpha_to_one`` says, and it moves tensors between devices on every call.  Instead
+:class:`StepCoefficients` reads the scheduler's ``alphas_cumprod``/``timesteps``/config once and
+reproduces diffusers' sequential ``step`` exactly:
+
+* every coefficient is computed with the same float32 scalar arithmetic as ``step`` does, then cast
+  to the sample dtype (this is what torch's type promotion does inside ``step`` too), so a float64
+  trajectory matches diffusers to the last few ulps;
+* DDPM uses ``scheduler.previous_timestep`` semantics (next entry of ``timesteps``, -1 after the
+  last) and adds noise only where ``t > 0`` with std ``sqrt(_get_variance(t))`` (fixed_small);
+* DDIM uses ``prev_t = t - T // S`` and ``final_alpha_cumprod``, eta = 0 (no noise).
+
+Supported: prediction_type epsilon / sample / v_prediction, clip_sample (any range), DDPM
+variance_type fixed_small. Refused with ``ValueError``: thresholding, other variance types,
+other scheduler classes.
+
+Convergence scale ``conv_var[j]`` (used by the Picard test ``||dy||^2 / D <= tol^2 conv_var[j]``):
+the DDPM posterior variance of step j computed from ``alphas_cumprod`` at (t_j, prev_t_j) (for DDIM
+too, as ParaDiGMS does).  Steps where it is 0 (the last step, where alpha_prev = 1) use the smallest
+positive variance of the schedule instead, so the final slot is held to the same (tightest) standard
+as the last noisy step rather than being exempt or impossible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDIMParallelScheduler, DDIMScheduler, DDPMParallelScheduler, DDPMScheduler
+
+_DDPM = (DDPMScheduler, DDPMParallelScheduler)
+_DDIM = (DDIMScheduler, DDIMParallelScheduler)
+
+
+def _view(c: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Reshape a per-row coefficient (N,) to broadcast against an (N, ...) tensor of ``ndim`` dims."""
+    return c.reshape(c.shape + (1,) * (ndim - c.ndim))
+
+
+@dataclass
+class StepCoefficients:
+    """Per-step tensors (all shape (S,), on one device) describing ``m`` and the noise of a schedule."""
+
+    family: str  # "ddpm" or "ddim"
+    prediction_type: str
+    clip_range: float | None  # None: no clipping of the predicted x0
+    timesteps: torch.Tensor  # long
+    sqrt_abar: torch.Tensor  # alpha_prod_t ** 0.5
+    sqrt_1m_abar: torch.Tensor  # beta_prod_t ** 0.5
+    coef_x0: torch.Tensor  # DDPM: pred_original_sample_coeff; DDIM: alpha_prod_t_prev ** 0.5
+    coef_y: torch.Tensor  # DDPM: current_sample_coeff; DDIM: unused (zeros)
+    coef_eps: torch.Tensor  # DDIM: sqrt(1 - alpha_prev - std^2); DDPM: unused (zeros)
+    noise_std: torch.Tensor  # sigma_j; 0 where diffusers adds no noise
+    conv_var: torch.Tensor  # convergence scale per step (see module doc)
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.timesteps.shape[0])
+
+    @classmethod
+    def from_scheduler(cls, scheduler, device=None, dtype=torch.float32) -> "StepCoefficients":
+        cfg = scheduler.config
+        if getattr(scheduler, "num_inference_steps", None) is None:
+            raise ValueError("call scheduler.set_timesteps(S) before sampling")
+        if cfg.get("thresholding", False):
+            raise ValueError("dynamic thresholding (config.thresholding=True) is not supported by the Picard samplers")
+        pred = cfg.prediction_type
+        if pred not in ("epsilon", "sample", "v_prediction"):
+            raise ValueError(f"unsupported prediction_type {pred!r}")
+        if isinstance(scheduler, _DDPM):
+            family = "ddpm"
+            if cfg.variance_type != "fixed_small":
+                raise ValueError(
+                    f"unsupported DDPM variance_type {cfg.variance_type!r}: only 'fixed_small' is supported"
+                )
+        elif isinstance(scheduler, _DDIM):
+            family = "ddim"
+        else:
+            raise ValueError(f"unsupported scheduler {type(scheduler).__name__}: use DDPM/DDIM (Parallel) schedulers")
+
+        ts = scheduler.timesteps.detach().cpu().to(torch.long)
+        S = int(ts.shape[0])
+        ac = scheduler.alphas_cumprod.detach().cpu()
+        ratio = cfg.num_train_timesteps // scheduler.num_inference_steps
+        rows = {k: [] for k in ("sa", "sb", "cx0", "cy", "ceps", "std", "var")}
+        for j in range(S):
+            t = int(ts[j])
+            if family == "ddpm":
+                prev_t = int(ts[j + 1]) if j + 1 < S else -1
+                a_t = ac[t]
+                a_prev = ac[prev_t] if prev_t >= 0 else torch.tensor(1.0)
+                beta_prod_t, beta_prod_prev = 1 - a_t, 1 - a_prev
+                cur_alpha = a_t / a_prev
+                cur_beta = 1 - cur_alpha
+                cx0 = (a_prev ** (0.5) * cur_beta) / beta_prod_t
+                cy = cur_alpha ** (0.5) * beta_prod_prev / beta_prod_t
+                ceps = torch.zeros(())
+                std = scheduler._get_variance(t) ** 0.5 if t > 0 else torch.zeros(())
+                var = beta_prod_prev / beta_prod_t * cur_beta
+            else:
+                prev_t = t - ratio
+                a_t = ac[t]
+                a_prev = ac[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod
+                beta_prod_t = 1 - a_t
+                var = scheduler._get_variance(t, prev_t)
+                std_dev = 0.0 * var ** (0.5)  # eta = 0, same arithmetic as DDIMScheduler.step
+                cx0 = a_prev ** (0.5)
+                cy = torch.zeros(())
+                ceps = (1 - a_prev - std_dev**2) ** (0.5)
+                std = torch.zeros(())
+            rows["sa"].append(a_t ** (0.5))
+            rows["sb"].append(beta_prod_t ** (0.5))
+            rows["cx0"].append(cx0)
+            rows["cy"].append(cy)
+            rows["ceps"].append(ceps)
+            rows["std"].append(std)
+            rows["var"].append(var)
+
+        def stack(key):
+            return torch.stack([torch.as_tensor(v).reshape(()).float() for v in rows[key]]).to(device=device, dtype=dtype)
+
+        var = torch.stack([torch.as_tensor(v).reshape(()).double() for v in rows["var"]])
+        pos = var[var > 0]
+        floor = pos.min() if pos.numel() else torch.tensor(1.0, dtype=torch.float64)
+        var = torch.where(var > 0, var, floor)
+        clip = float(cfg.clip_sample_range) if cfg.get("clip_sample", False) else None
+        return cls(
+            family=family,
+            prediction_type=pred,
+            clip_range=clip,
+            timesteps=ts.to(device),
+            sqrt_abar=stack("sa"),
+            sqrt_1m_abar=stack("sb"),
+            coef_x0=stack("cx0"),
+            coef_y=stack("cy"),
+            coef_eps=stack("ceps"),
+            noise_std=stack("std"),
+            conv_var=var.to(device=device, dtype=dtype),
+        )
+
+    def noise_terms(self, noise: torch.Tensor) -> torch.Tensor:
+        """``sigma_j * z_j`` for every step: noise (S, B, ...) -> (S, B, ...)."""
+        if noise.shape[0] != self.num_steps:
+            raise ValueError(f"noise has {noise.shape[0]} steps, the schedule has {self.num_steps}")
+        return _view(self.noise_std, noise.ndim) * noise
+
+    def step_no_noise(self, y: torch.Tensor, model_output: torch.Tensor, idx) -> torch.Tensor:
+        """``m(y, tau_idx)``: y and model_output (N, ...), idx an int or a long tensor (N,) of step indices."""
+        if isinstance(idx, int):
+            g = lambda c: c[idx]  # noqa: E731  (0-dim: broadcasts)
+        else:
+            g = lambda c: _view(c[idx], y.ndim)  # noqa: E731
+        sa, sb = g(self.sqrt_abar), g(self.sqrt_1m_abar)
+        pred = self.prediction_type
+        if pred == "epsilon":
+            x0 = (y - sb * model_output) / sa
+            eps = model_output
+        elif pred == "sample":
+            x0 = model_output
+            eps = (y - sa * x0) / sb if self.family == "ddim" else None
+        else:  # v_prediction
+            x0 = sa * y - sb * model_output
+            eps = sa * model_output + sb * y if self.family == "ddim" else None
+        if self.clip_range is not None:
+            x0 = x0.clamp(-self.clip_range, self.clip_range)
+        if self.family == "ddpm":
+            return g(self.coef_x0) * x0 + g(self.coef_y) * y
+        return g(self.coef_x0) * x0 + g(self.coef_eps) * eps

@@ -1,0 +1,24 @@
+"""Reference sequential sampler: ``y_{j+1} = m(y_j, tau_j) + sigma_j z_j`` for j = 0..S-1."""
+
+from __future__ import annotations
+
+import torch
+
+from .schedule import StepCoefficients
+
+
+@torch.no_grad()
+def sample_sequential(denoiser, scheduler, x_T: torch.Tensor, noise: torch.Tensor, cond=None) -> torch.Tensor:
+    """Run the S scheduler steps one network call at a time; returns x0 of shape (B, H, Da).
+
+    ``noise`` (S, B, H, Da) holds the standard-normal draws z_j (ignored where sigma_j = 0, e.g. DDIM).
+    """
+    coeffs = StepCoefficients.from_scheduler(scheduler, x_T.device, x_T.dtype)
+    nt = coeffs.noise_terms(noise.to(device=x_T.device, dtype=x_T.dtype))
+    B = x_T.shape[0]
+    y = x_T
+    for j in range(coeffs.num_steps):
+        t = coeffs.timesteps[j].expand(B)
+        eps = denoiser(y, t, cond)
+        y = coeffs.step_no_noise(y, eps, j) + nt[j]
+    return y

@@ -1,0 +1,111 @@
+"""Model switching: hand the Picard iteration from the PCM back to the base model.
+
+Schedule: ``lambda(k) = clip(1 - s * k / K, 0, 1)`` for iteration k = 0, 1, 2, ... (k = 0 is the first
+iteration, lambda = 1: a pure PCM step).  K is the number of sampling steps S (Picard's worst-case
+iteration count, the paper's horizon); the default stiffness ``s = S / 2`` makes the schedule independent of
+S: lambda = 1, 0.5, 0, 0, ... i.e. two PCM-guided iterations, then base.  Pass any stiffness to change it
+(``switch_lambda`` gives the exact values; ``stats.lambdas`` records them).
+
+* Output space (``sample_switched``): the Picard maps are mixed, ``Y <- lam Phi(Y; pcm) + (1-lam) Phi(Y; base)``,
+  which (the map being affine in m) is implemented by mixing m-values, never eps (clip_sample makes m
+  non-affine in eps).  While lambda > 0 both models are called (two calls per iteration, counted twice in
+  ``evaluations``/``network_calls``); at lambda = 0 only the base model.
+* Weight space (``sample_lora_switched``): one call per iteration to ``denoiser(x, t, cond, scale)`` with
+  the LoRA scale = lambda(k) (see ``pcm_policy.model.lora``).
+
+Both stop only when lambda = 0 AND the base-map convergence test passes, and the base phase restarts the
+window anchor at y_0 = x_T (see ``picard_loop``), so with tol -> 0 the output is the base model's sequential
+sample whatever the PCM is.  Iterations are bounded by (number of lambda > 0 iterations) + S.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .picard import _cond_rows, _tile_cond, model_m, picard_loop, prepare
+
+
+def switch_lambda(k: int, stiffness: float, horizon: int) -> float:
+    """lambda(k) = clip(1 - stiffness * k / horizon, 0, 1)."""
+    return min(1.0, max(0.0, 1.0 - float(stiffness) * k / float(horizon)))
+
+
+def _schedule(stiffness, S):
+    s = S / 2.0 if stiffness is None else float(stiffness)
+    if s <= 0:
+        raise ValueError("stiffness must be > 0 (otherwise lambda never reaches 0 and the base model never takes over)")
+    return lambda k: switch_lambda(k, s, S)
+
+
+def _run(map_fn, coeffs, x_T, nt, S, window, tol, max_iters, should_stop, lam_fn, fixed_shape):
+    Y, stats = picard_loop(
+        map_fn, coeffs, x_T, nt, window=window, tol=tol, max_iters=max_iters, should_stop=should_stop,
+        fixed_shape=fixed_shape, lambda_fn=lam_fn,
+    )
+    return Y[S].clone(), stats
+
+
+@torch.no_grad()
+def sample_switched(
+    base,
+    pcm,
+    scheduler,
+    x_T: torch.Tensor,
+    noise: torch.Tensor,
+    cond=None,
+    stiffness: float | None = None,
+    window: int | None = None,
+    tol: float = 0.1,
+    max_iters: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    *,
+    fixed_shape: bool = True,
+):
+    """Output-space switching between a PCM and the base denoiser; returns (x0, SamplerStats)."""
+    coeffs, nt, cond = prepare(scheduler, x_T, noise, cond)
+    S = coeffs.num_steps
+    w = S if window is None else max(1, min(int(window), S))
+    cond_rep = _tile_cond(cond, w)
+    lam_fn = _schedule(stiffness, S)
+
+    def map_fn(X, idx_rows, t, lam):
+        c = _cond_rows(cond_rep, idx_rows.shape[0])
+        m_base = None if lam >= 1.0 else model_m(base, coeffs, X, idx_rows, t, c)
+        if lam <= 0.0:
+            return m_base, 1
+        m_pcm = model_m(pcm, coeffs, X, idx_rows, t, c)
+        if m_base is None:
+            return m_pcm, 1
+        return lam * m_pcm + (1.0 - lam) * m_base, 2
+
+    return _run(map_fn, coeffs, x_T, nt, S, w, tol, max_iters, should_stop, lam_fn, fixed_shape)
+
+
+@torch.no_grad()
+def sample_lora_switched(
+    denoiser,
+    scheduler,
+    x_T: torch.Tensor,
+    noise: torch.Tensor,
+    cond=None,
+    stiffness: float | None = None,
+    window: int | None = None,
+    tol: float = 0.1,
+    max_iters: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    *,
+    fixed_shape: bool = True,
+):
+    """Weight-space switching: ``denoiser(x, t, cond, scale)`` with LoRA scale = lambda(k); one call per iteration."""
+    coeffs, nt, cond = prepare(scheduler, x_T, noise, cond)
+    S = coeffs.num_steps
+    w = S if window is None else max(1, min(int(window), S))
+    cond_rep = _tile_cond(cond, w)
+    lam_fn = _schedule(stiffness, S)
+
+    def map_fn(X, idx_rows, t, lam):
+        return model_m(denoiser, coeffs, X, idx_rows, t, _cond_rows(cond_rep, idx_rows.shape[0]), float(lam)), 1
+
+    return _run(map_fn, coeffs, x_T, nt, S, w, tol, max_iters, should_stop, lam_fn, fixed_shape)

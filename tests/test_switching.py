@@ -1,0 +1,176 @@
+"""Model switching (output space and LoRA weight space) returns exactly the base model's sequential sample."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from pcm_policy.model.lora import add_lora, lora_parameters, scaled_denoiser
+from pcm_policy.sampling import sample_lora_switched, sample_picard, sample_sequential, sample_switched, switch_lambda
+
+torch.set_num_threads(1)
+H, DA, C = 4, 2, 3
+
+
+class Toy(nn.Module):
+    def __init__(self, seed=0, gain=2.0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.l1 = nn.Linear(H * DA + 8 + C, 32).double()
+        self.l2 = nn.Linear(32, H * DA).double()
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.5)
+        self.gain = gain
+
+    def forward(self, x, t, cond=None):
+        n = x.shape[0]
+        ang = t.double()[:, None] / 1000.0 * (torch.arange(4, dtype=torch.float64) + 1) * math.pi
+        c = cond if cond is not None else torch.zeros(n, C, dtype=torch.float64)
+        h = torch.tanh(self.l1(torch.cat([x.reshape(n, -1), torch.sin(ang), torch.cos(ang), c], 1)))
+        return self.gain * torch.tanh(self.l2(h)).reshape(x.shape)
+
+
+def make_scheduler(kind, S, pred="epsilon", clip=False):
+    kw = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type=pred, clip_sample=clip)
+    s = DDPMScheduler(**kw) if kind == "ddpm" else DDIMScheduler(**kw)
+    s.set_timesteps(S)
+    return s
+
+
+def draw(S, B, seed=0):
+    """x_T, per-step noise z_j drawn from generators seeded 1000*seed+j (the reference replays them), cond."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.stack([torch.randn(B, H, DA, generator=torch.Generator().manual_seed(1000 * seed + j),
+                                     dtype=torch.float64) for j in range(S)])
+    return torch.randn(B, H, DA, generator=g, dtype=torch.float64), noise, torch.randn(B, C, generator=g, dtype=torch.float64)
+
+
+@torch.no_grad()
+def diffusers_reference(den, sch, x_T, cond, seed):
+    """Independent sequential loop through diffusers' own ``step`` (DDPM draws z_j from the same seeded generator)."""
+    y = x_T
+    for j, t in enumerate(sch.timesteps):
+        eps = den(y, t.expand(y.shape[0]), cond)
+        if isinstance(sch, DDPMScheduler):
+            y = sch.step(eps, t, y, generator=torch.Generator().manual_seed(1000 * seed + j)).prev_sample
+        else:
+            y = sch.step(eps, t, y, eta=0.0).prev_sample
+    return y
+
+
+CONFIGS = [(k, S, p, c) for k, S in [("ddpm", 100), ("ddim", 10), ("ddim", 16)]
+           for p in ("epsilon", "sample") for c in (False, True)]
+
+
+def _id(c):
+    return f"{c[0]}{c[1]}-{c[2]}-{'clip' if c[3] else 'noclip'}"
+
+
+def test_lambda_schedule():
+    assert [switch_lambda(k, 50, 100) for k in range(4)] == [1.0, 0.5, 0.0, 0.0]
+    assert switch_lambda(3, 10, 100) == pytest.approx(0.7)
+    assert switch_lambda(0, 1e9, 10) == 1.0 and switch_lambda(1, 1e9, 10) == 0.0
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=_id)
+@pytest.mark.parametrize("window,B,use_cond", [(None, 1, False), (None, 2, True), (5, 2, True)])
+def test_output_switching_exact_with_bad_pcm(cfg, window, B, use_cond):
+    kind, S, pred, clip = cfg
+    sch = make_scheduler(kind, S, pred, clip)
+    base, bad_pcm = Toy(seed=1), Toy(seed=99, gain=5.0)
+    x_T, noise, cond = draw(S, B, seed=3)
+    cond = cond if use_cond else None
+    ref = diffusers_reference(base, sch, x_T, cond, 3)
+    out, st = sample_switched(base, bad_pcm, sch, x_T, noise, cond, stiffness=S / 3, window=window, tol=0.0)
+    assert st.converged and st.lambdas[-1] == 0.0 and st.lambdas[:2] == [1.0, pytest.approx(2 / 3)]
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=_id)
+@pytest.mark.parametrize("window,B,use_cond", [(None, 2, True), (6, 1, False)])
+def test_lora_switching_exact(cfg, window, B, use_cond):
+    kind, S, pred, clip = cfg
+    sch = make_scheduler(kind, S, pred, clip)
+    base = Toy(seed=1)
+    lora = add_lora(copy.deepcopy(base), rank=2)
+    with torch.no_grad():
+        for p in lora_parameters(lora):
+            p.copy_(torch.randn_like(p))  # a large random nonzero delta
+    x_T, noise, cond = draw(S, B, seed=4)
+    cond = cond if use_cond else None
+    ref = diffusers_reference(base, sch, x_T, cond, 4)
+    out, st = sample_lora_switched(scaled_denoiser(lora), sch, x_T, noise, cond, window=window, tol=0.0)
+    assert st.converged and st.lambdas[:3] == [1.0, 0.5, 0.0]
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+
+
+class Recorder:
+    def __init__(self, fn):
+        self.fn, self.shapes, self.extra = fn, [], []
+
+    def __call__(self, x, t, cond, *extra):
+        self.shapes.append((tuple(x.shape), tuple(t.shape), None if cond is None else tuple(cond.shape)))
+        self.extra.append(extra)
+        return self.fn(x, t, cond, *extra)
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_output_switching_counts_and_shapes(window):
+    S, B = 16, 2
+    sch = make_scheduler("ddim", S)
+    base, pcm = Recorder(Toy(seed=1)), Recorder(Toy(seed=2))
+    x_T, noise, cond = draw(S, B)
+    out, st = sample_switched(base, pcm, sch, x_T, noise, cond, stiffness=4.0, window=window, tol=1e-8)
+    w = S if window is None else window
+    assert len(set(base.shapes + pcm.shapes)) == 1 and base.shapes[0][0] == (w * B, H, DA)
+    assert st.lambdas[:5] == [1.0, 0.75, 0.5, 0.25, 0.0] and len(st.lambdas) == st.iterations
+    # lambda = 1: PCM only; 0 < lambda < 1: both; lambda = 0: base only
+    assert len(pcm.shapes) == 4 and len(base.shapes) == st.iterations - 1
+    assert st.network_calls == len(pcm.shapes) + len(base.shapes)
+    assert st.network_rows == st.network_calls * w * B
+    assert all(isinstance(v, int) for v in (st.iterations, st.evaluations, st.network_calls))
+    assert st.iterations <= 4 + S and st.converged
+
+
+def test_lora_switching_one_call_per_iteration_with_lambda_scale():
+    S, B = 10, 2
+    sch = make_scheduler("ddim", S)
+    lora = add_lora(Toy(seed=1), rank=2)
+    rec = Recorder(scaled_denoiser(lora))
+    x_T, noise, cond = draw(S, B)
+    out, st = sample_lora_switched(rec, sch, x_T, noise, cond, stiffness=S / 3, tol=1e-8)
+    assert len(rec.shapes) == st.iterations == st.network_calls and len(set(rec.shapes)) == 1
+    assert [e[0] for e in rec.extra] == st.lambdas
+    assert st.lambdas[:4] == [1.0, pytest.approx(2 / 3), pytest.approx(1 / 3), 0.0]
+
+
+def test_switching_stop_and_max_iters():
+    S = 100
+    sch = make_scheduler("ddpm", S)
+    base, pcm = Toy(seed=1), Toy(seed=2)
+    x_T, noise, cond = draw(S, 2)
+    out, st = sample_switched(base, pcm, sch, x_T, noise, cond, should_stop=lambda: True)
+    assert st.iterations == 1 and not st.converged and st.lambdas == [1.0]
+    assert not torch.equal(out, x_T)
+    out, st = sample_switched(base, pcm, sch, x_T, noise, cond, max_iters=2, tol=0.0)
+    assert st.iterations == 2 and not st.converged
+    lora = add_lora(Toy(seed=1), rank=2)
+    out, st = sample_lora_switched(scaled_denoiser(lora), sch, x_T, noise, cond, should_stop=lambda: True)
+    assert st.iterations == 1 and not st.converged
+
+
+def test_good_pcm_needs_fewer_iterations_than_picard():
+    """A 'PCM' equal to the base model is a sanity bound: switching costs at most its lambda>0 prefix extra."""
+    S = 16
+    sch = make_scheduler("ddim", S, clip=True)
+    base = Toy(seed=1, gain=0.5)
+    x_T, noise, cond = draw(S, 2)
+    _, st_p = sample_picard(base, sch, x_T, noise, cond)
+    out, st_s = sample_switched(base, base, sch, x_T, noise, cond)
+    assert st_s.iterations <= st_p.iterations + 2
+    ref = sample_sequential(base, sch, x_T, noise, cond)
+    assert (out - ref).abs().max().item() < 0.05
