@@ -93,7 +93,8 @@ def run_sampler(
     if cfg.name == "sequential":
         S = len(scheduler.timesteps)
         x0 = sampling.sample_sequential(base, scheduler, x_T, noise, cond)
-        return x0, sampling.SamplerStats(iterations=S, evaluations=S, converged=True)
+        return x0, sampling.SamplerStats(iterations=S, evaluations=S, converged=True, network_calls=S,
+                                         network_rows=S * x_T.shape[0])
     kwargs: dict[str, Any] = dict(cond=cond, window=cfg.window, tol=cfg.tol, max_iters=cfg.max_iters, should_stop=should_stop)
     if cfg.name == "picard":
         return sampling.sample_picard(base, scheduler, x_T, noise, **kwargs)

@@ -1,0 +1,157 @@
+"""Low-dim training windows for the diffusion policy, from a PushT zarr or a robomimic hdf5 file.
+
+Every dataset is reduced to two per-step float32 arrays, obs (N, obs_dim) and action (N, action_dim), plus
+episode ends; windows of `horizon` frames come from SequenceSampler with pad_before = n_obs_steps - 1 (the
+first action can be learned with a padded history) and pad_after = n_action_steps - 1 (chunks may run past
+the end of an episode). The episode split is seeded, so training and validation never share an episode.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from pcm_policy.data.normalizer import Normalizer
+from pcm_policy.data.replay_buffer import ReplayBuffer
+from pcm_policy.data.robomimic import DEFAULT_OBS_KEYS, RobomimicFile
+from pcm_policy.data.sequence import SequenceSampler, split_episodes
+from pcm_policy.errors import ConfigError, DatasetError
+
+KINDS = ("pusht_zarr", "robomimic_hdf5")
+
+
+def _check_finite(path, ends: np.ndarray, arr: np.ndarray, key: str) -> None:
+    """Raise a DatasetError naming the first episode whose `arr` rows hold NaN/inf."""
+    bad_rows = ~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1)
+    if bad_rows.any():
+        ep = int(np.searchsorted(ends, np.argmax(bad_rows), side="right"))
+        raise DatasetError(f"{path}: episode {ep} has NaN/inf in {key}")
+
+
+def _load_pusht(path) -> dict:
+    rb = ReplayBuffer.open(path, keys=["keypoint", "state", "action"])
+    ends = rb.episode_ends
+    for key in ("keypoint", "state", "action"):
+        _check_finite(path, ends, rb[key], f"data/{key}")
+    state, kp, action = rb["state"], rb["keypoint"], rb["action"]
+    if state.ndim != 2 or state.shape[1] < 2:
+        raise DatasetError(f"{path}: data/state must be (N, >=2), got shape {state.shape}")
+    if action.ndim != 2:
+        raise DatasetError(f"{path}: data/action must be (N, A), got shape {action.shape}")
+    # Diffusion Policy's low-dim PushT obs: 9 flattened block keypoints + the agent position = 20 dims.
+    obs = np.concatenate([kp.reshape(len(kp), -1), state[:, :2]], axis=1).astype(np.float32)
+    return dict(obs=obs, action=action.astype(np.float32), ends=ends, names=None, env_args=None)
+
+
+def _load_robomimic(path, obs_keys: Sequence[str], abs_action: bool, filter_key: str | None) -> dict:
+    with RobomimicFile(path) as rf:
+        names = rf.demo_names(filter_key)
+        if not names:
+            raise DatasetError(f"{path}: no demos" + (f" in mask/{filter_key}" if filter_key else ""))
+        obs, actions, lengths = [], [], []
+        for i, name in enumerate(names):
+            demo = rf.load_demo(name, obs_keys, abs_action=abs_action)
+            T = len(demo["actions"])
+            if T == 0:
+                raise DatasetError(f"{path}: episode {i} ({name}) has no steps")
+            # check per key so the message names the key, not a column of the concatenation
+            col, checks = 0, []
+            for key, d in zip(obs_keys, rf.obs_dims(name, obs_keys)):
+                checks.append((f"obs/{key}", demo["obs"][:, col:col + d]))
+                col += d
+            for key, arr in checks + [("actions", demo["actions"])]:
+                if not np.isfinite(arr).all():
+                    raise DatasetError(f"{path}: episode {i} ({name}) has NaN/inf in {key}")
+            obs.append(demo["obs"])
+            actions.append(demo["actions"].astype(np.float32))
+            lengths.append(T)
+        env_args = rf.env_args if rf.has_env_args else None  # training runs without it; eval needs it
+    return dict(obs=np.concatenate(obs), action=np.concatenate(actions), ends=np.cumsum(lengths),
+                names=names, env_args=env_args)
+
+
+class LowDimDataset(Dataset):
+    """Windows {"obs": (n_obs_steps, obs_dim), "action": (horizon, action_dim)} float32 tensors."""
+
+    def __init__(self, obs: np.ndarray, action: np.ndarray, episode_ends: np.ndarray, horizon: int,
+                 n_obs_steps: int, n_action_steps: int, train_mask: np.ndarray, val_mask: np.ndarray,
+                 path: str = "<memory>", split: str = "train"):
+        if not (1 <= n_obs_steps <= horizon and n_action_steps >= 1 and n_obs_steps - 1 + n_action_steps <= horizon):
+            raise ConfigError(f"need 1 <= n_obs_steps <= horizon and n_obs_steps - 1 + n_action_steps <= horizon, "
+                              f"got horizon={horizon} n_obs_steps={n_obs_steps} n_action_steps={n_action_steps}")
+        self.path = str(path)
+        self.obs, self.action = obs, action
+        self.episode_ends = np.asarray(episode_ends, dtype=np.int64)
+        self.horizon, self.n_obs_steps, self.n_action_steps = horizon, n_obs_steps, n_action_steps
+        self.train_mask, self.val_mask = train_mask, val_mask
+        self.split = split
+        self.env_args: dict | None = None
+        self.demo_names: list[str] | None = None
+        self.abs_action = False
+        if not train_mask.any():
+            raise DatasetError(f"{path}: no training episodes ({len(train_mask)} episodes in total)")
+        mask = train_mask if split == "train" else val_mask
+        self.sampler = SequenceSampler(self.episode_ends, horizon, pad_before=n_obs_steps - 1,
+                                       pad_after=n_action_steps - 1, episode_mask=mask)
+        if split == "train" and len(self.sampler) == 0:
+            raise DatasetError(f"{path}: no training windows: every episode is too short for horizon {horizon}")
+
+    @classmethod
+    def from_config(cls, kind: str, path: str | os.PathLike, horizon: int, n_obs_steps: int,
+                    n_action_steps: int, val_ratio: float = 0.02, seed: int = 42,
+                    max_train_episodes: int | None = None, obs_keys: Sequence[str] | None = None,
+                    abs_action: bool = False, filter_key: str | None = None) -> "LowDimDataset":
+        if kind == "pusht_zarr":
+            src = _load_pusht(path)
+        elif kind == "robomimic_hdf5":
+            src = _load_robomimic(path, list(obs_keys or DEFAULT_OBS_KEYS), abs_action, filter_key)
+        else:
+            raise ConfigError(f"dataset kind {kind!r} is unknown; expected one of {', '.join(KINDS)}")
+        n = len(src["ends"])
+        train_mask, val_mask = split_episodes(n, val_ratio, seed, max_train_episodes)
+        ds = cls(src["obs"], src["action"], src["ends"], horizon, n_obs_steps, n_action_steps,
+                 train_mask, val_mask, path=str(path))
+        ds.env_args, ds.demo_names, ds.abs_action = src["env_args"], src["names"], abs_action
+        return ds
+
+    def get_validation_dataset(self) -> "LowDimDataset":
+        val = copy.copy(self)
+        val.split = "val"
+        val.sampler = SequenceSampler(self.episode_ends, self.horizon, pad_before=self.n_obs_steps - 1,
+                                      pad_after=self.n_action_steps - 1, episode_mask=self.val_mask)
+        return val
+
+    def get_normalizer(self, mode: str = "limits") -> Normalizer:
+        """Fit obs and action on the training episodes' steps (never on validation data)."""
+        lengths = np.diff(self.episode_ends, prepend=0)
+        rows = np.repeat(self.train_mask, lengths)
+        return Normalizer.fit({"obs": self.obs[rows], "action": self.action[rows]}, mode=mode)
+
+    @property
+    def obs_dim(self) -> int:
+        return self.obs.shape[1]
+
+    @property
+    def action_dim(self) -> int:
+        return self.action.shape[1]
+
+    @property
+    def n_episodes(self) -> int:
+        """Episodes this split draws windows from."""
+        return int(self.sampler.episode_mask.sum())
+
+    @property
+    def n_total_episodes(self) -> int:
+        return len(self.episode_ends)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        w = self.sampler.sample({"obs": self.obs, "action": self.action}, idx)
+        # copy: unpadded windows are views of the whole dataset, which callers must not be able to modify
+        return {"obs": torch.tensor(w["obs"][:self.n_obs_steps]), "action": torch.tensor(w["action"])}

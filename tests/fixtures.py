@@ -1,0 +1,96 @@
+"""Writers for small datasets in the real on-disk layouts, for tests that need a file (or a broken variant).
+
+The PushT writer uses zarr directly rather than ReplayBuffer.save, so reader tests do not only test the
+library against itself.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numcodecs
+import numpy as np
+import zarr
+
+PUSHT_EPISODE_LENGTHS = (12, 9, 15, 10)
+ROBOMIMIC_DEMO_IDS = (0, 2, 10)  # not contiguous, and "demo_10" < "demo_2" as strings
+ROBOMIMIC_LENGTHS = (8, 6, 11)
+ROBOMIMIC_OBS_DIMS = {"object": 10, "robot0_eef_pos": 3, "robot0_eef_quat": 4, "robot0_gripper_qpos": 2,
+                      "robot0_joint_pos": 7}  # the last one is an extra key the loaders must ignore
+LIFT_ENV_ARGS = {
+    "env_name": "Lift", "type": 1,
+    "env_kwargs": {"robots": ["Panda"], "control_freq": 20, "has_renderer": False,
+                   "controller_configs": {"type": "OSC_POSE", "control_delta": True}},
+}
+
+
+def pusht_arrays(lengths=PUSHT_EPISODE_LENGTHS, seed: int = 0) -> dict[str, np.ndarray]:
+    """Concatenated PushT-like arrays plus `episode_ends`, deterministic in `seed`."""
+    rng = np.random.default_rng(seed)
+    n = int(sum(lengths))
+    return {
+        "state": np.concatenate([rng.uniform(0, 512, (n, 4)), rng.uniform(-np.pi, np.pi, (n, 1))],
+                                axis=1).astype(np.float32),
+        "action": rng.uniform(0, 512, (n, 2)).astype(np.float32),
+        "keypoint": rng.uniform(0, 512, (n, 9, 2)).astype(np.float32),
+        "n_contacts": rng.integers(0, 3, (n, 1)).astype(np.float32),
+        "episode_ends": np.cumsum(lengths).astype(np.int64),
+    }
+
+
+def write_pusht_zarr(path, lengths=PUSHT_EPISODE_LENGTHS, seed: int = 0, chunk_length: int = 7,
+                     arrays: dict | None = None) -> Path:
+    """Write a zarr v2 replay buffer (a zip when `path` ends with .zip); Blosc data, uncompressed ends.
+
+    `arrays` (as returned by pusht_arrays, possibly edited) overrides the generated data.
+    """
+    path = Path(path)
+    arrays = arrays if arrays is not None else pusht_arrays(lengths, seed)
+    store = zarr.storage.ZipStore(path, mode="w") if path.suffix == ".zip" else zarr.storage.LocalStore(path)
+    try:
+        root = zarr.open_group(store, mode="w", zarr_format=2)
+        blosc = numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)
+        for key, arr in arrays.items():
+            if key == "episode_ends":
+                root.create_array("meta/episode_ends", data=arr, chunks=arr.shape, compressors=None)
+            else:
+                chunks = (min(chunk_length, len(arr)), *arr.shape[1:])
+                root.create_array(f"data/{key}", data=arr, chunks=chunks, compressors=blosc)
+    finally:
+        store.close()
+    return path
+
+
+def robomimic_demos(lengths=ROBOMIMIC_LENGTHS, seed: int = 0, abs_action: bool = False,
+                    state_dim: int = 32) -> list[dict]:
+    """Demos in the shape write_robomimic_hdf5 takes; abs actions are [pos3, axisangle3, gripper]."""
+    rng = np.random.default_rng(seed)
+    demos = []
+    for T in lengths:
+        obs = {k: rng.normal(size=(T, d)) for k, d in ROBOMIMIC_OBS_DIMS.items()}
+        obs["robot0_eef_quat"] /= np.linalg.norm(obs["robot0_eef_quat"], axis=1, keepdims=True)
+        if abs_action:
+            aa = rng.normal(size=(T, 3))
+            aa *= rng.uniform(0.1, 3.0, (T, 1)) / np.linalg.norm(aa, axis=1, keepdims=True)
+            actions = np.concatenate([rng.normal(size=(T, 3)), aa, rng.choice([-1.0, 1.0], (T, 1))], 1)
+        else:
+            actions = rng.uniform(-1, 1, (T, 7))
+        demos.append({
+            "obs": obs, "next_obs": {k: np.roll(v, -1, axis=0) for k, v in obs.items()},
+            "actions": actions, "rewards": np.zeros(T), "dones": np.eye(T)[-1],
+            "states": rng.normal(size=(T, state_dim)),
+        })
+    return demos
+
+
+def write_robomimic_fixture(path, demo_ids=ROBOMIMIC_DEMO_IDS, lengths=ROBOMIMIC_LENGTHS, seed: int = 0,
+                            abs_action: bool = False, masks: dict | None = None) -> Path:
+    """robomimic low-dim hdf5 with demos demo_<id>; default masks: valid = the second demo, train = the rest."""
+    from pcm_policy.data.robomimic import write_robomimic_hdf5
+
+    names = [f"demo_{i}" for i in demo_ids]
+    if masks is None:
+        masks = {"train": [n for j, n in enumerate(names) if j != 1], "valid": names[1:2]}
+    env_args = {**LIFT_ENV_ARGS, "env_kwargs": {**LIFT_ENV_ARGS["env_kwargs"], "controller_configs": {
+        "type": "OSC_POSE", "control_delta": not abs_action}}}
+    write_robomimic_hdf5(path, robomimic_demos(lengths, seed, abs_action), env_args, masks=masks, demo_names=names)
+    return Path(path)
