@@ -150,9 +150,16 @@ def test_truncated_zip(tmp_path, pusht_zarr_zip):
 
 
 def test_zip_member_corrupt(tmp_path, pusht_zarr_zip):
+    import zipfile
+
+    # zarr writes chunks concurrently, so member order varies: locate the chunk's payload through the zip index.
+    with zipfile.ZipFile(pusht_zarr_zip) as zf:
+        member = zf.getinfo("data/state/0.0")
     data = bytearray(pusht_zarr_zip.read_bytes())
-    i = data.find(b"data/state/0.0")  # the first local header of a state chunk
-    data[i + 200] ^= 0xFF
+    name_len = int.from_bytes(data[member.header_offset + 26:member.header_offset + 28], "little")
+    extra_len = int.from_bytes(data[member.header_offset + 28:member.header_offset + 30], "little")
+    payload = member.header_offset + 30 + name_len + extra_len
+    data[payload + member.compress_size // 2] ^= 0xFF
     bad = tmp_path / "crc.zarr.zip"
     bad.write_bytes(bytes(data))
     _raises_one_line(bad, "cannot read data/state")
