@@ -140,3 +140,14 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu", expect_tas
     policy.load_weights(weights, source=str(ckpt / POLICY_WEIGHTS))
     policy.eval().to(device)
     return policy, card
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of a network's weights (fp32 values), to tie a PCM to the exact base it was trained from."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]

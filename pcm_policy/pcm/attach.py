@@ -1,0 +1,78 @@
+"""Load a PCM checkpoint next to its base policy and expose it as the denoiser a sampler expects.
+
+A PCM checkpoint records the fingerprint of the base weights it was trained from; attaching it to any other
+base is refused, since switching would then hand over to a model the PCM never learned to approximate.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from pcm_policy import checkpoint as ckpt_io
+from pcm_policy.errors import CheckpointError, ConfigError
+from pcm_policy.model.lora import add_lora, load_lora_state_dict, scaled_denoiser, set_lora_scale
+
+
+def build_pcm_network(base_model: torch.nn.Module, mode: str, rank: int = 16, alpha: float | None = None):
+    """A trainable PCM network initialised from the base: a full copy, or the frozen base plus a zero LoRA delta."""
+    net = copy.deepcopy(base_model)
+    if mode == "full":
+        for p in net.parameters():
+            p.requires_grad_(True)
+        return net
+    if mode == "lora":
+        return add_lora(net, rank=rank, alpha=alpha)
+    raise ConfigError(f"mode={mode!r}: expected lora or full")
+
+
+def load_pcm(path: str | Path, policy, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    ckpt = ckpt_io.resolve_checkpoint(path)
+    card = ckpt_io.read_card(ckpt)
+    if card.get("kind") != "pcm":
+        raise CheckpointError(f"{ckpt}: not a PCM checkpoint (kind={card.get('kind')!r})")
+    fingerprint = ckpt_io.weights_fingerprint(policy.model)
+    if card.get("base_fingerprint") != fingerprint:
+        raise CheckpointError(f"{ckpt}: PCM was trained for another base policy ({card.get('base')}); "
+                              "train one for this checkpoint with `pcm train-pcm base=...`")
+    net = build_pcm_network(policy.model, card["mode"], card.get("lora_rank", 16), card.get("lora_alpha"))
+    weights = {k[len("model."):]: v.float() for k, v in ckpt_io.read_weights(ckpt / ckpt_io.POLICY_WEIGHTS).items()}
+    try:
+        if card["mode"] == "lora":
+            load_lora_state_dict(net, weights)
+        else:
+            net.load_state_dict(weights, strict=True)
+    except (KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{ckpt}: PCM weights do not fit the base network ({str(e).splitlines()[0][:160]})") from None
+    return net.to(device).eval(), card
+
+
+def pcm_denoiser(net: torch.nn.Module, sampler_name: str) -> Callable:
+    """`pcm`: a plain denoiser (a LoRA PCM at full scale); `pcm_lora`: denoiser(x, t, cond, scale)."""
+    is_lora = any(".lora_A." in k for k in net.state_dict())
+    if sampler_name == "pcm_lora":
+        if not is_lora:
+            raise ConfigError("sampler=pcm_lora needs a LoRA PCM (mode=lora); this one is a full copy (use sampler=pcm)")
+        return scaled_denoiser(net)
+
+    def denoise(x, t, cond):
+        if is_lora:
+            set_lora_scale(net, 1.0)
+        return net(x, t, cond)
+
+    return denoise
+
+
+def maybe_attach_pcm(policy, sampler, pcm_checkpoint: str | None, device) -> None:
+    """Attach the PCM named in the sampler config when the sampler needs one."""
+    if not sampler.needs_pcm:
+        return
+    if not pcm_checkpoint:
+        raise ConfigError(f"sampler.pcm_checkpoint: sampler={sampler.name} needs a PCM checkpoint "
+                          "(train one with `pcm train-pcm base=<checkpoint>`)")
+    from pcm_policy.config import resolve_path
+
+    net, _ = load_pcm(resolve_path(pcm_checkpoint), policy, device)
+    policy.pcm = pcm_denoiser(net, sampler.name)

@@ -1,0 +1,293 @@
+"""`pcm train-pcm`: Picard Consistency Training of a PCM for a trained base policy.
+
+1. Collect: run full-window base-model Picard on observations from the base's training set and store every
+   iterate X^0..X^K and the fixed point X* (one safetensors shard per batch of observations, written
+   atomically, so an interrupted collection resumes at the next missing shard).
+2. Train: draw a trajectory and an iterate k, take ONE Picard step with the PCM weights and regress it onto
+   X*, weighted by alpha(k) = 1/sqrt(Var(k)) (pcm_policy.pcm.loss); Adam, parameter EMA 0.999.
+   `mode=lora` trains a low-rank delta on the frozen base, `mode=full` a full copy.
+3. Evaluate on held-out observations: Picard iterations to converge with the base alone, and with the PCM
+   and model switching (output space, and weight space for LoRA), before and after training.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from diffusers.training_utils import EMAModel
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from pcm_policy import checkpoint as ckpt_io
+from pcm_policy.atomic import atomic_path, atomic_write_text
+from pcm_policy.errors import CheckpointError, ConfigError
+from pcm_policy.pcm.attach import build_pcm_network, pcm_denoiser
+from pcm_policy.pcm.loss import iterate_variances, pct_loss
+from pcm_policy.pcm.trajectories import collect_picard_trajectory
+from pcm_policy.runtime import resolve_device, seed_everything
+from pcm_policy.sampler_config import SamplerConfig
+from pcm_policy.sampling import sample_lora_switched, sample_picard, sample_sequential, sample_switched
+from pcm_policy.sampling.schedule import StepCoefficients
+
+
+# ---- observations ----------------------------------------------------------------------------------------
+def observation_sets(policy, base_ckpt: Path, cfg: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training observations, held-out observations), each (N, To, Do), from the base policy's dataset."""
+    import yaml
+
+    from pcm_policy.config import resolve_path
+    from pcm_policy.training import Windows, build_dataset
+
+    run_cfg_path = base_ckpt / ckpt_io.RUN_CONFIG
+    if not run_cfg_path.is_file():
+        raise CheckpointError(f"{base_ckpt}: no {ckpt_io.RUN_CONFIG}; cannot tell which dataset the base was trained on")
+    run_cfg = yaml.safe_load(run_cfg_path.read_text())
+    if cfg.get("dataset_path"):
+        run_cfg["dataset"]["path"] = cfg["dataset_path"]
+    run_cfg["dataset"]["path"] = str(resolve_path(run_cfg["dataset"]["path"]))
+    dataset = build_dataset(run_cfg)
+    train_obs = Windows.from_dataset(dataset).obs
+    val = dataset.get_validation_dataset()
+    held_out = Windows.from_dataset(val).obs if len(val) else train_obs[-cfg["eval_observations"]:]
+    g = torch.Generator().manual_seed(cfg["seed"])
+    pick = torch.randperm(len(train_obs), generator=g)[: cfg["trajectories"]]
+    pick_eval = torch.randperm(len(held_out), generator=g)[: cfg["eval_observations"]]
+    return train_obs[pick], held_out[pick_eval]
+
+
+# ---- collection ------------------------------------------------------------------------------------------
+def collect(policy, sampler: SamplerConfig, observations: torch.Tensor, out: Path, cfg, fingerprint: str) -> list[Path]:
+    """Shards `trajectories/batch_XXXX.safetensors` with iterates (fp16), fixed point, noise and condition."""
+    traj_dir = out / "trajectories"
+    meta = {"base_fingerprint": fingerprint, "scheduler": sampler.scheduler, "steps": sampler.steps,
+            "tol": cfg["collect_tol"], "trajectories": len(observations), "batch": cfg["collect_batch"], "seed": cfg["seed"]}
+    meta_path = traj_dir / "meta.json"
+    if meta_path.is_file() and json.loads(meta_path.read_text()) != meta:
+        raise ConfigError(f"{traj_dir}: trajectories were collected with other settings or another base; "
+                          "use a new output_dir")
+    traj_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(meta_path, json.dumps(meta, indent=2))
+    scheduler = policy.scheduler_for(sampler)
+    batches = list(torch.split(torch.arange(len(observations)), cfg["collect_batch"]))
+    shards = []
+    bar = tqdm(total=len(batches), desc="collect Picard trajectories", unit="batch", dynamic_ncols=True)
+    for b, rows in enumerate(batches):
+        shard = traj_dir / f"batch_{b:04d}.safetensors"
+        shards.append(shard)
+        if not shard.is_file():
+            obs = observations[rows].to(policy.device)
+            cond = policy.global_cond(obs)
+            x_T, noise = policy.make_noise(len(rows), sampler, torch.Generator().manual_seed(cfg["seed"] * 100_003 + b))
+            iterates, fixed = collect_picard_trajectory(policy.denoiser, scheduler, x_T, noise, cond,
+                                                        tol=cfg["collect_tol"], max_iters=cfg.get("collect_max_iters"))
+            with atomic_path(shard) as tmp:
+                save_file({"iterates": iterates.half().cpu().contiguous(), "fixed_point": fixed.float().cpu().contiguous(),
+                           "noise": noise.cpu().contiguous(), "cond": cond.cpu().contiguous()}, str(tmp))
+        bar.update(1)
+    bar.close()
+    return shards
+
+
+class TrajectorySet:
+    """All collected trajectories in memory: per trajectory its iterates, X*, noise and condition."""
+
+    def __init__(self, shards: list[Path]):
+        from safetensors.torch import load_file
+
+        self.iterates, self.fixed, self.noise, self.cond = [], [], [], []
+        for shard in shards:
+            d = load_file(str(shard))
+            for j in range(d["fixed_point"].shape[1]):
+                self.iterates.append(d["iterates"][:, :, j])  # (K+1, S+1, H, Da)
+                self.fixed.append(d["fixed_point"][:, j])
+                self.noise.append(d["noise"][:, j])
+                self.cond.append(d["cond"][j])
+
+    def __len__(self) -> int:
+        return len(self.fixed)
+
+    def alpha(self) -> torch.Tensor:
+        """alpha(k) = 1/sqrt(Var(k)), Var floored at 1e-6 Var(0) so nearly converged iterates do not dominate."""
+        var = iterate_variances([it[:, :, None] for it in self.iterates], [x[:, None] for x in self.fixed])
+        var = var.clamp(min=float(var[0]) * 1e-6)
+        return (1.0 / var.sqrt()).float()
+
+    def batch(self, idx: torch.Tensor, generator: torch.Generator, device):
+        """Per-sample random k in [0, K_i - 1]; returns (X^k, k, X*, noise, cond) batched on dim 1."""
+        ks, xk = [], []
+        for i in idx.tolist():
+            K = self.iterates[i].shape[0] - 1
+            k = int(torch.randint(0, max(K, 1), (1,), generator=generator))
+            ks.append(k)
+            xk.append(self.iterates[i][k].float())
+        stack = lambda items: torch.stack(items, dim=1).to(device)  # noqa: E731
+        return (stack(xk), torch.tensor(ks, device=device), stack([self.fixed[i] for i in idx.tolist()]),
+                stack([self.noise[i] for i in idx.tolist()]), torch.stack([self.cond[i] for i in idx.tolist()]).to(device))
+
+
+# ---- held-out evaluation -----------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_iterations(policy, net, sampler: SamplerConfig, observations: torch.Tensor, tol: float, window,
+                        stiffness, seed: int) -> dict[str, dict[str, float]]:
+    """Per observation (batch 1): iterations and evaluations to converge, and error against sequential."""
+    scheduler = policy.scheduler_for(sampler)
+    is_lora = any(".lora_A." in k for k in net.state_dict())
+    rows: dict[str, list[tuple[int, int, float]]] = {"picard": [], "pcm": []}
+    if is_lora:
+        rows["pcm_lora"] = []
+    out_space = pcm_denoiser(net, "pcm")
+    weight_space = pcm_denoiser(net, "pcm_lora") if is_lora else None
+    for i in range(len(observations)):
+        cond = policy.global_cond(observations[i:i + 1].to(policy.device))
+        x_T, noise = policy.make_noise(1, sampler, torch.Generator().manual_seed(seed + i))
+        ref = sample_sequential(policy.denoiser, scheduler, x_T, noise, cond)
+        runs = {"picard": sample_picard(policy.denoiser, scheduler, x_T, noise, cond, window=window, tol=tol),
+                "pcm": sample_switched(policy.denoiser, out_space, scheduler, x_T, noise, cond, stiffness=stiffness,
+                                       window=window, tol=tol)}
+        if weight_space is not None:
+            runs["pcm_lora"] = sample_lora_switched(weight_space, scheduler, x_T, noise, cond, stiffness=stiffness,
+                                                    window=window, tol=tol)
+        for name, (x0, stats) in runs.items():
+            rows[name].append((stats.iterations, stats.evaluations, float((x0 - ref).abs().max())))
+    return {name: {"iterations_mean": float(np.mean([r[0] for r in v])), "evaluations_mean": float(np.mean([r[1] for r in v])),
+                   "max_abs_err_vs_sequential": float(np.max([r[2] for r in v])), "observations": len(v)}
+            for name, v in rows.items()}
+
+
+# ---- training ----------------------------------------------------------------------------------------------
+def train_pcm(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    from pcm_policy.checkpoint import load_policy, resolve_checkpoint
+
+    if not cfg.get("base"):
+        raise ConfigError("base: no base checkpoint given (base=<run or checkpoint dir>)")
+    device = resolve_device(cfg.get("device"))
+    seed_everything(cfg["seed"])
+    out = Path(cfg["output_dir"])
+    base_ckpt = resolve_checkpoint(cfg["base"])
+    policy, base_card = load_policy(base_ckpt, device)
+    for p in policy.model.parameters():
+        p.requires_grad_(False)
+    fingerprint = ckpt_io.weights_fingerprint(policy.model)
+    sampler = SamplerConfig(name="picard", scheduler=cfg["scheduler"], steps=cfg["steps"])
+    t0 = time.perf_counter()
+
+    train_obs, eval_obs = observation_sets(policy, base_ckpt, cfg)
+    trajectories = TrajectorySet(collect(policy, sampler, train_obs, out, cfg, fingerprint))
+    collect_s = time.perf_counter() - t0
+    alpha = trajectories.alpha().to(device)
+    coeffs = StepCoefficients.from_scheduler(policy.scheduler_for(sampler), device, torch.float32)
+
+    net = build_pcm_network(policy.model, cfg["mode"], cfg["lora_rank"], cfg.get("lora_alpha")).to(device)
+    eval_kw = dict(tol=cfg["eval_tol"], window=cfg.get("eval_window"), stiffness=cfg.get("stiffness"), seed=cfg["seed"] + 1)
+    before = evaluate_iterations(policy, net, sampler, eval_obs, **eval_kw)
+
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg["lr"])
+    ema = EMAModel(params, decay=cfg["ema_decay"])
+    steps_per_epoch = max(1, math.ceil(len(trajectories) / cfg["batch_size"]))
+    total = steps_per_epoch * cfg["epochs"]
+    card = {"kind": "pcm", "mode": cfg["mode"], "lora_rank": cfg["lora_rank"], "lora_alpha": cfg.get("lora_alpha"),
+            "base": str(base_ckpt), "base_fingerprint": fingerprint, "task": base_card["task"],
+            "env_id": base_card.get("env_id"), "scheduler": cfg["scheduler"], "steps": cfg["steps"],
+            "policy": base_card["policy"]}
+
+    step, epoch_losses = 0, []
+    latest = ckpt_io.latest_checkpoint(out)
+    if latest is not None:
+        step, epoch_losses = _resume(latest, card, net, optimizer, ema)
+    pcm = pcm_denoiser(net, "pcm")
+    bar = tqdm(total=total, initial=step, desc=f"PCT ({cfg['mode']})", unit="step", dynamic_ncols=True)
+    net.train()
+    while step < total:
+        epoch = step // steps_per_epoch
+        perm = torch.randperm(len(trajectories), generator=torch.Generator().manual_seed(cfg["seed"] * 7919 + epoch))
+        losses = []
+        for b in range(step % steps_per_epoch, steps_per_epoch):
+            idx = perm[b * cfg["batch_size"]:(b + 1) * cfg["batch_size"]]
+            g = torch.Generator().manual_seed(cfg["seed"] * 104_729 + step)
+            xk, k, xstar, noise, cond = trajectories.batch(idx, g, device)
+            loss = pct_loss(pcm, coeffs, xk, k, xstar, coeffs.noise_terms(noise), cond, alpha=alpha)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            ema.step(params)
+            step += 1
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}")
+        epoch_losses.append(float(np.mean(losses)) if losses else float("nan"))
+        if (epoch + 1) % cfg["checkpoint_every"] == 0 or step >= total:
+            _save(out, step, card, net, optimizer, ema, params, epoch_losses)
+    bar.close()
+
+    ema.copy_to(params)  # evaluate (and ship) the EMA weights
+    net.eval()
+    after = evaluate_iterations(policy, net, sampler, eval_obs, **eval_kw)
+    metrics = {"command": "train-pcm", "task": base_card["task"], "mode": cfg["mode"], "base": str(base_ckpt),
+               "trajectories": len(trajectories), "epochs": cfg["epochs"], "steps": total,
+               "loss_per_epoch": epoch_losses, "collect_s": round(collect_s, 1),
+               "wall_s": round(time.perf_counter() - t0, 1), "eval_tol": cfg["eval_tol"], "before": before, "after": after,
+               "iteration_speedup_vs_picard": after["picard"]["iterations_mean"] / max(after["pcm"]["iterations_mean"], 1e-9),
+               "checkpoint": str(ckpt_io.latest_checkpoint(out)), "device": str(device)}
+    if "pcm_lora" in after:
+        metrics["lora_iteration_speedup_vs_picard"] = after["picard"]["iterations_mean"] / max(after["pcm_lora"]["iterations_mean"], 1e-9)
+    _plot(out, epoch_losses)
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    return metrics
+
+
+def _pcm_weights(net: torch.nn.Module, mode: str) -> dict[str, torch.Tensor]:
+    state = net.state_dict()
+    if mode == "lora":
+        state = {k: v for k, v in state.items() if ".lora_A." in f".{k}" or ".lora_B." in f".{k}"}
+    return {f"model.{k}": v.detach().clone() for k, v in state.items()}
+
+
+def _save(out: Path, step: int, card, net, optimizer, ema: EMAModel, params, epoch_losses) -> None:
+    ema.store(params)
+    ema.copy_to(params)
+    weights = _pcm_weights(net, card["mode"])
+    ema.restore(params)
+    state = {"step": step, "optimizer": optimizer.state_dict(), "ema": ema.state_dict(),
+             "online": [p.detach().cpu().clone() for p in params], "epoch_losses": torch.tensor(epoch_losses)}
+    ckpt_io.save_checkpoint(ckpt_io.step_dir(out, step), card, weights, train_state=state)
+    ckpt_io.prune_checkpoints(out, 2)
+
+
+def _resume(latest: Path, card, net, optimizer, ema) -> tuple[int, list[float]]:
+    old = ckpt_io.read_card(latest)
+    if old.get("base_fingerprint") != card["base_fingerprint"] or old.get("mode") != card["mode"] \
+            or old.get("lora_rank") != card["lora_rank"]:
+        raise CheckpointError(f"{latest}: output_dir holds a PCM for another base or mode; use a new output_dir")
+    state = ckpt_io.read_train_state(latest)
+    if state is None:
+        raise CheckpointError(f"{latest}: no train state; cannot resume")
+    params = [p for p in net.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p, v in zip(params, state["online"]):
+            p.copy_(v)
+    optimizer.load_state_dict(state["optimizer"])
+    ema.load_state_dict(state["ema"])
+    print(f"resuming PCT from {latest} (step {state['step']})")
+    return int(state["step"]), [float(x) for x in state["epoch_losses"].tolist()]
+
+
+def _plot(out: Path, epoch_losses: list[float]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(1, len(epoch_losses) + 1), epoch_losses, "o-")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("PCT loss (alpha-weighted)")
+    ax.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(out / "pct_loss.png", dpi=100)
+    plt.close(fig)
