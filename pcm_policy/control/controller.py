@@ -1,0 +1,215 @@
+"""The real-time controller: obs history, action queue, per-chunk deadline, anytime sampling.
+
+Timing model (Diffusion Policy conventions: To observations, chunk of H actions, Ta executed per chunk).
+When only `replan_steps` queued actions are left, the controller asks for the next chunk from the current
+observation history. The chunk's action for control step s is `action_pred[To-1 + (s - s_request)]`. While it
+is being computed, the queued actions keep playing; once it is ready (after d = ceil(latency / period)
+control steps) it replaces the rest of the queue, so each chunk plays about Ta actions.
+
+Each request gets a deadline: min(budget, time until the queue runs dry) minus a margin. The sampler checks
+it between iterations (`should_stop`) and returns its current estimate when it expires; the controller then
+records the chunk as not exact. If the queue runs dry before the chunk is ready, the robot holds its last
+action for the missing steps (counted as `late_steps`). The controller knows nothing about how the sampler
+iterates: it only passes a stop callback and reads the returned stats.
+
+Two clocks:
+- `run_simulated`: the env is advanced by ceil(latency / period) control steps with queued actions while a
+  chunk is computed (latency is measured, or fixed for reproducible runs); no waiting, for evaluation.
+- `run_realtime`: a worker thread computes chunks while the loop steps the env every control period, as on
+  a real robot.
+A non-finite observation is rejected (the history keeps the last good one) and the last safe action is held.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+
+@dataclass
+class ControllerConfig:
+    control_hz: float = 10.0
+    budget_ms: float | None = None  # per-chunk compute budget; None = one control period
+    margin_ms: float = 5.0  # kept free before the deadline for the hand-over
+    replan_steps: int | None = None  # queued actions left when the next chunk is requested; None = Ta // 2
+    fixed_latency_ms: float | None = None  # simulated clock: pretend every chunk took this long (reproducible)
+
+    @property
+    def period_s(self) -> float:
+        return 1.0 / self.control_hz
+
+
+@dataclass
+class ChunkRecord:
+    step: int  # control step at which the chunk was requested
+    latency_ms: float
+    deadline_ms: float | None  # None for an episode's first chunk (the robot waits at rest)
+    iterations: int
+    evaluations: int
+    exact: bool  # the sampler converged (its output equals its sequential reference within tolerance)
+    deadline_missed: bool
+    late_steps: int = 0  # control steps the robot held its last action waiting for this chunk
+
+
+@dataclass
+class EpisodeLog:
+    chunks: list[ChunkRecord] = field(default_factory=list)
+    steps: int = 0
+    rejected_observations: int = 0
+    held_steps: int = 0
+    success: bool = False
+    max_coverage: float | None = None
+
+    def summary(self) -> dict[str, Any]:
+        lat = [c.latency_ms for c in self.chunks]
+        return {"steps": self.steps, "chunks": len(self.chunks), "success": self.success,
+                "max_coverage": self.max_coverage,
+                "latency_ms_p50": float(np.percentile(lat, 50)) if lat else None,
+                "deadline_misses": sum(c.deadline_missed for c in self.chunks),
+                "late_steps": sum(c.late_steps for c in self.chunks),
+                "inexact_chunks": sum(not c.exact for c in self.chunks),
+                "rejected_observations": self.rejected_observations}
+
+
+class Controller:
+    def __init__(self, policy, sampler, config: ControllerConfig | None = None, seed: int = 0,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.policy = policy
+        self.sampler = sampler
+        self.config = config or ControllerConfig()
+        self.clock = clock
+        self.generator = torch.Generator().manual_seed(seed)
+        pc = policy.config
+        self.n_obs_steps, self.n_action_steps, self.horizon = pc.n_obs_steps, pc.n_action_steps, pc.horizon
+        self.replan_steps = self.config.replan_steps if self.config.replan_steps is not None else self.n_action_steps // 2
+        # A chunk must cover the steps it plays plus those that pass while the next one is computed.
+        self.cover = min(self.n_action_steps + self.replan_steps, self.horizon - self.n_obs_steps + 1)
+        self.history: deque = deque(maxlen=self.n_obs_steps)
+        self.last_action: np.ndarray | None = None
+
+    # ---- observation history ---------------------------------------------------------------------------
+    def reset(self, obs: np.ndarray) -> None:
+        obs = np.asarray(obs, dtype=np.float32)
+        if not np.all(np.isfinite(obs)):
+            raise ValueError("first observation of the episode is not finite")
+        self.history.clear()
+        self.history.extend([obs] * self.n_obs_steps)
+        self.last_action = None
+
+    def observe(self, obs: np.ndarray, log: EpisodeLog) -> None:
+        obs = np.asarray(obs, dtype=np.float32)
+        if np.all(np.isfinite(obs)):
+            self.history.append(obs)
+        else:
+            log.rejected_observations += 1  # keep planning from the last good history
+
+    # ---- one chunk ---------------------------------------------------------------------------------------
+    def _budget_s(self, queued: int) -> float:
+        budget = self.config.period_s if self.config.budget_ms is None else self.config.budget_ms / 1e3
+        return max(0.0, min(budget, queued * self.config.period_s) - self.config.margin_ms / 1e3)
+
+    def plan(self, step: int, deadline_s: float | None) -> tuple[np.ndarray, ChunkRecord]:
+        """Compute a chunk from the current history; returns the actions for steps step..step+cover-1."""
+        obs = torch.as_tensor(np.stack(self.history), dtype=torch.float32)[None]
+        start = self.clock()
+        should_stop = None if deadline_s is None else (lambda: self.clock() - start >= deadline_s)
+        chunk = self.policy.predict_chunk(obs, self.sampler, generator=self.generator, should_stop=should_stop)
+        latency = self.clock() - start
+        if self.config.fixed_latency_ms is not None:
+            latency = self.config.fixed_latency_ms / 1e3
+        first = self.n_obs_steps - 1
+        actions = chunk.action_pred[0, first:first + self.cover].cpu().numpy()
+        record = ChunkRecord(step=step, latency_ms=latency * 1e3,
+                             deadline_ms=None if deadline_s is None else deadline_s * 1e3,
+                             iterations=int(chunk.stats.iterations), evaluations=int(chunk.stats.evaluations),
+                             exact=bool(chunk.stats.converged),
+                             deadline_missed=deadline_s is not None and latency > deadline_s)
+        return actions, record
+
+    # ---- simulated clock ---------------------------------------------------------------------------------
+    def run_simulated(self, env, max_steps: int, seed: int | None = None, options: dict | None = None) -> EpisodeLog:
+        """One episode; the env advances ceil(latency / period) steps with queued actions while a chunk computes."""
+        log = EpisodeLog()
+        obs, info = env.reset(seed=seed, options=options)
+        self.reset(obs)
+        self._track(info, log)
+        actions, record = self.plan(0, None)
+        log.chunks.append(record)
+        queue: deque = deque(actions[: self.n_action_steps])
+        pending: tuple[int, int, np.ndarray] | None = None  # (ready_step, request_step, actions)
+        step = 0
+        while step < max_steps and not log.success:
+            if pending is None and len(queue) <= self.replan_steps:
+                actions, record = self.plan(step, self._budget_s(len(queue)))
+                delay = max(1, math.ceil(record.latency_ms / 1e3 / self.config.period_s - 1e-9))
+                record.late_steps = max(0, delay - len(queue))
+                log.chunks.append(record)
+                pending = (step + delay, step, actions)
+            if pending is not None and step >= pending[0]:
+                _, requested, actions = pending
+                queue = deque(actions[step - requested:])
+                pending = None
+            done = self._execute(env, queue, log)
+            step += 1
+            if done:
+                break
+        return log
+
+    def _execute(self, env, queue: deque, log: EpisodeLog) -> bool:
+        if queue:
+            self.last_action = queue.popleft()
+        else:
+            log.held_steps += 1  # queue ran dry: hold the last safe action
+        obs, _, terminated, truncated, info = env.step(self.last_action)
+        log.steps += 1
+        self.observe(obs, log)
+        self._track(info, log)
+        return bool(terminated or truncated)
+
+    @staticmethod
+    def _track(info: dict, log: EpisodeLog) -> None:
+        log.success = log.success or bool(info.get("is_success", False))
+        if "coverage" in info:
+            log.max_coverage = max(log.max_coverage or 0.0, float(info["coverage"]))
+
+    # ---- real-time clock ---------------------------------------------------------------------------------
+    def run_realtime(self, env, max_steps: int, seed: int | None = None, options: dict | None = None) -> EpisodeLog:
+        """One episode in wall-clock time: env steps every period, a worker thread computes the next chunk."""
+        log = EpisodeLog()
+        obs, info = env.reset(seed=seed, options=options)
+        self.reset(obs)
+        self._track(info, log)
+        actions, record = self.plan(0, None)
+        log.chunks.append(record)
+        queue: deque = deque(actions[: self.n_action_steps])
+        pending: tuple[Future, int, int] | None = None  # (future, request_step, actions queued at request)
+        period = self.config.period_s
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            next_tick = time.perf_counter()
+            for step in range(max_steps):
+                if pending is None and len(queue) <= self.replan_steps:
+                    pending = (pool.submit(self.plan, step, self._budget_s(len(queue))), step, len(queue))
+                if pending is not None and pending[0].done():
+                    future, requested, queued = pending
+                    actions, record = future.result()
+                    record.late_steps = max(0, step - requested - queued)
+                    log.chunks.append(record)
+                    queue = deque(actions[step - requested:])
+                    pending = None
+                if self._execute(env, queue, log) or log.success:
+                    break
+                next_tick += period
+                time.sleep(max(0.0, next_tick - time.perf_counter()))
+            if pending is not None:
+                pending[0].result()
+        return log
+
+
+def records_as_dicts(records: list[ChunkRecord]) -> list[dict[str, Any]]:
+    return [asdict(r) for r in records]
