@@ -126,6 +126,21 @@ def _cmd_train_pcm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from pcm_policy.bench import run_bench
+
+    cfg = _compose("bench", args.overrides)
+    if args.print_config:
+        print(json.dumps(cfg, indent=2))
+        return 0
+    run_bench(cfg)
+    out = cfg["output_dir"]
+    print(open(os.path.join(out, "bench.md")).read())
+    for name in ("bench.json", "bench.md", "bench.png"):
+        print(f"{name}: {os.path.join(out, name)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pcm", description="Fast, exact diffusion-policy control (Picard Consistency Models).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -158,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     overrides_command("train-pcm", _cmd_train_pcm, "Picard Consistency Training: fit a PCM (LoRA or full) to a base policy.",
                       "  base=CKPT  mode=lora|full  lora_rank=16  trajectories=128  epochs=50  batch_size=8\n"
                       "  eval_tol=0.1  stiffness=null  device=auto  output_dir=DIR")
+    overrides_command("bench", _cmd_bench, "Latency benchmark: sequential DDPM/DDIM, Picard, PCM and PCM-LoRA side by side.",
+                      "  checkpoint=DIR  pcm.ddpm100=DIR  pcm_lora.ddim10=DIR  bases=[ddpm100,ddim10,ddim16]\n"
+                      "  chunks=1000  tol=0.1  window=null  threads=1  episodes=0  device=auto  output_dir=DIR")
     return parser
 
 

@@ -1,0 +1,260 @@
+"""`pcm bench`: latency at control frequency, side by side, on one checkpoint, observations and noise.
+
+Rows: for each base schedule (DDPM-100, DDIM-10, DDIM-16): sequential, Picard, PCM (output-space switching)
+and PCM-LoRA (weight-space switching), the PCM rows only where a PCM trained for that schedule is given.
+Every row samples the same `chunks` (observation, noise) pairs at batch 1; errors are measured against the
+sequential sampler of the same schedule. A chunk slower than the control-period budget is a deadline miss.
+With `episodes > 0`, each row also runs closed-loop episodes under the real-time controller (simulated clock).
+An early-stop study caps the iterations at 1, 2, 3 (PCM vs Picard) against DDIM with that many steps.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pcm_policy.atomic import atomic_write_text
+from pcm_policy.checkpoint import load_policy
+from pcm_policy.config import resolve_path
+from pcm_policy.pcm.attach import load_pcm, pcm_denoiser
+from pcm_policy.runtime import resolve_device
+from pcm_policy.sampler_config import SamplerConfig, run_sampler
+
+BASES = {"ddpm100": ("ddpm", 100), "ddim10": ("ddim", 10), "ddim16": ("ddim", 16)}
+
+
+def bench_observations(policy, card: Mapping[str, Any], n: int, seed: int) -> torch.Tensor:
+    """Observation histories from the policy's own dataset (validation windows first), cycled to n."""
+    import yaml
+
+    from pcm_policy.checkpoint import RUN_CONFIG, resolve_checkpoint
+    from pcm_policy.training import Windows, build_dataset
+
+    ckpt = resolve_checkpoint(card["_path"])
+    run_cfg = yaml.safe_load((ckpt / RUN_CONFIG).read_text())
+    run_cfg["dataset"]["path"] = str(resolve_path(run_cfg["dataset"]["path"]))
+    dataset = build_dataset(run_cfg)
+    val = dataset.get_validation_dataset()
+    obs = torch.cat([Windows.from_dataset(val).obs, Windows.from_dataset(dataset).obs])
+    order = torch.randperm(len(obs), generator=torch.Generator().manual_seed(seed))
+    return obs[order[torch.arange(n) % len(obs)]]
+
+
+class Row:
+    def __init__(self, sampler: SamplerConfig, base: str, pcm=None, pcm_path: str | None = None):
+        self.sampler, self.base, self.pcm, self.pcm_path = sampler, base, pcm, pcm_path
+
+    @property
+    def name(self) -> str:
+        return f"{self.sampler.name}/{self.base}"
+
+
+def build_rows(policy, cfg: Mapping[str, Any], device) -> tuple[list[Row], list[str]]:
+    rows, skipped = [], []
+    for base in cfg["bases"]:
+        if base not in BASES:
+            from pcm_policy.errors import ConfigError
+
+            raise ConfigError(f"bases: unknown base {base!r} (known: {', '.join(BASES)})")
+        kind, steps = BASES[base]
+        common = dict(scheduler=kind, steps=steps, tol=cfg["tol"], window=cfg.get("window"))
+        rows.append(Row(SamplerConfig(name="sequential", **common), base))
+        rows.append(Row(SamplerConfig(name="picard", **common), base))
+        for name in ("pcm", "pcm_lora"):
+            path = (cfg.get(name) or {}).get(base)
+            if not path:
+                skipped.append(f"{name}/{base}: no PCM checkpoint given ({name}.{base}=...)")
+                continue
+            net, card = load_pcm(resolve_path(path), policy, device)
+            if (card["scheduler"], card["steps"]) != (kind, steps):
+                skipped.append(f"{name}/{base}: {path} was trained for {card['scheduler']}{card['steps']}")
+                continue
+            if name == "pcm_lora" and card["mode"] != "lora":
+                skipped.append(f"{name}/{base}: {path} is a full PCM (weight-space switching needs LoRA)")
+                continue
+            rows.append(Row(SamplerConfig(name=name, stiffness=cfg.get("stiffness"), **common), base,
+                            pcm_denoiser(net, name), str(path)))
+    return rows, skipped
+
+
+@torch.no_grad()
+def time_row(policy, row: Row, observations: torch.Tensor, noise_seed: int, warmup: int, max_iters=None,
+             progress: bool = True):
+    """Latency, stats and outputs of `row` over all observations (batch 1, same noise per chunk index)."""
+    sampler = row.sampler if max_iters is None else SamplerConfig(**{**row.sampler.__dict__, "max_iters": max_iters})
+    scheduler = policy.scheduler_for(sampler)
+    conds = policy.global_cond(observations.to(policy.device))
+    outputs, latencies, iterations, evaluations, converged = [], [], [], [], []
+    n = len(observations)
+    bar = tqdm(range(-warmup, n), desc=row.name, unit="chunk", disable=not progress, dynamic_ncols=True, leave=False)
+    for i in bar:
+        j = max(i, 0)
+        x_T, noise = policy.make_noise(1, sampler, torch.Generator().manual_seed(noise_seed + j))
+        t0 = time.perf_counter()
+        x0, stats = run_sampler(sampler, scheduler, x_T, noise, conds[j:j + 1], base=policy.denoiser, pcm=row.pcm)
+        if x0.is_cuda:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        if i < 0:
+            continue
+        latencies.append(dt * 1e3)
+        iterations.append(stats.iterations)
+        evaluations.append(stats.evaluations)
+        converged.append(stats.converged)
+        outputs.append(x0.cpu())
+    return torch.cat(outputs), np.asarray(latencies), np.asarray(iterations), np.asarray(evaluations), np.asarray(converged)
+
+
+def run_bench(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    device = resolve_device(cfg.get("device"))
+    threads = torch.get_num_threads()
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({threads} intra-op threads)"
+    print(f"device: {device_name}; torch threads: {threads}")
+    ckpt_path = resolve_path(cfg["checkpoint"])
+    policy, card = load_policy(ckpt_path, device)
+    card["_path"] = str(ckpt_path)
+    out = Path(cfg["output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    period_ms = 1e3 / cfg["control_hz"]
+    budget_ms = cfg.get("budget_ms") or period_ms
+    observations = bench_observations(policy, card, cfg["chunks"], cfg["seed"])
+    rows, skipped = build_rows(policy, cfg, device)
+    for reason in skipped:
+        print(f"skipped {reason}")
+    if device.type != "cuda":
+        skipped.append("cuda-graph rows: no CUDA device on this machine")
+        print("skipped cuda-graph rows: no CUDA device on this machine")
+
+    results, references = [], {}
+    for row in rows:
+        x0, lat, iters, evals, conv = time_row(policy, row, observations, cfg["seed"], cfg["warmup"])
+        if row.sampler.name == "sequential":
+            references[row.base] = x0
+        err = float((x0 - references[row.base]).abs().max()) if row.base in references else float("nan")
+        results.append({
+            "sampler": row.sampler.name, "base": row.base, "window": row.sampler.window or row.sampler.steps,
+            "tol": row.sampler.tol if row.sampler.name != "sequential" else None, "chunks": len(lat),
+            "iterations_mean": float(iters.mean()), "evaluations_mean": float(evals.mean()),
+            "latency_ms_p50": float(np.percentile(lat, 50)), "latency_ms_p99": float(np.percentile(lat, 99)),
+            "latency_ms_mean": float(lat.mean()), "max_abs_err_vs_sequential": err,
+            "exact_fraction": float(conv.mean()), "deadline_misses": int((lat > budget_ms).sum()),
+            "budget_ms": budget_ms, "device": device_name, "threads": threads, "pcm_checkpoint": row.pcm_path,
+            "_latencies": lat,
+        })
+        print(f"{row.name:20s} p50 {results[-1]['latency_ms_p50']:7.1f} ms  p99 {results[-1]['latency_ms_p99']:7.1f} ms  "
+              f"iters {results[-1]['iterations_mean']:5.2f}  err {err:.2e}")
+
+    if cfg.get("episodes", 0) > 0:
+        _closed_loop(policy, rows, results, cfg)
+    early = _early_stop_study(policy, rows, observations, references, cfg) if cfg.get("early_stop") else []
+    _add_speedups(results)
+    report = {"command": "bench", "task": card["task"], "checkpoint": str(ckpt_path), "device": device_name,
+              "threads": threads, "control_hz": cfg["control_hz"], "budget_ms": budget_ms,
+              "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results],
+              "early_stop": early, "skipped": skipped}
+    atomic_write_text(out / "bench.json", json.dumps(report, indent=2))
+    atomic_write_text(out / "bench.md", markdown_table(report))
+    atomic_write_text(out / "metrics.json", json.dumps({k: report[k] for k in ("command", "task", "device", "threads")}
+                                                       | {"rows": len(results), "bench": str(out / "bench.json")}, indent=2))
+    plot(results, out / "bench.png", budget_ms)
+    return report
+
+
+def _add_speedups(results: list[dict]) -> None:
+    seq = {r["base"]: r for r in results if r["sampler"] == "sequential"}
+    picard = {r["base"]: r for r in results if r["sampler"] == "picard"}
+    for r in results:
+        s = seq.get(r["base"])
+        r["speedup_p50_vs_sequential"] = s["latency_ms_p50"] / r["latency_ms_p50"] if s else None
+        p = picard.get(r["base"])
+        r["iteration_ratio_vs_picard"] = p["iterations_mean"] / r["iterations_mean"] if p else None
+
+
+def _closed_loop(policy, rows: list[Row], results: list[dict], cfg) -> None:
+    from pcm_policy.control import Controller, ControllerConfig
+    from pcm_policy.evaluation import EpisodeResult, make_env, summarize
+
+    task = cfg["task"]
+    for row, result in zip(rows, results):
+        policy.pcm = row.pcm
+        ctrl = Controller(policy, row.sampler, ControllerConfig(control_hz=cfg["control_hz"], budget_ms=cfg.get("budget_ms")),
+                          seed=cfg["seed"])
+        episodes = []
+        for ep in tqdm(range(cfg["episodes"]), desc=f"closed loop {row.name}", unit="ep", leave=False):
+            env = make_env(task["env_id"], task["max_steps"])
+            try:
+                log = ctrl.run_simulated(env, task["max_steps"], seed=cfg["seed_start"] + ep)
+            finally:
+                env.close()
+            episodes.append(EpisodeResult(ep, cfg["seed_start"] + ep, log.success, log.max_coverage, log.steps))
+        s = summarize(episodes, task["name"])
+        result.update(success_rate=s["success_rate"], score=s["score"], episodes=s["episodes"])
+    policy.pcm = None
+
+
+def _early_stop_study(policy, rows: list[Row], observations, references, cfg) -> list[dict]:
+    """Action error against the DDPM-100 sequential reference with 1, 2, 3 sequential rounds."""
+    if "ddpm100" not in references:
+        return []
+    n = min(len(observations), cfg.get("early_stop_chunks", 100))
+    ref = references["ddpm100"][:n]
+    study = []
+    for cap in (1, 2, 3):
+        for row in rows:
+            if row.base != "ddpm100" or row.sampler.name == "sequential":
+                continue
+            x0, *_ = time_row(policy, row, observations[:n], cfg["seed"], 0, max_iters=cap, progress=False)
+            study.append({"rounds": cap, "sampler": row.name, "mean_abs_err": float((x0 - ref).abs().mean())})
+        ddim = Row(SamplerConfig(name="sequential", scheduler="ddim", steps=cap), f"ddim{cap}")
+        x0, *_ = time_row(policy, ddim, observations[:n], cfg["seed"], 0, progress=False)
+        study.append({"rounds": cap, "sampler": f"sequential/ddim{cap}", "mean_abs_err": float((x0 - ref).abs().mean())})
+    return study
+
+
+def markdown_table(report: Mapping[str, Any]) -> str:
+    lines = [f"Device: {report['device']}; threads: {report['threads']}; control {report['control_hz']} Hz, "
+             f"budget {report['budget_ms']:.0f} ms per chunk; checkpoint `{report['checkpoint']}`", "",
+             "| sampler | base | window | tol | iterations | evaluations | p50 ms | p99 ms | speedup p50 | "
+             "iter. ratio vs Picard | max abs err | deadline misses | success | score |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v, f: "" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, f)  # noqa: E731
+    for r in report["rows"]:
+        lines.append(f"| {r['sampler']} | {r['base']} | {r['window']} | {fmt(r['tol'], 'g')} | {r['iterations_mean']:.2f} | "
+                     f"{r['evaluations_mean']:.1f} | {r['latency_ms_p50']:.1f} | {r['latency_ms_p99']:.1f} | "
+                     f"{fmt(r.get('speedup_p50_vs_sequential'), '.2f')} | {fmt(r.get('iteration_ratio_vs_picard'), '.2f')} | "
+                     f"{r['max_abs_err_vs_sequential']:.2e} | {r['deadline_misses']}/{r['chunks']} | "
+                     f"{fmt(r.get('success_rate'), '.2f')} | {fmt(r.get('score'), '.3f')} |")
+    if report.get("early_stop"):
+        lines += ["", "Early stop (mean abs action error vs sequential DDPM-100, normalized units):", "",
+                  "| rounds | sampler | mean abs err |", "|---|---|---|"]
+        lines += [f"| {e['rounds']} | {e['sampler']} | {e['mean_abs_err']:.4f} |" for e in report["early_stop"]]
+    for s in report.get("skipped", []):
+        lines.append(f"\nskipped: {s}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict], path: Path, budget_ms: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [f"{r['sampler']}\n{r['base']}" for r in results]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, len(results) * 1.1), 4.5))
+    ax1.boxplot([r["_latencies"] for r in results], showfliers=False)
+    ax1.set_xticks(range(1, len(names) + 1), names, fontsize=7)
+    ax1.axhline(budget_ms, color="red", ls="--", lw=1, label=f"budget {budget_ms:.0f} ms")
+    ax1.set_yscale("log")
+    ax1.set_ylabel("latency per chunk (ms)")
+    ax1.legend(fontsize=8)
+    ax2.bar(range(len(names)), [r["iterations_mean"] for r in results], color="tab:blue")
+    ax2.set_xticks(range(len(names)), names, fontsize=7)
+    ax2.set_ylabel("sequential rounds (network calls in sequence)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
