@@ -1,0 +1,56 @@
+"""`pcm bench` writes its schema on a tiny policy in seconds; switched rows are exact at tol -> 0."""
+import json
+
+import pytest
+
+from pcm_policy.bench import run_bench
+from pcm_policy.config import compose
+from pcm_policy.errors import ConfigError
+from pcm_policy.pcm.training import train_pcm
+from pcm_policy.training import train
+from tests.fixtures import write_pusht_zarr
+
+ROW_KEYS = {"sampler", "base", "window", "tol", "chunks", "iterations_mean", "evaluations_mean", "latency_ms_p50",
+            "latency_ms_p99", "max_abs_err_vs_sequential", "deadline_misses", "device", "threads"}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    data = write_pusht_zarr(root / "d.zarr", lengths=[30, 40, 25, 35, 28])
+    train(compose("train", [f"dataset.path={data}", f"output_dir={root / 'base'}", "device=cpu", "train.steps=10",
+                            "train.batch_size=16", "train.checkpoint_every=10", "policy.down_dims=[16,32]",
+                            "policy.diffusion_step_embed_dim=32", "policy.n_groups=4"]))
+    train_pcm(compose("train_pcm", [f"base={root / 'base'}", f"output_dir={root / 'pcm'}", "device=cpu", "steps=8",
+                                    "trajectories=4", "collect_batch=4", "epochs=1", "batch_size=4",
+                                    "eval_observations=1", "lora_rank=2"]))
+    return root
+
+
+def test_bench_schema_table_and_plot(tiny_run):
+    out = tiny_run / "out"
+    cfg = compose("bench", [f"checkpoint={tiny_run / 'base'}", f"pcm.ddpm100=null", f"pcm.ddim10=null",
+                            f"pcm_lora.ddpm100=null", f"pcm_lora.ddim10=null", f"+pcm.ddpm8={tiny_run / 'pcm'}",
+                            f"+pcm_lora.ddpm8={tiny_run / 'pcm'}", "bases=[ddpm8,ddim4]", "chunks=3", "warmup=1",
+                            "tol=0", "early_stop_chunks=2", f"output_dir={out}", "device=cpu"])
+    report = run_bench(cfg)
+    rows = json.loads((out / "bench.json").read_text())["rows"]
+    assert [(r["sampler"], r["base"]) for r in rows] == [
+        ("sequential", "ddpm8"), ("picard", "ddpm8"), ("pcm", "ddpm8"), ("pcm_lora", "ddpm8"),
+        ("sequential", "ddim4"), ("picard", "ddim4")]
+    for r in rows:
+        assert ROW_KEYS <= set(r) and r["chunks"] == 3 and r["threads"] >= 1
+        assert r["max_abs_err_vs_sequential"] < 1e-4  # tol = 0: every row equals its sequential base
+    early = report["early_stop"]
+    assert {e["rounds"] for e in early} == {1, 2, 3}
+    assert {e["sampler"] for e in early} == {"picard/ddpm8", "pcm/ddpm8", "pcm_lora/ddpm8", "sequential/ddim1",
+                                             "sequential/ddim2", "sequential/ddim3"}
+    assert (out / "bench.md").read_text().count("| picard |") == 2
+    assert (out / "bench.png").stat().st_size > 0 and (out / "metrics.json").is_file()
+
+
+def test_bench_rejects_unknown_base(tiny_run):
+    cfg = compose("bench", [f"checkpoint={tiny_run / 'base'}", "bases=[euler5]", f"output_dir={tiny_run / 'x'}",
+                            "device=cpu", "chunks=1"])
+    with pytest.raises(ConfigError, match="euler5"):
+        run_bench(cfg)
