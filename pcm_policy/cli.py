@@ -141,6 +141,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pcm_policy.demo import run_demo
+
+    cfg = _compose("demo", args.overrides)
+    if args.print_config:
+        print(json.dumps(cfg, indent=2))
+        return 0
+    run_demo(cfg)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pcm", description="Fast, exact diffusion-policy control (Picard Consistency Models).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -176,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     overrides_command("bench", _cmd_bench, "Latency benchmark: sequential DDPM/DDIM, Picard, PCM and PCM-LoRA side by side.",
                       "  checkpoint=DIR  pcm.ddpm100=DIR  pcm_lora.ddim10=DIR  bases=[ddpm100,ddim10,ddim16]\n"
                       "  chunks=1000  tol=0.1  window=null  threads=1  episodes=0  device=auto  output_dir=DIR")
+    overrides_command("demo", _cmd_demo, "The main job: closed-loop PushT with PCM-LoRA, then a latency comparison.",
+                      "  checkpoint=DIR  pcm_lora.ddim10=DIR  episodes=5  chunks=100  task=pusht|lift  device=auto")
     return parser
 
 

@@ -28,6 +28,9 @@ class SamplerConfig:
     tol: float = 0.1
     stiffness: float | None = None  # model switching; None = the sampler's default
     max_iters: int | None = None
+    # Pad every Picard window to the same shape (needed to capture CUDA graphs). None = on CUDA only: on a CPU
+    # a shrinking last window is cheaper.
+    fixed_shape: bool | None = None
 
     def __post_init__(self):
         if self.name not in ALGORITHMS:
@@ -95,7 +98,9 @@ def run_sampler(
         x0 = sampling.sample_sequential(base, scheduler, x_T, noise, cond)
         return x0, sampling.SamplerStats(iterations=S, evaluations=S, converged=True, network_calls=S,
                                          network_rows=S * x_T.shape[0])
-    kwargs: dict[str, Any] = dict(cond=cond, window=cfg.window, tol=cfg.tol, max_iters=cfg.max_iters, should_stop=should_stop)
+    fixed_shape = cfg.fixed_shape if cfg.fixed_shape is not None else x_T.is_cuda
+    kwargs: dict[str, Any] = dict(cond=cond, window=cfg.window, tol=cfg.tol, max_iters=cfg.max_iters,
+                                  should_stop=should_stop, fixed_shape=fixed_shape)
     if cfg.name == "picard":
         return sampling.sample_picard(base, scheduler, x_T, noise, **kwargs)
     if pcm is None:
