@@ -151,3 +151,23 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def export_checkpoint(src: str | Path, dst: str | Path, dtype: str = "float16") -> Path:
+    """A compact copy for shipping: weights in `dtype` (normalizer kept in float32), no training state.
+
+    The exported weights are the policy from then on: PCMs must be trained against the exported copy (their
+    base fingerprint is taken from the weights as loaded).
+    """
+    ckpt = resolve_checkpoint(src)
+    card = read_card(ckpt)
+    weights = read_weights(ckpt / POLICY_WEIGHTS)
+    target = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(dtype)
+    if target is None:
+        from pcm_policy.errors import ConfigError
+
+        raise ConfigError(f"dtype={dtype!r}: expected float16, bfloat16 or float32")
+    weights = {k: (v if k.startswith("normalizer.") or not v.is_floating_point() else v.to(target)) for k, v in weights.items()}
+    config = yaml.safe_load((ckpt / RUN_CONFIG).read_text()) if (ckpt / RUN_CONFIG).is_file() else None
+    card = dict(card, exported_from=str(ckpt), weights_dtype=dtype)
+    return save_checkpoint(dst, card, weights, config=config)

@@ -152,6 +152,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pcm_policy.checkpoint import export_checkpoint
+
+    path = export_checkpoint(args.checkpoint, args.output, args.dtype)
+    size = sum(p.stat().st_size for p in path.iterdir()) / 1e6
+    print(f"exported {args.checkpoint} -> {path} ({args.dtype}, {size:.1f} MB)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pcm", description="Fast, exact diffusion-policy control (Picard Consistency Models).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -164,6 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("path")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=_cmd_data_info)
+
+    export = sub.add_parser("export", help="compact copy of a checkpoint for shipping (fp16, no train state)",
+                            description="Write a compact copy of a checkpoint: weights cast to --dtype (the normalizer "
+                                        "stays float32), no optimizer state. Train PCMs against the exported copy.")
+    export.add_argument("checkpoint", help="run directory or checkpoint directory")
+    export.add_argument("output", help="output checkpoint directory")
+    export.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    export.set_defaults(func=_cmd_export)
 
     def overrides_command(name: str, func: Callable, help_text: str, keys: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=f"{help_text}\n\nCommon overrides:\n{keys}",

@@ -1,0 +1,75 @@
+"""The `pcm` command line: help for every subcommand, JSON data info, one-line errors with a non-zero exit."""
+import json
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from tests.fixtures import pusht_arrays, write_pusht_zarr
+
+SUBCOMMANDS = ["data", "train", "eval", "collect", "train-pcm", "bench", "demo", "export"]
+
+
+def pcm(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "pcm_policy.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=120)
+
+
+def assert_one_line_error(result, *needles):
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_help_for_every_subcommand():
+    top = pcm("--help")
+    assert top.returncode == 0
+    for name in SUBCOMMANDS:
+        assert name in top.stdout
+        assert pcm(name, "--help").returncode == 0
+
+
+def test_data_info_json_for_both_formats(pusht_zarr_dir, pusht_zarr_zip, robomimic_hdf5):
+    for path, fmt in [(pusht_zarr_dir, "zarr"), (pusht_zarr_zip, "zarr"), (robomimic_hdf5, "robomimic")]:
+        result = pcm("data", "info", path, "--json")
+        assert result.returncode == 0, result.stderr
+        info = json.loads(result.stdout)
+        assert info["format"] == fmt and info["episodes"] > 0 and info["steps"] > 0 and info["arrays"]
+    info = json.loads(pcm("data", "info", robomimic_hdf5, "--json").stdout)
+    assert "actions" in info["arrays"] and any(k.startswith("obs/") for k in info["arrays"])
+
+
+def test_data_info_bad_inputs(tmp_path):
+    assert_one_line_error(pcm("data", "info", tmp_path / "missing.zarr", "--json"), "missing.zarr")
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"\x00garbage" * 10)
+    assert_one_line_error(pcm("data", "info", junk), "junk.bin")
+    arrays = pusht_arrays()
+    arrays["episode_ends"] = np.array([12, 21, 36, 400])
+    bad = write_pusht_zarr(tmp_path / "ends.zarr", arrays=arrays)
+    assert_one_line_error(pcm("data", "info", bad), "ends.zarr", "episode_ends")
+    nodata = tmp_path / "nodata.hdf5"
+    with h5py.File(nodata, "w") as f:
+        f.create_group("mask")
+    assert_one_line_error(pcm("data", "info", nodata), "nodata.hdf5", "data")
+
+
+def test_unknown_key_missing_dataset_and_bad_device(tmp_path, pusht_zarr_dir):
+    assert_one_line_error(pcm("train", "train.stepz=3"), "train.stepz")
+    assert_one_line_error(pcm("train", "task=nope"), "task/nope")
+    assert_one_line_error(pcm("train", f"dataset.path={tmp_path / 'none.zarr'}", f"output_dir={tmp_path / 'o'}"),
+                          "none.zarr")
+    assert_one_line_error(pcm("train", f"dataset.path={pusht_zarr_dir}", "device=cuda:3", f"output_dir={tmp_path / 'o'}"),
+                          "device")
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_and_pcm_need_checkpoints(tmp_path):
+    assert_one_line_error(pcm("eval", f"output_dir={tmp_path / 'e'}"), "checkpoint")
+    assert_one_line_error(pcm("eval", f"checkpoint={tmp_path / 'nothing'}", f"output_dir={tmp_path / 'e'}"), "nothing")
+    assert_one_line_error(pcm("train-pcm", f"output_dir={tmp_path / 'p'}"), "base")
