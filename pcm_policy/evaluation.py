@@ -61,7 +61,7 @@ def summarize(results: list[EpisodeResult], task: str) -> dict[str, Any]:
         "success_rate": float(np.mean([r.success for r in results])) if n else 0.0,
         "score": float(np.mean([r.score(task) for r in results])) if n else 0.0,
         "steps": int(sum(r.steps for r in results)),
-        "seeds": [r.seed for r in results[:1]] + ([results[-1].seed] if n > 1 else []),
+        "seed_range": [results[0].seed, results[-1].seed] if n else [],
     }
     covs = [r.max_coverage for r in results if r.max_coverage is not None]
     if covs:
