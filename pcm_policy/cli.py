@@ -42,34 +42,25 @@ def _compose(command: str, overrides: Sequence[str]) -> dict:
     cfg = compose(command, overrides)
     if cfg.get("dataset", {}).get("path"):
         cfg["dataset"]["path"] = str(resolve_path(cfg["dataset"]["path"]))
+    for key in ("checkpoint", "base"):  # shipped checkpoints resolve from the repository root too
+        if cfg.get(key):
+            cfg[key] = str(resolve_path(cfg[key]))
     set_threads(cfg.get("threads"))
     return cfg
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def _cmd_train(cfg: dict) -> int:
     from pcm_policy.training import train
 
-    cfg = _compose("train", args.overrides)
-    if args.print_config:
-        print(json.dumps(cfg, indent=2))
-        return 0
     metrics = train(cfg)
     print(f"checkpoint: {metrics['checkpoint']}")
     print(f"metrics: {os.path.join(cfg['output_dir'], 'metrics.json')}")
     return 0
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
+def _cmd_eval(cfg: dict) -> int:
     from pcm_policy.evaluation import evaluate
 
-    cfg = _compose("eval", args.overrides)
-    if args.print_config:
-        print(json.dumps(cfg, indent=2))
-        return 0
-    if cfg.get("checkpoint"):
-        from pcm_policy.config import resolve_path
-
-        cfg["checkpoint"] = str(resolve_path(cfg["checkpoint"]))
     m = evaluate(cfg)
     cov = f", mean max coverage {m['mean_max_coverage']:.3f}" if "mean_max_coverage" in m else ""
     print(f"{m['task']}: success {m['success_rate']:.2f}, score {m['score']:.3f} over {m['episodes']} episodes{cov}")
@@ -79,11 +70,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_collect(args: argparse.Namespace) -> int:
-    cfg = _compose("collect", args.overrides)
-    if args.print_config:
-        print(json.dumps(cfg, indent=2))
-        return 0
+def _cmd_collect(cfg: dict) -> int:
     task = cfg["task"]["name"]
     suffix = ".zarr" if cfg["dataset"]["kind"] == "pusht_zarr" else ".hdf5"
     path = os.path.join(cfg["output_dir"], cfg.get("output_name") or f"{task}_expert{suffix}")
@@ -105,16 +92,9 @@ def _cmd_collect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train_pcm(args: argparse.Namespace) -> int:
-    from pcm_policy.config import resolve_path
+def _cmd_train_pcm(cfg: dict) -> int:
     from pcm_policy.pcm.training import train_pcm
 
-    cfg = _compose("train_pcm", args.overrides)
-    if args.print_config:
-        print(json.dumps(cfg, indent=2))
-        return 0
-    if cfg.get("base"):
-        cfg["base"] = str(resolve_path(cfg["base"]))
     m = train_pcm(cfg)
     for name in ("picard", "pcm", "pcm_lora"):
         if name in m["after"]:
@@ -126,13 +106,9 @@ def _cmd_train_pcm(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
+def _cmd_bench(cfg: dict) -> int:
     from pcm_policy.bench import run_bench
 
-    cfg = _compose("bench", args.overrides)
-    if args.print_config:
-        print(json.dumps(cfg, indent=2))
-        return 0
     run_bench(cfg)
     out = cfg["output_dir"]
     print(open(os.path.join(out, "bench.md")).read())
@@ -141,13 +117,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
+def _cmd_demo(cfg: dict) -> int:
     from pcm_policy.demo import run_demo
 
-    cfg = _compose("demo", args.overrides)
-    if args.print_config:
-        print(json.dumps(cfg, indent=2))
-        return 0
     run_demo(cfg)
     return 0
 
@@ -159,6 +131,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     size = sum(p.stat().st_size for p in path.iterdir()) / 1e6
     print(f"exported {args.checkpoint} -> {path} ({args.dtype}, {size:.1f} MB)")
     return 0
+
+
+def _run_composed(command: str, handler: Callable[[dict], int], args: argparse.Namespace) -> int:
+    cfg = _compose(command, args.overrides)
+    if args.print_config:
+        print(json.dumps(cfg, indent=2))
+        return 0
+    return handler(cfg)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra overrides (configs/%s.yaml)" % name.replace("-", "_"))
         p.add_argument("--print-config", action="store_true", help="print the composed config and exit")
-        p.set_defaults(func=func)
+        p.set_defaults(func=lambda args: _run_composed(name.replace("-", "_"), func, args))
         return p
 
     overrides_command("train", _cmd_train, "Train a Diffusion-Policy action head (DDPM) on a dataset.",

@@ -10,27 +10,9 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from pcm_policy.pcm import collect_picard_trajectory, iterate_variances, pct_loss
 from pcm_policy.sampling import StepCoefficients, picard_step, sample_sequential
 
+from tests.toys import C, DA, H, Toy
+
 torch.set_num_threads(1)
-H, DA, C = 4, 2, 3
-
-
-class Toy(nn.Module):
-    def __init__(self, seed=0, gain=1.0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.l1 = nn.Linear(H * DA + 8 + C, 16).double()
-        self.l2 = nn.Linear(16, H * DA).double()
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.5)
-        self.gain = gain
-
-    def forward(self, x, t, cond=None):
-        n = x.shape[0]
-        ang = t.double()[:, None] / 1000.0 * (torch.arange(4, dtype=torch.float64) + 1) * math.pi
-        c = cond if cond is not None else torch.zeros(n, C, dtype=torch.float64)
-        h = torch.tanh(self.l1(torch.cat([x.reshape(n, -1), torch.sin(ang), torch.cos(ang), c], 1)))
-        return self.gain * torch.tanh(self.l2(h)).reshape(x.shape)
 
 
 def setup(kind="ddpm", S=20, B=2, clip=True):
@@ -56,7 +38,7 @@ def sequential_trajectory(den, coeffs, x_T, nt, cond):
 def test_collect_trajectory_fixed_point_is_sequential():
     for kind, S in [("ddpm", 20), ("ddim", 10)]:
         sch, x_T, noise, cond = setup(kind, S)
-        den = Toy(seed=1)
+        den = Toy(seed=1, gain=1.0, hidden=16)
         iterates, xstar = collect_picard_trajectory(den, sch, x_T, noise, cond, tol=0.0)
         K = iterates.shape[0] - 1
         assert iterates.shape == (K + 1, S + 1, 2, H, DA) and 1 <= K <= S
@@ -75,7 +57,7 @@ def test_collect_trajectory_fixed_point_is_sequential():
 
 def test_picard_step_is_differentiable():
     sch, x_T, noise, cond = setup("ddpm", 10)
-    den = Toy(seed=2)
+    den = Toy(seed=2, gain=1.0, hidden=16)
     coeffs = StepCoefficients.from_scheduler(sch, x_T.device, x_T.dtype)
     nt = coeffs.noise_terms(noise)
     Y = torch.randn(11, 2, H, DA, dtype=torch.float64)
@@ -85,14 +67,14 @@ def test_picard_step_is_differentiable():
     phi.pow(2).mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in den.parameters())
     # gradient w.r.t. the inputs too (gradcheck on a tiny problem)
-    small = Toy(seed=3)
+    small = Toy(seed=3, gain=1.0, hidden=16)
     Yg = Y.clone().requires_grad_(True)
     assert torch.autograd.gradcheck(lambda y: picard_step(small, coeffs, y, nt, cond), (Yg,), eps=1e-6, atol=1e-5)
 
 
 def test_pct_loss_gradients_and_weighting():
     sch, x_T, noise, cond = setup("ddpm", 12, B=3)
-    base = Toy(seed=4)
+    base = Toy(seed=4, gain=1.0, hidden=16)
     iterates, xstar = collect_picard_trajectory(base, sch, x_T, noise, cond, tol=1e-6)
     coeffs = StepCoefficients.from_scheduler(sch, x_T.device, x_T.dtype)
     nt = coeffs.noise_terms(noise)

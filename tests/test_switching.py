@@ -11,27 +11,9 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from pcm_policy.model.lora import add_lora, lora_parameters, scaled_denoiser
 from pcm_policy.sampling import sample_lora_switched, sample_picard, sample_sequential, sample_switched, switch_lambda
 
+from tests.toys import C, DA, H, Toy
+
 torch.set_num_threads(1)
-H, DA, C = 4, 2, 3
-
-
-class Toy(nn.Module):
-    def __init__(self, seed=0, gain=2.0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.l1 = nn.Linear(H * DA + 8 + C, 32).double()
-        self.l2 = nn.Linear(32, H * DA).double()
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.5)
-        self.gain = gain
-
-    def forward(self, x, t, cond=None):
-        n = x.shape[0]
-        ang = t.double()[:, None] / 1000.0 * (torch.arange(4, dtype=torch.float64) + 1) * math.pi
-        c = cond if cond is not None else torch.zeros(n, C, dtype=torch.float64)
-        h = torch.tanh(self.l1(torch.cat([x.reshape(n, -1), torch.sin(ang), torch.cos(ang), c], 1)))
-        return self.gain * torch.tanh(self.l2(h)).reshape(x.shape)
 
 
 def make_scheduler(kind, S, pred="epsilon", clip=False):

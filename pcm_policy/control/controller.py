@@ -135,13 +135,7 @@ class Controller:
     # ---- simulated clock ---------------------------------------------------------------------------------
     def run_simulated(self, env, max_steps: int, seed: int | None = None, options: dict | None = None) -> EpisodeLog:
         """One episode; the env advances ceil(latency / period) steps with queued actions while a chunk computes."""
-        log = EpisodeLog()
-        obs, info = env.reset(seed=seed, options=options)
-        self.reset(obs)
-        self._track(info, log)
-        actions, record = self.plan(0, None)
-        log.chunks.append(record)
-        queue: deque = deque(actions[: self.n_action_steps])
+        log, queue = self._start(env, seed, options)
         pending: tuple[int, int, np.ndarray] | None = None  # (ready_step, request_step, actions)
         step = 0
         while step < max_steps and not log.success:
@@ -160,6 +154,16 @@ class Controller:
             if done:
                 break
         return log
+
+    def _start(self, env, seed, options) -> tuple[EpisodeLog, deque]:
+        """Reset the env and plan the first chunk with no deadline (the robot starts at rest)."""
+        log = EpisodeLog()
+        obs, info = env.reset(seed=seed, options=options)
+        self.reset(obs)
+        self._track(info, log)
+        actions, record = self.plan(0, None)
+        log.chunks.append(record)
+        return log, deque(actions[: self.n_action_steps])
 
     def _execute(self, env, queue: deque, log: EpisodeLog) -> bool:
         if queue:
@@ -181,13 +185,7 @@ class Controller:
     # ---- real-time clock ---------------------------------------------------------------------------------
     def run_realtime(self, env, max_steps: int, seed: int | None = None, options: dict | None = None) -> EpisodeLog:
         """One episode in wall-clock time: env steps every period, a worker thread computes the next chunk."""
-        log = EpisodeLog()
-        obs, info = env.reset(seed=seed, options=options)
-        self.reset(obs)
-        self._track(info, log)
-        actions, record = self.plan(0, None)
-        log.chunks.append(record)
-        queue: deque = deque(actions[: self.n_action_steps])
+        log, queue = self._start(env, seed, options)
         pending: tuple[Future, int, int] | None = None  # (future, request_step, actions queued at request)
         period = self.config.period_s
         with ThreadPoolExecutor(max_workers=1) as pool:
