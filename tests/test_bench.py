@@ -29,8 +29,8 @@ def tiny_run(tmp_path_factory):
 
 def test_bench_schema_table_and_plot(tiny_run):
     out = tiny_run / "out"
-    cfg = compose("bench", [f"checkpoint={tiny_run / 'base'}", f"pcm.ddpm100=null", f"pcm.ddim10=null",
-                            f"pcm_lora.ddpm100=null", f"pcm_lora.ddim10=null", f"+pcm.ddpm8={tiny_run / 'pcm'}",
+    cfg = compose("bench", [f"checkpoint={tiny_run / 'base'}", "pcm.ddpm100=null", "pcm.ddim10=null",
+                            "pcm_lora.ddpm100=null", "pcm_lora.ddim10=null", f"+pcm.ddpm8={tiny_run / 'pcm'}",
                             f"+pcm_lora.ddpm8={tiny_run / 'pcm'}", "bases=[ddpm8,ddim4]", "chunks=3", "warmup=1",
                             "tol=0", "early_stop_chunks=2", f"output_dir={out}", "device=cpu"])
     report = run_bench(cfg)

@@ -5,7 +5,6 @@ import sys
 
 import h5py
 import numpy as np
-import pytest
 
 from tests.fixtures import pusht_arrays, write_pusht_zarr
 

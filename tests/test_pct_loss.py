@@ -1,10 +1,8 @@
 """Picard Consistency Training pieces: differentiable Picard map, trajectory collection, PCT loss."""
 
 import copy
-import math
 
 import torch
-from torch import nn
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from pcm_policy.pcm import collect_picard_trajectory, iterate_variances, pct_loss

@@ -1,11 +1,9 @@
 """Model switching (output space and LoRA weight space) returns exactly the base model's sequential sample."""
 
 import copy
-import math
 
 import pytest
 import torch
-from torch import nn
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from pcm_policy.model.lora import add_lora, lora_parameters, scaled_denoiser

@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from .schedule import StepCoefficients, _view
+from .schedule import StepCoefficients
 
 
 @dataclass
