@@ -55,12 +55,28 @@ def bench_observations(policy, card: Mapping[str, Any], n: int, seed: int) -> to
 
 
 class Row:
-    def __init__(self, sampler: SamplerConfig, base: str, pcm=None, pcm_path: str | None = None):
+    def __init__(self, sampler: SamplerConfig, base: str, pcm=None, pcm_path: str | None = None, denoiser=None,
+                 graph: bool = False):
         self.sampler, self.base, self.pcm, self.pcm_path = sampler, base, pcm, pcm_path
+        self.denoiser, self.graph = denoiser, graph
 
     @property
     def name(self) -> str:
-        return f"{self.sampler.name}/{self.base}"
+        return f"{self.sampler.name}{'+graph' if self.graph else ''}/{self.base}"
+
+
+def graphed_rows(policy, rows: list[Row]) -> list[Row]:
+    """CUDA-graph variants of the Picard rows: fixed-shape windows, each denoiser captured per shape."""
+    from pcm_policy.sampling.cuda_graph import GraphedDenoiser
+
+    out = []
+    for row in rows:
+        if row.sampler.name == "sequential":
+            continue
+        sampler = SamplerConfig(**{**row.sampler.__dict__, "fixed_shape": True})
+        out.append(Row(sampler, row.base, GraphedDenoiser(row.pcm) if row.pcm else None, row.pcm_path,
+                       denoiser=GraphedDenoiser(policy.denoiser), graph=True))
+    return out
 
 
 def build_rows(policy, cfg: Mapping[str, Any], device) -> tuple[list[Row], list[str]]:
@@ -101,7 +117,8 @@ def time_row(policy, row: Row, observations: torch.Tensor, noise_seed: int, warm
         j = max(i, 0)
         x_T, noise = policy.make_noise(1, sampler, torch.Generator().manual_seed(noise_seed + j))
         t0 = time.perf_counter()
-        x0, stats = run_sampler(sampler, scheduler, x_T, noise, conds[j:j + 1], base=policy.denoiser, pcm=row.pcm)
+        x0, stats = run_sampler(sampler, scheduler, x_T, noise, conds[j:j + 1], base=row.denoiser or policy.denoiser,
+                                pcm=row.pcm)
         if x0.is_cuda:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -131,7 +148,9 @@ def run_bench(cfg: Mapping[str, Any]) -> dict[str, Any]:
     rows, skipped = build_rows(policy, cfg, device)
     for reason in skipped:
         print(f"skipped {reason}")
-    if device.type != "cuda":
+    if device.type == "cuda":
+        rows += graphed_rows(policy, rows)
+    else:
         skipped.append("cuda-graph rows: no CUDA device on this machine")
         print("skipped cuda-graph rows: no CUDA device on this machine")
 
@@ -142,7 +161,8 @@ def run_bench(cfg: Mapping[str, Any]) -> dict[str, Any]:
             references[row.base] = x0
         err = float((x0 - references[row.base]).abs().max()) if row.base in references else float("nan")
         results.append({
-            "sampler": row.sampler.name, "base": row.base, "window": row.sampler.window or row.sampler.steps,
+            "sampler": row.sampler.name + ("+graph" if row.graph else ""), "base": row.base,
+            "window": row.sampler.window or row.sampler.steps,
             "tol": row.sampler.tol if row.sampler.name != "sequential" else None, "chunks": len(lat),
             "iterations_mean": float(iters.mean()), "evaluations_mean": float(evals.mean()),
             "latency_ms_p50": float(np.percentile(lat, 50)), "latency_ms_p99": float(np.percentile(lat, 99)),
@@ -186,6 +206,8 @@ def _closed_loop(policy, rows: list[Row], results: list[dict], cfg) -> None:
 
     task = cfg["task"]
     for row, result in zip(rows, results):
+        if row.graph:  # same outputs as the eager row; closed-loop figures would repeat it
+            continue
         policy.pcm = row.pcm
         ctrl = Controller(policy, row.sampler, ControllerConfig(control_hz=cfg["control_hz"], budget_ms=cfg.get("budget_ms")),
                           seed=cfg["seed"])
@@ -212,7 +234,7 @@ def _early_stop_study(policy, rows: list[Row], observations, references, cfg) ->
     study = []
     for cap in (1, 2, 3):
         for row in rows:
-            if row.base != ref_base or row.sampler.name == "sequential":
+            if row.base != ref_base or row.sampler.name == "sequential" or row.graph:
                 continue
             x0, *_ = time_row(policy, row, observations[:n], cfg["seed"], 0, max_iters=cap, progress=False)
             study.append({"rounds": cap, "sampler": row.name, "reference": f"sequential/{ref_base}",
