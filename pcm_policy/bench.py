@@ -155,8 +155,10 @@ def run_bench(cfg: Mapping[str, Any]) -> dict[str, Any]:
         print("skipped cuda-graph rows: no CUDA device on this machine")
 
     results, references = [], {}
+    chunks_by_base = cfg.get("chunks_by_base") or {}
     for row in rows:
-        x0, lat, iters, evals, conv = time_row(policy, row, observations, cfg["seed"], cfg["warmup"])
+        n = min(int(chunks_by_base.get(row.base) or cfg["chunks"]), len(observations))
+        x0, lat, iters, evals, conv = time_row(policy, row, observations[:n], cfg["seed"], cfg["warmup"])
         if row.sampler.name == "sequential":
             references[row.base] = x0
         err = float((x0 - references[row.base]).abs().max()) if row.base in references else float("nan")
