@@ -231,7 +231,7 @@ def _early_stop_study(policy, rows: list[Row], observations, references, cfg) ->
     ref_base = next((b for b in references if b.startswith("ddpm")), None)
     if ref_base is None:
         return []
-    n = min(len(observations), cfg.get("early_stop_chunks", 100))
+    n = min(len(references[ref_base]), cfg.get("early_stop_chunks", 100))
     ref = references[ref_base][:n]
     study = []
     for cap in (1, 2, 3):
