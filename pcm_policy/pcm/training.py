@@ -117,11 +117,17 @@ class TrajectorySet:
         var = var.clamp(min=float(var[0]) * 1e-6)
         return (1.0 / var.sqrt()).float()
 
-    def batch(self, idx: torch.Tensor, generator: torch.Generator, device):
-        """Per-sample random k in [0, K_i - 1]; returns (X^k, k, X*, noise, cond) batched on dim 1."""
+    def batch(self, idx: torch.Tensor, generator: torch.Generator, device, max_k: int | None = None):
+        """Per-sample random k in [0, min(K_i, max_k) - 1]; returns (X^k, k, X*, noise, cond) batched on dim 1.
+
+        `max_k` limits training to the first iterates: with a stiff switching schedule only the PCM steps taken
+        from the first iterates are ever used at inference.
+        """
         ks, xk = [], []
         for i in idx.tolist():
             K = self.iterates[i].shape[0] - 1
+            if max_k is not None:
+                K = min(K, max_k)
             k = int(torch.randint(0, max(K, 1), (1,), generator=generator))
             ks.append(k)
             xk.append(self.iterates[i][k].float())
@@ -210,7 +216,7 @@ def train_pcm(cfg: Mapping[str, Any]) -> dict[str, Any]:
         for b in range(step % steps_per_epoch, steps_per_epoch):
             idx = perm[b * cfg["batch_size"]:(b + 1) * cfg["batch_size"]]
             g = torch.Generator().manual_seed(cfg["seed"] * 104_729 + step)
-            xk, k, xstar, noise, cond = trajectories.batch(idx, g, device)
+            xk, k, xstar, noise, cond = trajectories.batch(idx, g, device, cfg.get("max_k"))
             loss = pct_loss(pcm, coeffs, xk, k, xstar, coeffs.noise_terms(noise), cond, alpha=alpha)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,0 +1,43 @@
+"""The shipped PushT checkpoints load, give finite in-range actions, and switched sampling equals sequential."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from pcm_policy.checkpoint import load_policy
+from pcm_policy.pcm.attach import maybe_attach_pcm
+from pcm_policy.sampler_config import SamplerConfig
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "pusht"
+pytestmark = pytest.mark.skipif(not (DATA / "base").is_dir(), reason="no shipped PushT checkpoint")
+
+
+def _observations(policy, n=2):
+    from pcm_policy.data.replay_buffer import ReplayBuffer
+    from envs.pusht_geometry import lowdim_obs_from_state
+
+    rb = ReplayBuffer.open(DATA / "pusht_expert.zarr", keys=["state"])
+    obs = torch.as_tensor(lowdim_obs_from_state(rb["state"][[10, 11, 500, 501]]), dtype=torch.float32)
+    return obs.reshape(2, 2, -1)[:n]
+
+
+@pytest.mark.parametrize("schedule", ["ddim10", "ddpm100"])
+def test_shipped_policy_and_pcm_lora(schedule):
+    policy, card = load_policy(DATA / "base")
+    assert card["task"] == "pusht" and policy.config.obs_dim == 20
+    pcm_dir = DATA / f"pcm_lora_{schedule}"
+    if not pcm_dir.is_dir():
+        pytest.skip(f"no shipped PCM for {schedule}")
+    kind, steps = schedule[:4], int(schedule[4:])
+    obs = _observations(policy)
+    seq = SamplerConfig(name="sequential", scheduler=kind, steps=steps)
+    noise = policy.make_noise(len(obs), seq, torch.Generator().manual_seed(0))
+    ref = policy.predict_chunk(obs, seq, noise=noise)
+    assert torch.isfinite(ref.action).all()
+    assert ((ref.action > -50) & (ref.action < 562)).all()  # PushT targets live on the 512 px table
+    for name in ("pcm", "pcm_lora"):
+        sampler = SamplerConfig(name=name, scheduler=kind, steps=steps, tol=0.0)
+        maybe_attach_pcm(policy, sampler, str(pcm_dir), "cpu")
+        out = policy.predict_chunk(obs, sampler, noise=noise)
+        assert out.stats.converged
+        torch.testing.assert_close(out.action_pred, ref.action_pred, rtol=1e-5, atol=1e-3)
