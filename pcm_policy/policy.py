@@ -148,6 +148,10 @@ class DiffusionPolicy(nn.Module):
         x_T, step_noise = noise if noise is not None else self.make_noise(obs.shape[0], sampler, generator)
         naction, stats = run_sampler(sampler, self.scheduler_for(sampler), x_T, step_noise, cond,
                                      base=self.denoiser, pcm=self.pcm, should_stop=should_stop)
+        if not stats.converged:
+            # An early-stopped Picard estimate can lie far outside the data (early iterates are partial sums);
+            # keep it inside the normalized action range the policy was trained on.
+            naction = naction.clamp(-1.0, 1.0)
         action_pred = self.normalizer.unnormalize("action", naction)
         start = self.config.n_obs_steps - 1
         action = action_pred[:, start:start + self.config.n_action_steps]

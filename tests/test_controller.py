@@ -142,3 +142,12 @@ def test_realtime_clock_runs_an_episode():
     log = ctrl.run_realtime(env, max_steps=24)
     assert log.steps == 24 and len(log.chunks) >= 3
     assert [tuple(a.astype(int)) for a in env.executed][:4] == [(0, j) for j in range(4)]
+
+
+def test_anytime_estimate_stays_in_the_action_range():
+    policy = _tiny_policy()
+    obs = torch.zeros(1, 2, 3)
+    chunk = policy.predict_chunk(obs, SamplerConfig(name="picard", scheduler="ddpm", steps=100, max_iters=2))
+    assert not chunk.stats.converged
+    low, high = policy.normalizer.unnormalize("action", torch.tensor([[-1.0, -1.0], [1.0, 1.0]]))
+    assert (chunk.action_pred >= low - 1e-5).all() and (chunk.action_pred <= high + 1e-5).all()
