@@ -80,6 +80,7 @@ def run_demo(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
     # 3: latency comparison on the same checkpoint.
     bench_cfg = compose("bench", [f"task={task['name']}", f"checkpoint={checkpoint}", f"chunks={cfg['chunks']}",
+                                  f"chunks_by_base.ddpm100={cfg['ddpm100_chunks']}",
                                   f"bases=[{','.join(cfg['bases'])}]", f"output_dir={out / 'bench'}",
                                   f"device={cfg['device']}", "early_stop=false", "pcm.ddpm100=null", "pcm.ddim10=null",
                                   "pcm_lora.ddpm100=null", "pcm_lora.ddim10=null"]
