@@ -49,7 +49,7 @@ class SamplerConfig:
         if isinstance(cfg, SamplerConfig):
             return cfg
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(cfg) - known - {"pcm_checkpoint", "label"})
+        unknown = sorted(set(cfg) - known - {"pcm_checkpoint"})
         if unknown:
             raise ConfigError(f"sampler.{unknown[0]}: unknown sampler key (known: {', '.join(sorted(known))})")
         return cls(**{k: v for k, v in cfg.items() if k in known})

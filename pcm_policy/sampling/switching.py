@@ -39,10 +39,15 @@ def _schedule(stiffness, S):
     return lambda k: switch_lambda(k, s, S)
 
 
-def _run(map_fn, coeffs, x_T, nt, S, window, tol, max_iters, should_stop, lam_fn, fixed_shape):
+def _switched(make_map, scheduler, x_T, noise, cond, stiffness, window, tol, max_iters, should_stop, fixed_shape):
+    """Shared body of both switching modes; `make_map(coeffs, cond_rep)` builds the per-iteration Picard map."""
+    coeffs, nt, cond = prepare(scheduler, x_T, noise, cond)
+    S = coeffs.num_steps
+    w = S if window is None else max(1, min(int(window), S))
+    map_fn = make_map(coeffs, _tile_cond(cond, w))
     Y, stats = picard_loop(
-        map_fn, coeffs, x_T, nt, window=window, tol=tol, max_iters=max_iters, should_stop=should_stop,
-        fixed_shape=fixed_shape, lambda_fn=lam_fn,
+        map_fn, coeffs, x_T, nt, window=w, tol=tol, max_iters=max_iters, should_stop=should_stop,
+        fixed_shape=fixed_shape, lambda_fn=_schedule(stiffness, S),
     )
     return Y[S].clone(), stats
 
@@ -64,23 +69,21 @@ def sample_switched(
     fixed_shape: bool = True,
 ):
     """Output-space switching between a PCM and the base denoiser; returns (x0, SamplerStats)."""
-    coeffs, nt, cond = prepare(scheduler, x_T, noise, cond)
-    S = coeffs.num_steps
-    w = S if window is None else max(1, min(int(window), S))
-    cond_rep = _tile_cond(cond, w)
-    lam_fn = _schedule(stiffness, S)
 
-    def map_fn(X, idx_rows, t, lam):
-        c = _cond_rows(cond_rep, idx_rows.shape[0])
-        m_base = None if lam >= 1.0 else model_m(base, coeffs, X, idx_rows, t, c)
-        if lam <= 0.0:
-            return m_base, 1
-        m_pcm = model_m(pcm, coeffs, X, idx_rows, t, c)
-        if m_base is None:
-            return m_pcm, 1
-        return lam * m_pcm + (1.0 - lam) * m_base, 2
+    def make_map(coeffs, cond_rep):
+        def map_fn(X, idx_rows, t, lam):
+            c = _cond_rows(cond_rep, idx_rows.shape[0])
+            m_base = None if lam >= 1.0 else model_m(base, coeffs, X, idx_rows, t, c)
+            if lam <= 0.0:
+                return m_base, 1
+            m_pcm = model_m(pcm, coeffs, X, idx_rows, t, c)
+            if m_base is None:
+                return m_pcm, 1
+            return lam * m_pcm + (1.0 - lam) * m_base, 2
 
-    return _run(map_fn, coeffs, x_T, nt, S, w, tol, max_iters, should_stop, lam_fn, fixed_shape)
+        return map_fn
+
+    return _switched(make_map, scheduler, x_T, noise, cond, stiffness, window, tol, max_iters, should_stop, fixed_shape)
 
 
 @torch.no_grad()
@@ -99,13 +102,12 @@ def sample_lora_switched(
     fixed_shape: bool = True,
 ):
     """Weight-space switching: ``denoiser(x, t, cond, scale)`` with LoRA scale = lambda(k); one call per iteration."""
-    coeffs, nt, cond = prepare(scheduler, x_T, noise, cond)
-    S = coeffs.num_steps
-    w = S if window is None else max(1, min(int(window), S))
-    cond_rep = _tile_cond(cond, w)
-    lam_fn = _schedule(stiffness, S)
 
-    def map_fn(X, idx_rows, t, lam):
-        return model_m(denoiser, coeffs, X, idx_rows, t, _cond_rows(cond_rep, idx_rows.shape[0]), float(lam)), 1
+    def make_map(coeffs, cond_rep):
+        def map_fn(X, idx_rows, t, lam):
+            c = _cond_rows(cond_rep, idx_rows.shape[0])
+            return model_m(denoiser, coeffs, X, idx_rows, t, c, float(lam)), 1
 
-    return _run(map_fn, coeffs, x_T, nt, S, w, tol, max_iters, should_stop, lam_fn, fixed_shape)
+        return map_fn
+
+    return _switched(make_map, scheduler, x_T, noise, cond, stiffness, window, tol, max_iters, should_stop, fixed_shape)
