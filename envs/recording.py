@@ -8,7 +8,7 @@ import numpy as np
 
 
 class EpisodeStats(gym.Wrapper):
-    """Adds `episode_max_coverage`, `episode_success` and `episode_steps` (so far) to every info.
+    """Adds `episode_success`, `episode_steps` and (for envs reporting coverage) `episode_max_coverage` so far.
 
     A chunked policy only sees the info of the last step of each chunk; these running values make the
     per-episode maximum coverage and "ever succeeded" exact anyway.
@@ -16,7 +16,7 @@ class EpisodeStats(gym.Wrapper):
 
     def reset(self, **kwargs):
         obs, info = self.env.reset(**kwargs)
-        self._max_cov = float(info.get("coverage", 0.0))
+        self._max_cov = float(info["coverage"]) if "coverage" in info else None
         self._success = bool(info.get("is_success", False))
         self._steps = 0
         return obs, self._add(info)
@@ -24,12 +24,16 @@ class EpisodeStats(gym.Wrapper):
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
         self._steps += 1
-        self._max_cov = max(self._max_cov, float(info.get("coverage", 0.0)))
+        if "coverage" in info:
+            self._max_cov = max(self._max_cov or 0.0, float(info["coverage"]))
         self._success = self._success or bool(info.get("is_success", False))
         return obs, reward, terminated, truncated, self._add(info)
 
     def _add(self, info: dict) -> dict:
-        return dict(info, episode_max_coverage=self._max_cov, episode_success=self._success, episode_steps=self._steps)
+        out = dict(info, episode_success=self._success, episode_steps=self._steps)
+        if self._max_cov is not None:
+            out["episode_max_coverage"] = self._max_cov
+        return out
 
 
 class VideoRecorder(gym.Wrapper):
