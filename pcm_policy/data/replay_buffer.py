@@ -73,7 +73,7 @@ def inspect_group(root: zarr.Group, path) -> tuple[np.ndarray, dict[str, zarr.Ar
     try:
         ends_arr = root.get(ENDS_KEY)
         data = root.get("data")
-        members = dict(data.arrays()) if isinstance(data, zarr.Group) else None
+        members = dict(sorted(data.arrays())) if isinstance(data, zarr.Group) else None  # store order varies
     except Exception as e:
         raise DatasetError(f"{path}: cannot read zarr metadata ({_one_line(e)})") from e
     if not isinstance(ends_arr, zarr.Array):
