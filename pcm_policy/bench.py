@@ -37,19 +37,13 @@ def parse_base(name: str) -> tuple[str, int]:
     return m.group(1), int(m.group(2))
 
 
-def bench_observations(policy, card: Mapping[str, Any], n: int, seed: int) -> torch.Tensor:
+def bench_observations(ckpt_path, n: int, seed: int) -> torch.Tensor:
     """Observation histories from the policy's own dataset (validation windows first), cycled to n."""
-    import yaml
+    from pcm_policy.checkpoint import resolve_checkpoint
+    from pcm_policy.training import checkpoint_observations
 
-    from pcm_policy.checkpoint import RUN_CONFIG, resolve_checkpoint
-    from pcm_policy.training import Windows, build_dataset
-
-    ckpt = resolve_checkpoint(card["_path"])
-    run_cfg = yaml.safe_load((ckpt / RUN_CONFIG).read_text())
-    run_cfg["dataset"]["path"] = str(resolve_path(run_cfg["dataset"]["path"]))
-    dataset = build_dataset(run_cfg)
-    val = dataset.get_validation_dataset()
-    obs = torch.cat([Windows.from_dataset(val).obs, Windows.from_dataset(dataset).obs])
+    train_obs, val_obs = checkpoint_observations(resolve_checkpoint(ckpt_path))
+    obs = torch.cat([val_obs, train_obs])
     order = torch.randperm(len(obs), generator=torch.Generator().manual_seed(seed))
     return obs[order[torch.arange(n) % len(obs)]]
 
@@ -139,12 +133,11 @@ def run_bench(cfg: Mapping[str, Any]) -> dict[str, Any]:
     print(f"device: {device_name}; torch threads: {threads}")
     ckpt_path = resolve_path(cfg["checkpoint"])
     policy, card = load_policy(ckpt_path, device)
-    card["_path"] = str(ckpt_path)
     out = Path(cfg["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
     period_ms = 1e3 / cfg["control_hz"]
     budget_ms = cfg.get("budget_ms") or period_ms
-    observations = bench_observations(policy, card, cfg["chunks"], cfg["seed"])
+    observations = bench_observations(ckpt_path, cfg["chunks"], cfg["seed"])
     rows, skipped = build_rows(policy, cfg, device)
     for reason in skipped:
         print(f"skipped {reason}")

@@ -1,7 +1,6 @@
 """Process-level set-up shared by every command: device choice, seeding, thread count."""
 from __future__ import annotations
 
-import os
 import random
 
 import numpy as np
@@ -41,7 +40,3 @@ def set_threads(threads: int | None) -> int:
         torch.set_num_threads(int(threads))
     return torch.get_num_threads()
 
-
-def env_threads_default() -> int | None:
-    value = os.environ.get("PCM_THREADS")
-    return int(value) if value else None

@@ -66,6 +66,21 @@ def build_dataset(cfg: Mapping[str, Any]) -> LowDimDataset:
     )
 
 
+def checkpoint_observations(ckpt: Path, dataset_path: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training, validation) observation histories (N, To, Do) of the dataset a checkpoint was trained on."""
+    import yaml
+
+    from pcm_policy.config import resolve_path
+
+    run_cfg_path = Path(ckpt) / ckpt_io.RUN_CONFIG
+    if not run_cfg_path.is_file():
+        raise CheckpointError(f"{ckpt}: no {ckpt_io.RUN_CONFIG}; cannot tell which dataset it was trained on")
+    run_cfg = yaml.safe_load(run_cfg_path.read_text())
+    run_cfg["dataset"]["path"] = str(resolve_path(dataset_path or run_cfg["dataset"]["path"]))
+    dataset = build_dataset(run_cfg)
+    return Windows.from_dataset(dataset).obs, Windows.from_dataset(dataset.get_validation_dataset()).obs
+
+
 def policy_card(cfg: Mapping[str, Any], policy_config: PolicyConfig, kind: str = "base") -> dict[str, Any]:
     task = cfg["task"]
     return {"kind": kind, "task": task["name"], "env_id": task.get("env_id"), "dataset": cfg["dataset"].get("path"),

@@ -232,19 +232,23 @@ def test_collected_episode_round_trip_and_replay(tmp_path, pusht_env):
         np.testing.assert_allclose(info["state"][:4], ep["state"][t, :4], atol=0.05)
 
 
+def _expert_max_coverage(env, expert, seed: int, max_steps: int = 300) -> float:
+    obs, info = env.reset(seed=seed)
+    expert.reset()
+    best = info["coverage"]
+    for _ in range(max_steps):
+        obs, _, term, trunc, info = env.step(expert.act(obs))
+        best = max(best, info["coverage"])
+        if term or trunc:
+            break
+    return best
+
+
 @pytest.mark.sim
 def test_expert_solves_a_short_eval_seed(pusht_env):
     from envs.pusht_expert import PushTExpert
 
-    obs, info = pusht_env.reset(seed=100003)
-    expert = PushTExpert(pusht_env.unwrapped)
-    best = info["coverage"]
-    for _ in range(300):
-        obs, _, term, trunc, info = pusht_env.step(expert.act(obs))
-        best = max(best, info["coverage"])
-        if term or trunc:
-            break
-    assert best >= 0.95
+    assert _expert_max_coverage(pusht_env, PushTExpert(pusht_env.unwrapped), seed=100003) >= 0.95
 
 
 @pytest.mark.sim
@@ -253,15 +257,5 @@ def test_expert_success_rate_on_eval_seeds(pusht_env):
     from envs.pusht_expert import PushTExpert
 
     expert = PushTExpert(pusht_env.unwrapped)
-    covs = []
-    for seed in range(100000, 100010):
-        obs, info = pusht_env.reset(seed=seed)
-        expert.reset()
-        best = info["coverage"]
-        for _ in range(300):
-            obs, _, term, trunc, info = pusht_env.step(expert.act(obs))
-            best = max(best, info["coverage"])
-            if term or trunc:
-                break
-        covs.append(best)
+    covs = [_expert_max_coverage(pusht_env, expert, seed) for seed in range(100000, 100010)]
     assert np.mean(np.asarray(covs) >= 0.95) >= 0.7

@@ -36,24 +36,12 @@ from pcm_policy.sampling.schedule import StepCoefficients
 
 
 # ---- observations ----------------------------------------------------------------------------------------
-def observation_sets(policy, base_ckpt: Path, cfg: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+def observation_sets(base_ckpt: Path, cfg: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """(training observations, held-out observations), each (N, To, Do), from the base policy's dataset."""
-    import yaml
+    from pcm_policy.training import checkpoint_observations
 
-    from pcm_policy.config import resolve_path
-    from pcm_policy.training import Windows, build_dataset
-
-    run_cfg_path = base_ckpt / ckpt_io.RUN_CONFIG
-    if not run_cfg_path.is_file():
-        raise CheckpointError(f"{base_ckpt}: no {ckpt_io.RUN_CONFIG}; cannot tell which dataset the base was trained on")
-    run_cfg = yaml.safe_load(run_cfg_path.read_text())
-    if cfg.get("dataset_path"):
-        run_cfg["dataset"]["path"] = cfg["dataset_path"]
-    run_cfg["dataset"]["path"] = str(resolve_path(run_cfg["dataset"]["path"]))
-    dataset = build_dataset(run_cfg)
-    train_obs = Windows.from_dataset(dataset).obs
-    val = dataset.get_validation_dataset()
-    held_out = Windows.from_dataset(val).obs if len(val) else train_obs[-cfg["eval_observations"]:]
+    train_obs, val_obs = checkpoint_observations(base_ckpt, cfg.get("dataset_path"))
+    held_out = val_obs if len(val_obs) else train_obs[-cfg["eval_observations"]:]
     g = torch.Generator().manual_seed(cfg["seed"])
     pick = torch.randperm(len(train_obs), generator=g)[: cfg["trajectories"]]
     pick_eval = torch.randperm(len(held_out), generator=g)[: cfg["eval_observations"]]
@@ -182,7 +170,7 @@ def train_pcm(cfg: Mapping[str, Any]) -> dict[str, Any]:
     sampler = SamplerConfig(name="picard", scheduler=cfg["scheduler"], steps=cfg["steps"])
     t0 = time.perf_counter()
 
-    train_obs, eval_obs = observation_sets(policy, base_ckpt, cfg)
+    train_obs, eval_obs = observation_sets(base_ckpt, cfg)
     trajectories = TrajectorySet(collect(policy, sampler, train_obs, out, cfg, fingerprint))
     collect_s = time.perf_counter() - t0
     alpha = trajectories.alpha().to(device)
