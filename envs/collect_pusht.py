@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from envs import pusht_geometry as geo
-from pcm_policy.errors import PcmError
+from pcm_policy.errors import ConfigError, PcmError
 
 
 def _run_episode(env, expert, seed: int, max_steps: int, images: bool):
@@ -46,24 +46,42 @@ def _run_episode(env, expert, seed: int, max_steps: int, images: bool):
 
 
 def collect_pusht(output_path, episodes: int, seed: int = 0, keep_failed: bool = False, images: bool = False,
-                  progress: bool = True, max_steps: int = 300, max_attempts: int | None = None) -> dict:
+                  progress: bool = True, max_steps: int = 300, max_attempts: int | None = None,
+                  overwrite: bool = False) -> dict:
     """Run the expert on reset seeds seed, seed+1, ... and save the episodes to `output_path` (zarr v2).
 
     Records `episodes` successful episodes (failures are skipped), or, with `keep_failed`, the first
     `episodes` attempts whatever their outcome. Writes atomically via ReplayBuffer.save (a `.zip` suffix
     gives a zip store). Returns statistics (attempts, successes, success rate, lengths, wall time, seeds).
+
+    Crash-safe and resumable (envs.collect_resume): every finished attempt is kept in `<output>.partial/`
+    until the dataset is written, so re-running after a kill continues at the next seed and writes the same
+    dataset as an uninterrupted run. An existing complete output of `episodes` episodes is left as it is
+    (stats with `already_complete`) unless `overwrite`.
     """
     os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
     import gymnasium as gym
 
     import envs  # noqa: F401  (registers pcm/PushT-v0)
+    from envs.collect_resume import EpisodeStore, check_existing_output
     from envs.pusht_expert import PushTExpert
     from pcm_policy.data.replay_buffer import ReplayBuffer
 
-    if episodes < 1:
-        raise PcmError(f"episodes must be >= 1, got {episodes}")
+    for key, value, low in (("episodes", episodes, 1), ("seed", seed, 0), ("max_steps", max_steps, 1)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+            raise ConfigError(f"{key}={value!r}: expected an integer >= {low}")
     if max_attempts is None:
         max_attempts = episodes if keep_failed else 3 * episodes + 20
+    existing = check_existing_output(output_path, episodes, overwrite)
+    if existing is not None:
+        return existing
+    store = EpisodeStore(output_path, {"task": "pusht", "seed": seed, "keep_failed": keep_failed, "images": images,
+                                       "max_steps": max_steps, "format": 1})
+    finished = store.open()
+    resumed = 0  # kept episodes already recorded by an interrupted run
+    for s in finished:
+        if resumed < episodes:
+            resumed += int(store.info(s)["kept"])
     env = gym.make(envs.PUSHT_ID, max_episode_steps=max_steps)
     expert = PushTExpert(env.unwrapped)
     buffer = ReplayBuffer()
@@ -73,7 +91,9 @@ def collect_pusht(output_path, episodes: int, seed: int = 0, keep_failed: bool =
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=episodes, desc="pusht demos", unit="ep")
+        bar = tqdm(total=episodes, initial=resumed, desc="pusht demos", unit="ep")
+        if finished:
+            bar.write(f"resuming: {resumed} episodes ({len(finished)} attempts) already recorded in {store.dir}")
     t0 = time.perf_counter()
     try:
         while buffer.n_episodes < episodes:
@@ -82,7 +102,16 @@ def collect_pusht(output_path, episodes: int, seed: int = 0, keep_failed: bool =
                     f"pusht collection: only {buffer.n_episodes} of {episodes} episodes succeeded after "
                     f"{attempts} attempts (seeds {seed}..{seed + attempts - 1})")
             ep_seed = seed + attempts
-            episode, success, max_cov = _run_episode(env, expert, ep_seed, max_steps, images)
+            if store.has(ep_seed):
+                info, episode = store.load(ep_seed)
+                success, max_cov = info["success"], info["max_coverage"]
+                fresh = False
+            else:
+                episode, success, max_cov = _run_episode(env, expert, ep_seed, max_steps, images)
+                kept = bool(success or keep_failed)
+                store.save(ep_seed, {"success": bool(success), "max_coverage": float(max_cov), "kept": kept},
+                           episode if kept else None)
+                fresh = True
             attempts += 1
             successes += int(success)
             max_covs.append(max_cov)
@@ -92,10 +121,12 @@ def collect_pusht(output_path, episodes: int, seed: int = 0, keep_failed: bool =
                 buffer.add_episode(episode)
                 lengths.append(len(episode["action"]))
                 kept_seeds.append(ep_seed)
-            if bar is not None:
-                bar.set_postfix(attempts=attempts, success=f"{successes / attempts:.0%}", refresh=False)
+            if bar is not None and fresh:
+                bar.set_postfix(attempts=attempts, success=f"{successes / attempts:.0%}", resumed=resumed,
+                                refresh=False)
                 bar.update(int(success or keep_failed))
         buffer.save(output_path)
+        store.finish()
     finally:
         if bar is not None:
             bar.close()
@@ -116,4 +147,5 @@ def collect_pusht(output_path, episodes: int, seed: int = 0, keep_failed: bool =
         "wall_time_s": wall,
         "seeds": kept_seeds,
         "failed_seeds": failed_seeds,
+        "resumed_episodes": resumed,
     }

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pcm_policy.errors import PcmError
+from pcm_policy.errors import ConfigError, PcmError
 
 # recorded observation keys: the four low-dim policy inputs plus cheap robot proprioception
 RECORD_OBS_KEYS = (
@@ -99,30 +99,49 @@ def collect_robomimic(
     max_attempts: int | None = None,
     env_args: dict | None = None,
     obs_keys=RECORD_OBS_KEYS,
+    overwrite: bool = False,
 ) -> dict:
     """Run the scripted expert until ``episodes`` demos are kept; write them to ``output_path``; return stats.
 
     Seeds ``seed, seed+1, ...`` are tried in order (at most ``max_attempts``, default ``3 * episodes + 10``).
     With ``keep_failed`` every episode is kept (so ``episodes`` is the number of attempts).
+    Crash-safe and resumable like :func:`envs.collect_pusht.collect_pusht` (finished attempts are kept in
+    ``<output>.partial/`` until the file is written); an existing complete output is left alone unless
+    ``overwrite``.
     """
+    from envs.collect_resume import EpisodeStore, check_existing_output
     from envs.robomimic_env import RobomimicLowDimEnv
     from envs.robomimic_expert import make_expert
     from pcm_policy.data.robomimic import write_robomimic_hdf5
 
-    if episodes < 1:
-        raise PcmError(f"episodes must be >= 1, got {episodes}")
+    for key, value, low in (("episodes", episodes, 1), ("seed", seed, 0), ("max_steps", max_steps, 1)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+            raise ConfigError(f"{key}={value!r}: expected an integer >= {low}")
     max_attempts = max_attempts if max_attempts is not None else 3 * episodes + 10
+    existing = check_existing_output(output_path, episodes, overwrite)
+    if existing is not None:
+        return {"task": task, **existing}
     env = RobomimicLowDimEnv(task, env_args=env_args)
-    expert = make_expert(env.task)
-    demos, kept_seeds, failed_seeds = [], [], []
-    n_steps, attempts = 0, 0
-    t0 = time.perf_counter()
     bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=episodes, desc=f"collect {env.task}", unit="demo")
     try:
+        store = EpisodeStore(output_path, {"task": env.task, "seed": seed, "keep_failed": keep_failed,
+                                           "max_steps": max_steps, "post_success_steps": post_success_steps,
+                                           "obs_keys": list(obs_keys), "env_args": env.env_args, "format": 1})
+        finished = store.open()
+        resumed = 0
+        for s in finished:
+            if resumed < episodes:
+                resumed += int(store.info(s)["kept"])
+        expert = make_expert(env.task)
+        demos, kept_seeds, failed_seeds = [], [], []
+        n_steps, attempts = 0, 0
+        t0 = time.perf_counter()
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=episodes, initial=resumed, desc=f"collect {env.task}", unit="demo")
+            if finished:
+                bar.write(f"resuming: {resumed} demos ({len(finished)} attempts) already recorded in {store.dir}")
         while len(demos) < episodes:
             if attempts >= max_attempts:
                 raise PcmError(
@@ -131,31 +150,40 @@ def collect_robomimic(
                 )
             s = seed + attempts
             attempts += 1
-            demo, ok = _record_episode(env, expert, s, max_steps, post_success_steps, obs_keys)
-            n_steps += len(demo["actions"])
+            if store.has(s):
+                info, demo = store.load(s)
+                ok, length, fresh = info["success"], info["length"], False
+            else:
+                demo, ok = _record_episode(env, expert, s, max_steps, post_success_steps, obs_keys)
+                length, fresh = len(demo["actions"]), True
+                store.save(s, {"success": bool(ok), "length": length, "kept": bool(ok or keep_failed)},
+                           demo if ok or keep_failed else None)
+            n_steps += length
             if not ok:
                 failed_seeds.append(s)
             if ok or keep_failed:
                 demos.append(demo)
                 kept_seeds.append(s)
-                if bar is not None:
+                if bar is not None and fresh:
                     bar.update(1)
-            if bar is not None:
-                bar.set_postfix(success=f"{attempts - len(failed_seeds)}/{attempts}")
+            if bar is not None and fresh:
+                bar.set_postfix(success=f"{attempts - len(failed_seeds)}/{attempts}", resumed=resumed)
+        env_args_used = env.env_args
     finally:
         if bar is not None:
             bar.close()
-        env_args_used = env.env_args
         env.close()
     names = [f"demo_{i}" for i in range(len(demos))]
     masks = split_train_valid(names, seed)
     write_robomimic_hdf5(output_path, demos, env_args_used, masks=masks)
+    store.finish()
     wall = time.perf_counter() - t0
     lengths = [len(d["actions"]) for d in demos]
     stats = {
         "task": env.task,
         "output_path": str(output_path),
         "demos": len(demos),
+        "episodes": len(demos),
         "attempts": attempts,
         "successes": attempts - len(failed_seeds),
         "success_rate": (attempts - len(failed_seeds)) / attempts,
@@ -167,6 +195,7 @@ def collect_robomimic(
         "total_steps": int(sum(lengths)),
         "mean_length": float(np.mean(lengths)),
         "env_steps": n_steps,
+        "resumed_episodes": resumed,
         "wall_s": wall,
         "steps_per_s": n_steps / max(wall, 1e-9),
     }
@@ -181,10 +210,11 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep-failed", action="store_true")
     p.add_argument("--max-steps", type=int, default=400)
+    p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
     stats = collect_robomimic(a.task, a.output, a.episodes, seed=a.seed, keep_failed=a.keep_failed,
-                              max_steps=a.max_steps)
-    stats.pop("kept_seeds")
+                              max_steps=a.max_steps, overwrite=a.overwrite)
+    stats.pop("kept_seeds", None)
     print(json.dumps(stats, indent=1))
 
 

@@ -51,15 +51,19 @@ def atomic_path(final: str | os.PathLike, *, overwrite: bool = True) -> Iterator
     if final.exists() and not overwrite:
         _remove(tmp)
         raise FileExistsError(final)
-    if final.is_dir() and not final.is_symlink():
-        # os.replace cannot replace a non-empty directory: move the old one aside first.
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        _remove(old)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        _remove(old)
-    else:
-        os.replace(tmp, final)
+    try:
+        if (final.is_dir() and not final.is_symlink()) or (tmp.is_dir() and final.exists()):
+            # os.replace cannot replace a non-empty directory, nor a file by a directory: move the old one aside.
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            _remove(old)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            _remove(old)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        _remove(tmp)
+        raise
     _fsync_dir(final.parent)
 
 

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from pcm_policy.atomic import atomic_write_text
 from pcm_policy.checkpoint import load_policy
 from pcm_policy.config import resolve_path
+from pcm_policy.errors import ConfigError
 from pcm_policy.pcm.attach import load_pcm, pcm_denoiser
 from pcm_policy.runtime import resolve_device
 from pcm_policy.sampler_config import SamplerConfig, run_sampler
@@ -28,8 +29,6 @@ from pcm_policy.sampler_config import SamplerConfig, run_sampler
 def parse_base(name: str) -> tuple[str, int]:
     """`ddpm100` -> ("ddpm", 100), `ddim10` -> ("ddim", 10)."""
     import re
-
-    from pcm_policy.errors import ConfigError
 
     m = re.fullmatch(r"(ddpm|ddim)(\d+)", str(name))
     if not m or int(m.group(2)) < 1:
@@ -131,14 +130,20 @@ def run_bench(cfg: Mapping[str, Any]) -> dict[str, Any]:
     threads = torch.get_num_threads()
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({threads} intra-op threads)"
     print(f"device: {device_name}; torch threads: {threads}")
+    if not cfg.get("checkpoint"):
+        raise ConfigError("checkpoint: no base checkpoint given (checkpoint=<run or checkpoint dir>)")
+    for key, low in (("chunks", 1), ("warmup", 0), ("seed", 0), ("episodes", 0)):
+        value = cfg.get(key, low)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ConfigError(f"{key}={value!r}: expected an integer >= {low}")
     ckpt_path = resolve_path(cfg["checkpoint"])
-    policy, card = load_policy(ckpt_path, device)
+    policy, card = load_policy(ckpt_path, device, expect_task=cfg["task"]["name"])
     out = Path(cfg["output_dir"])
-    out.mkdir(parents=True, exist_ok=True)
     period_ms = 1e3 / cfg["control_hz"]
     budget_ms = cfg.get("budget_ms") or period_ms
     observations = bench_observations(ckpt_path, cfg["chunks"], cfg["seed"])
     rows, skipped = build_rows(policy, cfg, device)
+    out.mkdir(parents=True, exist_ok=True)  # only once the inputs have loaded: bad input leaves no output
     for reason in skipped:
         print(f"skipped {reason}")
     if device.type == "cuda":

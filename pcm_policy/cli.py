@@ -37,9 +37,10 @@ def _cmd_data_info(args: argparse.Namespace) -> int:
 
 def _compose(command: str, overrides: Sequence[str]) -> dict:
     from pcm_policy.config import compose, resolve_path
-    from pcm_policy.runtime import set_threads
+    from pcm_policy.runtime import set_deterministic, set_threads
 
     cfg = compose(command, overrides)
+    set_deterministic(cfg.get("deterministic") or os.environ.get("PCM_DETERMINISTIC"))
     if cfg.get("dataset", {}).get("path"):
         cfg["dataset"]["path"] = str(resolve_path(cfg["dataset"]["path"]))
     for key in ("checkpoint", "base"):  # shipped checkpoints resolve from the repository root too
@@ -53,6 +54,8 @@ def _cmd_train(cfg: dict) -> int:
     from pcm_policy.training import train
 
     metrics = train(cfg)
+    if "checkpoint" not in metrics:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     print(f"checkpoint: {metrics['checkpoint']}")
     print(f"metrics: {os.path.join(cfg['output_dir'], 'metrics.json')}")
     return 0
@@ -71,23 +74,32 @@ def _cmd_eval(cfg: dict) -> int:
 
 
 def _cmd_collect(cfg: dict) -> int:
+    from pcm_policy.errors import ConfigError
+
     task = cfg["task"]["name"]
+    if task not in ("pusht", "lift", "can"):
+        raise ConfigError(f"task={task!r}: pcm collect has scripted demonstrators for pusht, lift and can only")
     suffix = ".zarr" if cfg["dataset"]["kind"] == "pusht_zarr" else ".hdf5"
     path = os.path.join(cfg["output_dir"], cfg.get("output_name") or f"{task}_expert{suffix}")
+    common = dict(seed=cfg["seed"], keep_failed=cfg["keep_failed"], max_steps=cfg["task"]["max_steps"],
+                  overwrite=bool(cfg.get("overwrite")))
     if task == "pusht":
         from envs.collect_pusht import collect_pusht
 
-        stats = collect_pusht(path, cfg["episodes"], seed=cfg["seed"], keep_failed=cfg["keep_failed"],
-                              images=cfg["images"], max_steps=cfg["task"]["max_steps"])
+        stats = collect_pusht(path, cfg["episodes"], images=cfg["images"], **common)
     else:
         from envs.collect_robomimic import collect_robomimic
 
-        stats = collect_robomimic({"lift": "Lift", "can": "PickPlaceCan"}[task], path, cfg["episodes"],
-                                  seed=cfg["seed"], keep_failed=cfg["keep_failed"], max_steps=cfg["task"]["max_steps"])
+        stats = collect_robomimic({"lift": "Lift", "can": "PickPlaceCan"}[task], path, cfg["episodes"], **common)
     from pcm_policy.atomic import atomic_write_text
 
-    atomic_write_text(os.path.join(cfg["output_dir"], "metrics.json"),
-                      json.dumps({"command": "collect", "task": task, "path": path, **stats}, indent=2, default=str))
+    metrics = os.path.join(cfg["output_dir"], "metrics.json")
+    if stats.get("already_complete"):
+        print(f"{path}: already complete ({stats['episodes']} episodes, {stats['steps']} steps); "
+              "nothing to do (overwrite=true collects it again)")
+    if not stats.get("already_complete") or not os.path.exists(metrics):  # (killed before writing the metrics)
+        atomic_write_text(metrics, json.dumps({"command": "collect", "task": task, "path": path, **stats},
+                                              indent=2, default=str))
     print(f"dataset: {path}")
     return 0
 
@@ -96,6 +108,8 @@ def _cmd_train_pcm(cfg: dict) -> int:
     from pcm_policy.pcm.training import train_pcm
 
     m = train_pcm(cfg)
+    if "checkpoint" not in m:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     for name in ("picard", "pcm", "pcm_lora"):
         if name in m["after"]:
             b, a = m["before"][name], m["after"][name]
@@ -177,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "  checkpoint=DIR  policy=checkpoint|expert  sampler=sequential|ddim|picard|pcm|pcm_lora\n"
                       "  task=pusht|lift|can  episodes=50  n_envs=10  vector=sync|async  videos=2  output_dir=DIR")
     overrides_command("collect", _cmd_collect, "Record scripted-expert demonstrations in the real dataset formats.",
-                      "  task=pusht|lift|can  episodes=N  seed=0  keep_failed=false  images=false  output_dir=DIR")
+                      "  task=pusht|lift|can  episodes=N  seed=0  keep_failed=false  images=false  overwrite=false  output_dir=DIR\n"
+                      "  (re-running after an interruption resumes at the next episode)")
     overrides_command("train-pcm", _cmd_train_pcm, "Picard Consistency Training: fit a PCM (LoRA or full) to a base policy.",
                       "  base=CKPT  mode=lora|full  lora_rank=16  trajectories=128  epochs=50  batch_size=8\n"
                       "  eval_tol=0.1  stiffness=null  device=auto  output_dir=DIR")

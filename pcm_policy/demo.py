@@ -17,6 +17,9 @@ import numpy as np
 
 from pcm_policy.atomic import atomic_write_text
 from pcm_policy.config import compose, resolve_path
+from pcm_policy.errors import CheckpointError, ConfigError
+
+SHIPPED_BASE = "data/pusht/base"  # configs/demo.yaml's default: when it is absent, a quick stand-in is trained
 
 
 def _quick_checkpoints(cfg: Mapping[str, Any], out: Path) -> tuple[str, dict[str, str]]:
@@ -46,19 +49,28 @@ def run_demo(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     out = Path(cfg["output_dir"])
-    out.mkdir(parents=True, exist_ok=True)
     task = cfg["task"]
+    device = resolve_device(cfg.get("device"))
+    for key, low in (("episodes", 1), ("chunks", 1), ("ddpm100_chunks", 1), ("seed", 0), ("seed_start", 0)):
+        value = cfg.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ConfigError(f"{key}={value!r}: expected an integer >= {low}")
+    if not cfg.get("checkpoint"):
+        raise ConfigError("checkpoint: no base checkpoint given (checkpoint=<run or checkpoint dir>)")
     checkpoint = resolve_path(cfg["checkpoint"])
     pcms = {k: str(resolve_path(v)) for k, v in (cfg.get("pcm_lora") or {}).items() if v}
     if not checkpoint.exists():
+        if Path(cfg["checkpoint"]) != Path(SHIPPED_BASE):  # a path the user named: a typo, not a fresh clone
+            raise CheckpointError(f"{cfg['checkpoint']}: checkpoint not found")
+        out.mkdir(parents=True, exist_ok=True)
         checkpoint, pcms = _quick_checkpoints(cfg, out)
-    device = resolve_device(cfg.get("device"))
 
     # 1-2: closed loop under the controller, PCM-LoRA with weight-space switching.
     policy, _ = load_policy(checkpoint, device, expect_task=task["name"])
     sampler = SamplerConfig.from_mapping(cfg["sampler"])
     base_name = f"{sampler.scheduler}{sampler.steps}"
     maybe_attach_pcm(policy, sampler, pcms.get(base_name), device)
+    out.mkdir(parents=True, exist_ok=True)  # only once the inputs have loaded: bad input leaves no output
     ctrl = Controller(policy, sampler, ControllerConfig(control_hz=task["control_hz"]), seed=cfg["seed"])
     episodes, chunks, video = [], [], None
     from tqdm.auto import tqdm

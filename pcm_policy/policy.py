@@ -95,15 +95,29 @@ class DiffusionPolicy(nn.Module):
         nobs = self.normalizer.normalize("obs", obs[:, :To])
         return nobs.reshape(obs.shape[0], -1)
 
-    def compute_loss(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
-        """Diffusion Policy's objective: predict the noise (or the sample) added to a normalized action chunk."""
+    def loss_noise(self, shape, generator: torch.Generator | None = None, device=None):
+        """The noise (shape of the action batch) and one timestep per row that `compute_loss` trains on."""
+        noise = torch.randn(shape, device=device, generator=generator)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (shape[0],), device=device,
+                                  generator=generator)
+        return noise, timesteps
+
+    def compute_loss(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None,
+                     noise: tuple[torch.Tensor, torch.Tensor] | None = None, model: nn.Module | None = None
+                     ) -> torch.Tensor:
+        """Diffusion Policy's objective: predict the noise (or the sample) added to a normalized action chunk.
+
+        `noise` = (noise, timesteps) given instead of drawn from `generator` (distributed training draws them for
+        the global batch and hands each rank its rows); `model` is the network to call (a DDP wrapper of
+        self.model), by default self.model.
+        """
         cond = self.global_cond(batch["obs"])
         trajectory = self.normalizer.normalize("action", batch["action"])
-        noise = torch.randn(trajectory.shape, device=trajectory.device, generator=generator)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (trajectory.shape[0],),
-                                  device=trajectory.device, generator=generator)
+        if noise is None:
+            noise = self.loss_noise(trajectory.shape, generator, trajectory.device)
+        noise, timesteps = noise
         noisy = self.noise_scheduler.add_noise(trajectory, noise, timesteps)
-        pred = self.model(noisy, timesteps, cond)
+        pred = (self.model if model is None else model)(noisy, timesteps, cond)
         target = {"epsilon": noise, "sample": trajectory}.get(self.noise_scheduler.config.prediction_type)
         if target is None:
             raise PcmError(f"policy.noise_scheduler.prediction_type={self.noise_scheduler.config.prediction_type!r} "

@@ -1,6 +1,14 @@
-"""Process-level set-up shared by every command: device choice, seeding, thread count."""
+"""Process-level set-up shared by every command: device choice, seeding, thread count, deterministic kernels.
+
+Determinism: on a CPU the same seed and config give identical training losses. On CUDA, cuDNN/cuBLAS kernels
+that use atomics (and cuDNN autotuning) make results reproducible only to a tolerance, unless
+`set_deterministic(True)` (`deterministic=true`, or PCM_DETERMINISTIC=1) is in force: it sets
+CUBLAS_WORKSPACE_CONFIG=:4096:8, torch.use_deterministic_algorithms(True) and disables cuDNN benchmarking,
+at some cost in speed. It must run before the first CUDA operation of the process (the CLI does it first).
+"""
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -40,3 +48,21 @@ def set_threads(threads: int | None) -> int:
         torch.set_num_threads(int(threads))
     return torch.get_num_threads()
 
+
+
+def set_deterministic(enabled) -> bool:
+    """Deterministic GPU kernels when `enabled` (a bool, or a string such as "1"/"true"); returns the flag in force.
+
+    CPU results do not depend on it. An op without a deterministic CUDA implementation then raises a
+    RuntimeError naming it instead of silently varying.
+    """
+    if isinstance(enabled, str):
+        enabled = enabled.strip().lower() in ("1", "true", "yes", "on")
+    if not enabled:
+        return False
+    # cuBLAS reads this when its handle is created (the first CUDA matmul): set before any CUDA work.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    return True

@@ -3,9 +3,14 @@
 Batches are drawn by a deterministic schedule (a seeded permutation per epoch), so a resumed run sees exactly
 the batches the uninterrupted run would have seen. Checkpoints are atomic directories; re-running the same
 command resumes from the latest one.
+
+Under torchrun (`torchrun --nproc_per_node=N -m pcm_policy.cli train ...`) the model is wrapped in
+DistributedDataParallel and each process trains on its share of the same global batch (see
+pcm_policy.distributed); rank 0 alone writes checkpoints, logs, plots and metrics.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -20,6 +25,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from pcm_policy import checkpoint as ckpt_io
+from pcm_policy import distributed
 from pcm_policy.atomic import atomic_write_text
 from pcm_policy.data.lowdim_dataset import LowDimDataset
 from pcm_policy.errors import CheckpointError, ConfigError
@@ -92,9 +98,17 @@ class _StopRequested(Exception):
 
 
 def train(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Train and return the run's metrics (on ranks other than 0 of a torchrun job: {"rank": r})."""
+    device = resolve_device(cfg.get("device"))
+    distributed.require_divisible(cfg["train"]["batch_size"], "train.batch_size")
+    with distributed.session(device) as ctx:
+        return _train(cfg, ctx)
+
+
+def _train(cfg: Mapping[str, Any], ctx: distributed.Dist) -> dict[str, Any]:
     tcfg = cfg["train"]
     out = Path(cfg["output_dir"])
-    device = resolve_device(cfg.get("device"))
+    device = ctx.device  # cuda:LOCAL_RANK under torchrun on CUDA
     seed_everything(cfg["seed"])
 
     dataset = build_dataset(cfg)
@@ -104,6 +118,7 @@ def train(cfg: Mapping[str, Any]) -> dict[str, Any]:
     policy_config = PolicyConfig.from_mapping(cfg["policy"], obs_dim=dataset.obs_dim, action_dim=dataset.action_dim)
     policy = DiffusionPolicy(policy_config, dataset.get_normalizer(cfg["dataset"].get("normalizer", "limits"))).to(device)
     card = policy_card(cfg, policy_config)
+    model = ctx.wrap(policy.model)  # DDP (or the network itself): the forward pass whose gradients are averaged
 
     steps = int(tcfg["steps"])
     optimizer = torch.optim.AdamW(policy.model.parameters(), lr=tcfg["lr"], betas=tuple(tcfg["betas"]),
@@ -117,9 +132,12 @@ def train(cfg: Mapping[str, Any]) -> dict[str, Any]:
     latest = ckpt_io.latest_checkpoint(out)
     if latest is not None:
         start_step = _resume(latest, cfg, card, policy, optimizer, lr_schedule, ema)
+        if ctx.is_main:
+            print(f"resuming from {latest} (step {start_step})")
 
     log_path = out / "log.jsonl"
-    out.mkdir(parents=True, exist_ok=True)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     history: list[dict[str, Any]] = []
     stop = {"flag": False}
 
@@ -129,33 +147,40 @@ def train(cfg: Mapping[str, Any]) -> dict[str, Any]:
     previous_handler = signal.signal(signal.SIGINT, request_stop)
     t0 = time.perf_counter()
     step = start_step
-    bar = tqdm(total=steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True, disable=not ctx.is_main)
     try:
         policy.train()
-        with open(log_path, "a") as log:
+        with open(log_path, "a") if ctx.is_main else contextlib.nullcontext() as log:
             while step < steps:
                 idx = batch_indices(len(train_windows), tcfg["batch_size"], cfg["seed"], step)
-                batch = {"obs": train_windows.obs[idx].to(device), "action": train_windows.action[idx].to(device)}
+                # Every rank draws the noise of the whole global batch and keeps its own rows, so each row is
+                # trained on exactly the noise and timestep it gets in a single process.
                 gen = torch.Generator(device=device).manual_seed(cfg["seed"] * 7919 + step)
-                loss = policy.compute_loss(batch, generator=gen)
+                noise, timesteps = policy.loss_noise((len(idx), *train_windows.action.shape[1:]), gen, device)
+                rows = ctx.shard(len(idx))
+                batch = {"obs": train_windows.obs[idx[rows]].to(device),
+                         "action": train_windows.action[idx[rows]].to(device)}
+                loss = policy.compute_loss(batch, noise=(noise[rows], timesteps[rows]), model=model)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 lr_schedule.step()
                 ema.step(policy.model.parameters())
                 step += 1
-                loss_value = float(loss.detach())
+                # The whole batch's loss, and whether any rank got SIGINT, so all ranks stop at the same step.
+                loss_value, stop_any = ctx.mean([float(loss.detach()), float(stop["flag"])])
+                stop["flag"] = stop_any > 0
                 if not math.isfinite(loss_value):
                     raise ConfigError(f"train: loss became {loss_value} at step {step} (lower train.lr?)")
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}")
-                if step % tcfg["log_every"] == 0 or step == steps:
+                if ctx.is_main and (step % tcfg["log_every"] == 0 or step == steps):
                     record = {"step": step, "loss": loss_value, "lr": lr_schedule.get_last_lr()[0],
                               "wall_s": round(time.perf_counter() - t0, 3)}
                     history.append(record)
                     log.write(json.dumps(record) + "\n")
                     log.flush()
-                if step % tcfg["checkpoint_every"] == 0 or step == steps or stop["flag"]:
+                if ctx.is_main and (step % tcfg["checkpoint_every"] == 0 or step == steps or stop["flag"]):
                     val = _val_loss(policy, ema, val_windows, cfg["seed"], device)
                     if val is not None:
                         log.write(json.dumps({"step": step, "val_loss": val}) + "\n")
@@ -165,18 +190,22 @@ def train(cfg: Mapping[str, Any]) -> dict[str, Any]:
                     raise _StopRequested
     except _StopRequested:
         bar.close()
-        print(f"interrupted: checkpoint saved at step {step} in {out / 'checkpoints'}; re-run to resume")
+        if ctx.is_main:
+            print(f"interrupted: checkpoint saved at step {step} in {out / 'checkpoints'}; re-run to resume")
         raise SystemExit(130)
     finally:
         bar.close()
         signal.signal(signal.SIGINT, previous_handler)
 
+    if not ctx.is_main:
+        return {"rank": ctx.rank}
     final = ckpt_io.latest_checkpoint(out)
     metrics = {"command": "train", "task": card["task"], "steps": steps, "resumed_from": start_step,
                "final_loss": history[-1]["loss"] if history else None,
                "val_loss": _val_loss(policy, ema, val_windows, cfg["seed"], device),
                "train_windows": len(train_windows), "episodes": dataset.n_episodes,
-               "wall_s": round(time.perf_counter() - t0, 2), "checkpoint": str(final), "device": str(device)}
+               "wall_s": round(time.perf_counter() - t0, 2), "checkpoint": str(final), "device": str(device),
+               "processes": ctx.world_size}
     _plot_loss(out, log_path)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
@@ -234,7 +263,6 @@ def _resume(latest: Path, cfg, card, policy, optimizer, lr_schedule, ema) -> int
     # The saved normalizer wins over the one just fitted; then the online (non-EMA) weights continue training.
     policy.load_weights(ckpt_io.read_weights(latest / ckpt_io.POLICY_WEIGHTS), source=str(latest))
     policy.model.load_state_dict(state["model"])
-    print(f"resuming from {latest} (step {state['step']})")
     return int(state["step"])
 
 

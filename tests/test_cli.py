@@ -72,3 +72,25 @@ def test_eval_and_pcm_need_checkpoints(tmp_path):
     assert_one_line_error(pcm("eval", f"output_dir={tmp_path / 'e'}"), "checkpoint")
     assert_one_line_error(pcm("eval", f"checkpoint={tmp_path / 'nothing'}", f"output_dir={tmp_path / 'e'}"), "nothing")
     assert_one_line_error(pcm("train-pcm", f"output_dir={tmp_path / 'p'}"), "base")
+
+
+def test_deterministic_flag(tmp_path):
+    """deterministic=true sets up deterministic CUDA kernels; on a CPU it runs and changes nothing."""
+    code = ("import os, torch; from pcm_policy.runtime import set_deterministic; assert set_deterministic('1'); "
+            "print(os.environ['CUBLAS_WORKSPACE_CONFIG'], torch.are_deterministic_algorithms_enabled(), "
+            "torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == [":4096:8", "True", "False", "True"], out.stderr
+
+    data = write_pusht_zarr(tmp_path / "d.zarr", lengths=[30, 40, 25, 35, 28])
+    losses = []
+    for flag in ("false", "true"):
+        run = tmp_path / flag
+        result = pcm("train", f"dataset.path={data}", f"output_dir={run}", "device=cpu", f"deterministic={flag}",
+                     "train.steps=3", "train.checkpoint_every=3", "train.batch_size=8", "train.log_every=1",
+                     "train.warmup_steps=0", "policy.down_dims=[16,32]", "policy.diffusion_step_embed_dim=32",
+                     "policy.n_groups=4", "threads=1")
+        assert result.returncode == 0, result.stderr[-2000:]
+        losses.append([json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()
+                       if '"loss"' in line])
+    assert losses[0] == losses[1] and len(losses[0]) == 3

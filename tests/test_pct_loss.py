@@ -90,8 +90,16 @@ def test_pct_loss_gradients_and_weighting():
     # alpha semantics: tensor indexed by k == explicit per-sample weights == callable
     l2 = pct_loss(pcm, coeffs, Xk, k, xstar, nt, cond, lambda kk: alpha[kk])
     torch.testing.assert_close(l2, loss.detach())
-    # unweighted loss at the fixed point with the base weights is ~0 (X* is base's fixed point)
-    l0 = pct_loss(base, coeffs, xstar, 0, xstar, nt, cond)
+    # the loss takes the PCM step through the UNCLIPPED map: it equals the explicit unclipped Picard step,
+    # and differs from the clipped one where clipping is active (the toy's x0 predictions leave [-1, 1])
+    l_unclipped = (picard_step(pcm, coeffs.unclipped(), Xk, nt, cond) - xstar).pow(2).transpose(0, 1).reshape(3, -1).mean(1)
+    torch.testing.assert_close(pct_loss(pcm, coeffs, Xk, k, xstar, nt, cond), l_unclipped.mean().detach())
+    assert coeffs.clip_range is not None and coeffs.unclipped().clip_range is None
+    # unweighted loss at the fixed point with the base weights is ~0 (X* is base's fixed point) where nothing clips
+    sch_nc, *_ = setup("ddpm", 12, B=3, clip=False)
+    _, xstar_nc = collect_picard_trajectory(base, sch_nc, x_T, noise, cond, tol=1e-8)
+    coeffs_nc = StepCoefficients.from_scheduler(sch_nc, x_T.device, x_T.dtype)
+    l0 = pct_loss(base, coeffs_nc, xstar_nc, 0, xstar_nc, coeffs_nc.noise_terms(noise), cond)
     assert l0.item() < 1e-10
     # a few optimisation steps reduce the loss
     opt = torch.optim.Adam(pcm.parameters(), lr=1e-2)

@@ -1,6 +1,7 @@
 """Picard Consistency Training loss: ``alpha(k) * || Phi(X^k; theta_pcm) - X* ||^2``.
 
-Phi is one full-window Picard map taken with the PCM (``pcm_policy.sampling.picard_step``); X^k and X* are
+Phi is one full-window Picard map taken with the PCM (``pcm_policy.sampling.picard_step``) through the PCM's
+unclipped step (``StepCoefficients.unclipped``, the map model switching uses for the PCM); X^k and X* are
 data (detached), the gradient flows through the prefix sum into the one batched network call.
 alpha(k) = 1 / sqrt(Var(k)) with Var(k) the mean squared distance of X^k to X* over the dataset
 (``iterate_variances``) evens out the scale of early and late iterates.
@@ -23,7 +24,7 @@ def pct_loss(pcm_denoiser, coeffs: StepCoefficients, iterates_k, k, fixed_point,
     """
     Xk = iterates_k.detach()
     target = fixed_point.detach()
-    phi = picard_step(pcm_denoiser, coeffs, Xk, noise_terms.detach(), cond)
+    phi = picard_step(pcm_denoiser, coeffs.unclipped(), Xk, noise_terms.detach(), cond)
     sq = (phi - target).pow(2)  # (S+1, B, ...)
     B = sq.shape[1]
     per_sample = sq.transpose(0, 1).reshape(B, -1).mean(dim=1)  # (B,)

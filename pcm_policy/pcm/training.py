@@ -8,6 +8,10 @@
    `mode=lora` trains a low-rank delta on the frozen base, `mode=full` a full copy.
 3. Evaluate on held-out observations: Picard iterations to converge with the base alone, and with the PCM
    and model switching (output space, and weight space for LoRA), before and after training.
+
+Under torchrun the collection is split by batch over the processes, and the PCM network is wrapped in
+DistributedDataParallel with each process training on its rows of the same global batch (pcm_policy.distributed);
+rank 0 alone evaluates and writes checkpoints and metrics.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from pcm_policy import checkpoint as ckpt_io
+from pcm_policy import distributed
 from pcm_policy.atomic import atomic_path, atomic_write_text
 from pcm_policy.errors import CheckpointError, ConfigError
 from pcm_policy.pcm.attach import build_pcm_network, pcm_denoiser
@@ -49,8 +54,12 @@ def observation_sets(base_ckpt: Path, cfg: Mapping[str, Any]) -> tuple[torch.Ten
 
 
 # ---- collection ------------------------------------------------------------------------------------------
-def collect(policy, sampler: SamplerConfig, observations: torch.Tensor, out: Path, cfg, fingerprint: str) -> list[Path]:
-    """Shards `trajectories/batch_XXXX.safetensors` with iterates (fp16), fixed point, noise and condition."""
+def collect(policy, sampler: SamplerConfig, observations: torch.Tensor, out: Path, cfg, fingerprint: str,
+            ctx: distributed.Dist = distributed.Dist()) -> list[Path]:
+    """Shards `trajectories/batch_XXXX.safetensors` with iterates (fp16), fixed point, noise and condition.
+
+    Under torchrun rank r collects batches r, r+N, r+2N, ... (a shard depends only on its batch and seed).
+    """
     traj_dir = out / "trajectories"
     meta = {"base_fingerprint": fingerprint, "scheduler": sampler.scheduler, "steps": sampler.steps,
             "tol": cfg["collect_tol"], "trajectories": len(observations), "batch": cfg["collect_batch"], "seed": cfg["seed"]}
@@ -58,15 +67,18 @@ def collect(policy, sampler: SamplerConfig, observations: torch.Tensor, out: Pat
     if meta_path.is_file() and json.loads(meta_path.read_text()) != meta:
         raise ConfigError(f"{traj_dir}: trajectories were collected with other settings or another base; "
                           "use a new output_dir")
-    traj_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(meta_path, json.dumps(meta, indent=2))
+    if ctx.is_main:
+        traj_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(meta_path, json.dumps(meta, indent=2))
+    ctx.barrier()  # the directory exists before any rank writes into it
     scheduler = policy.scheduler_for(sampler)
     batches = list(torch.split(torch.arange(len(observations)), cfg["collect_batch"]))
-    shards = []
-    bar = tqdm(total=len(batches), desc="collect Picard trajectories", unit="batch", dynamic_ncols=True)
-    for b, rows in enumerate(batches):
-        shard = traj_dir / f"batch_{b:04d}.safetensors"
-        shards.append(shard)
+    shards = [traj_dir / f"batch_{b:04d}.safetensors" for b in range(len(batches))]
+    mine = range(ctx.rank, len(batches), ctx.world_size)
+    bar = tqdm(total=len(mine), desc="collect Picard trajectories", unit="batch", dynamic_ncols=True,
+               disable=not ctx.is_main)
+    for b in mine:
+        rows, shard = batches[b], shards[b]
         if not shard.is_file():
             obs = observations[rows].to(policy.device)
             cond = policy.global_cond(obs)
@@ -78,6 +90,7 @@ def collect(policy, sampler: SamplerConfig, observations: torch.Tensor, out: Pat
                            "noise": noise.cpu().contiguous(), "cond": cond.cpu().contiguous()}, str(tmp))
         bar.update(1)
     bar.close()
+    ctx.barrier()  # every shard is on disk before any rank reads them
     return shards
 
 
@@ -155,11 +168,19 @@ def evaluate_iterations(policy, net, sampler: SamplerConfig, observations: torch
 
 # ---- training ----------------------------------------------------------------------------------------------
 def train_pcm(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    from pcm_policy.checkpoint import load_policy, resolve_checkpoint
-
+    """Collect, train, evaluate; returns the metrics (on ranks other than 0 of a torchrun job: {"rank": r})."""
     if not cfg.get("base"):
         raise ConfigError("base: no base checkpoint given (base=<run or checkpoint dir>)")
     device = resolve_device(cfg.get("device"))
+    distributed.require_divisible(cfg["batch_size"], "batch_size")
+    with distributed.session(device) as ctx:
+        return _train_pcm(cfg, ctx)
+
+
+def _train_pcm(cfg: Mapping[str, Any], ctx: distributed.Dist) -> dict[str, Any]:
+    from pcm_policy.checkpoint import load_policy, resolve_checkpoint
+
+    device = ctx.device  # cuda:LOCAL_RANK under torchrun on CUDA
     seed_everything(cfg["seed"])
     out = Path(cfg["output_dir"])
     base_ckpt = resolve_checkpoint(cfg["base"])
@@ -171,14 +192,19 @@ def train_pcm(cfg: Mapping[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
 
     train_obs, eval_obs = observation_sets(base_ckpt, cfg)
-    trajectories = TrajectorySet(collect(policy, sampler, train_obs, out, cfg, fingerprint))
+    last = len(train_obs) % cfg["batch_size"]
+    if 0 < last < ctx.world_size:  # every process needs at least one row of every batch
+        raise ConfigError(f"trajectories: the last batch of an epoch has {last} trajectories ({len(train_obs)} % "
+                          f"batch_size={cfg['batch_size']}), fewer than the {ctx.world_size} processes")
+    trajectories = TrajectorySet(collect(policy, sampler, train_obs, out, cfg, fingerprint, ctx))
     collect_s = time.perf_counter() - t0
     alpha = trajectories.alpha().to(device)
     coeffs = StepCoefficients.from_scheduler(policy.scheduler_for(sampler), device, torch.float32)
 
     net = build_pcm_network(policy.model, cfg["mode"], cfg["lora_rank"], cfg.get("lora_alpha")).to(device)
     eval_kw = dict(tol=cfg["eval_tol"], window=cfg.get("eval_window"), stiffness=cfg.get("stiffness"), seed=cfg["seed"] + 1)
-    before = evaluate_iterations(policy, net, sampler, eval_obs, **eval_kw)
+    before = evaluate_iterations(policy, net, sampler, eval_obs, **eval_kw) if ctx.is_main else None
+    train_net = ctx.wrap(net)  # DDP (or net itself); wrapped before the EMA copies the (broadcast) weights
 
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg["lr"])
@@ -194,8 +220,9 @@ def train_pcm(cfg: Mapping[str, Any]) -> dict[str, Any]:
     latest = ckpt_io.latest_checkpoint(out)
     if latest is not None:
         step, epoch_losses = _resume(latest, card, net, optimizer, ema)
-    pcm = pcm_denoiser(net, "pcm")
-    bar = tqdm(total=total, initial=step, desc=f"PCT ({cfg['mode']})", unit="step", dynamic_ncols=True)
+    pcm = pcm_denoiser(train_net, "pcm")
+    bar = tqdm(total=total, initial=step, desc=f"PCT ({cfg['mode']})", unit="step", dynamic_ncols=True,
+               disable=not ctx.is_main)
     net.train()
     while step < total:
         epoch = step // steps_per_epoch
@@ -205,29 +232,36 @@ def train_pcm(cfg: Mapping[str, Any]) -> dict[str, Any]:
             idx = perm[b * cfg["batch_size"]:(b + 1) * cfg["batch_size"]]
             g = torch.Generator().manual_seed(cfg["seed"] * 104_729 + step)
             xk, k, xstar, noise, cond = trajectories.batch(idx, g, device, cfg.get("max_k"))
+            if ctx.enabled:  # this rank's rows of the global batch (every rank draws the same k for each row)
+                rows = ctx.shard(len(idx))
+                xk, k, xstar, noise, cond = xk[:, rows], k[rows], xstar[:, rows], noise[:, rows], cond[rows]
+            weight = ctx.loss_weight(len(idx))  # 1.0 unless an epoch's last batch splits unevenly
             loss = pct_loss(pcm, coeffs, xk, k, xstar, coeffs.noise_terms(noise), cond, alpha=alpha)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * weight).backward()
             optimizer.step()
             ema.step(params)
             step += 1
-            losses.append(float(loss.detach()))
+            losses.append(ctx.mean([float(loss.detach()) * weight])[0])  # the whole batch's loss
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}")
         epoch_losses.append(float(np.mean(losses)) if losses else float("nan"))
-        if (epoch + 1) % cfg["checkpoint_every"] == 0 or step >= total:
+        if ctx.is_main and ((epoch + 1) % cfg["checkpoint_every"] == 0 or step >= total):
             _save(out, step, card, net, optimizer, ema, params, epoch_losses)
     bar.close()
 
     ema.copy_to(params)  # evaluate (and ship) the EMA weights
     net.eval()
+    if not ctx.is_main:
+        return {"rank": ctx.rank}
     after = evaluate_iterations(policy, net, sampler, eval_obs, **eval_kw)
     metrics = {"command": "train-pcm", "task": base_card["task"], "mode": cfg["mode"], "base": str(base_ckpt),
                "trajectories": len(trajectories), "epochs": cfg["epochs"], "steps": total,
                "loss_per_epoch": epoch_losses, "collect_s": round(collect_s, 1),
                "wall_s": round(time.perf_counter() - t0, 1), "eval_tol": cfg["eval_tol"], "before": before, "after": after,
                "iteration_speedup_vs_picard": after["picard"]["iterations_mean"] / max(after["pcm"]["iterations_mean"], 1e-9),
-               "checkpoint": str(ckpt_io.latest_checkpoint(out)), "device": str(device)}
+               "checkpoint": str(ckpt_io.latest_checkpoint(out)), "device": str(device),
+               "processes": ctx.world_size}
     if "pcm_lora" in after:
         metrics["lora_iteration_speedup_vs_picard"] = after["picard"]["iterations_mean"] / max(after["pcm_lora"]["iterations_mean"], 1e-9)
     _plot(out, epoch_losses)
@@ -248,7 +282,8 @@ def _save(out: Path, step: int, card, net, optimizer, ema: EMAModel, params, epo
     weights = _pcm_weights(net, card["mode"])
     ema.restore(params)
     state = {"step": step, "optimizer": optimizer.state_dict(), "ema": ema.state_dict(),
-             "online": [p.detach().cpu().clone() for p in params], "epoch_losses": torch.tensor(epoch_losses)}
+             "online": [p.detach().cpu().clone() for p in params],
+             "epoch_losses": torch.tensor(epoch_losses, dtype=torch.float64)}  # float64: exact on resume
     ckpt_io.save_checkpoint(ckpt_io.step_dir(out, step), card, weights, train_state=state)
     ckpt_io.prune_checkpoints(out, 2)
 
@@ -267,7 +302,8 @@ def _resume(latest: Path, card, net, optimizer, ema) -> tuple[int, list[float]]:
             p.copy_(v)
     optimizer.load_state_dict(state["optimizer"])
     ema.load_state_dict(state["ema"])
-    print(f"resuming PCT from {latest} (step {state['step']})")
+    if distributed.is_main():
+        print(f"resuming PCT from {latest} (step {state['step']})")
     return int(state["step"]), [float(x) for x in state["epoch_losses"].tolist()]
 
 

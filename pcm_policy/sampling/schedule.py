@@ -22,11 +22,17 @@ the DDPM posterior variance of step j computed from ``alphas_cumprod`` at (t_j, 
 too, as ParaDiGMS does).  Steps where it is 0 (the last step, where alpha_prev = 1) use the smallest
 positive variance of the schedule instead, so the final slot is held to the same (tightest) standard
 as the last noisy step rather than being exempt or impossible.
+
+The PCM's map: :meth:`StepCoefficients.unclipped` (the same step without ``clip_sample``).  A PCM has to
+move every slot of X^0 = (x_T, ..., x_T) onto the fixed point in one step, e.g. ``m(x_T, tau_last) =
+x_T + (y*_S - y*_{S-1})``, which lies outside the clipped range wherever |x_T| > 1: through a clipped step
+that target is unreachable whatever the network outputs.  Only the base map (which decides convergence and
+the result) keeps the scheduler's clipping.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from diffusers import DDIMParallelScheduler, DDIMScheduler, DDPMParallelScheduler, DDPMScheduler
@@ -140,6 +146,10 @@ class StepCoefficients:
             noise_std=stack("std"),
             conv_var=var.to(device=device, dtype=dtype),
         )
+
+    def unclipped(self) -> "StepCoefficients":
+        """The same step without x0 clipping: the PCM's map (see the module doc)."""
+        return self if self.clip_range is None else replace(self, clip_range=None)
 
     def noise_terms(self, noise: torch.Tensor) -> torch.Tensor:
         """``sigma_j * z_j`` for every step: noise (S, B, ...) -> (S, B, ...)."""

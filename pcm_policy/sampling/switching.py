@@ -13,6 +13,10 @@ S: lambda = 1, 0.5, 0, 0, ... i.e. two PCM-guided iterations, then base.  Pass a
 * Weight space (``sample_lora_switched``): one call per iteration to ``denoiser(x, t, cond, scale)`` with
   the LoRA scale = lambda(k) (see ``pcm_policy.model.lora``).
 
+The PCM's m-values come from the step WITHOUT x0 clipping (``StepCoefficients.unclipped``: from X^0 the
+one-step targets lie outside the clipped range); the base map keeps the scheduler's clipping, and only the
+base map decides convergence.
+
 Both stop only when lambda = 0 AND the base-map convergence test passes, and the base phase restarts the
 window anchor at y_0 = x_T (see ``picard_loop``), so with tol -> 0 the output is the base model's sequential
 sample whatever the PCM is.  Iterations are bounded by (number of lambda > 0 iterations) + S.
@@ -71,12 +75,14 @@ def sample_switched(
     """Output-space switching between a PCM and the base denoiser; returns (x0, SamplerStats)."""
 
     def make_map(coeffs, cond_rep):
+        pcm_coeffs = coeffs.unclipped()
+
         def map_fn(X, idx_rows, t, lam):
             c = _cond_rows(cond_rep, idx_rows.shape[0])
             m_base = None if lam >= 1.0 else model_m(base, coeffs, X, idx_rows, t, c)
             if lam <= 0.0:
                 return m_base, 1
-            m_pcm = model_m(pcm, coeffs, X, idx_rows, t, c)
+            m_pcm = model_m(pcm, pcm_coeffs, X, idx_rows, t, c)
             if m_base is None:
                 return m_pcm, 1
             return lam * m_pcm + (1.0 - lam) * m_base, 2
@@ -104,9 +110,12 @@ def sample_lora_switched(
     """Weight-space switching: ``denoiser(x, t, cond, scale)`` with LoRA scale = lambda(k); one call per iteration."""
 
     def make_map(coeffs, cond_rep):
+        pcm_coeffs = coeffs.unclipped()
+
         def map_fn(X, idx_rows, t, lam):
             c = _cond_rows(cond_rep, idx_rows.shape[0])
-            return model_m(denoiser, coeffs, X, idx_rows, t, c, float(lam)), 1
+            step = coeffs if lam <= 0.0 else pcm_coeffs  # W0 + lam * dW is (partly) the PCM: its map is unclipped
+            return model_m(denoiser, step, X, idx_rows, t, c, float(lam)), 1
 
         return map_fn
 
