@@ -5,7 +5,8 @@ and PCM-LoRA (weight-space switching), the PCM rows only where a PCM trained for
 Every row samples the same `chunks` (observation, noise) pairs at batch 1; errors are measured against the
 sequential sampler of the same schedule. A chunk slower than the control-period budget is a deadline miss.
 With `episodes > 0`, each row also runs closed-loop episodes under the real-time controller (simulated clock).
-An early-stop study caps the iterations at 1, 2, 3 (PCM vs Picard) against DDIM with that many steps.
+An early-stop study caps the iterations at 1, 2, 3 (PCM vs Picard) against DDIM with that many steps (action
+error, and closed-loop success with `early_stop_episodes > 0`).
 """
 from __future__ import annotations
 
@@ -132,7 +133,7 @@ def run_bench(cfg: Mapping[str, Any]) -> dict[str, Any]:
     print(f"device: {device_name}; torch threads: {threads}")
     if not cfg.get("checkpoint"):
         raise ConfigError("checkpoint: no base checkpoint given (checkpoint=<run or checkpoint dir>)")
-    for key, low in (("chunks", 1), ("warmup", 0), ("seed", 0), ("episodes", 0)):
+    for key, low in (("chunks", 1), ("warmup", 0), ("seed", 0), ("episodes", 0), ("early_stop_episodes", 0)):
         value = cfg.get(key, low)
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ConfigError(f"{key}={value!r}: expected an integer >= {low}")
@@ -200,49 +201,73 @@ def _add_speedups(results: list[dict]) -> None:
         r["iteration_ratio_vs_picard"] = p["iterations_mean"] / r["iterations_mean"] if p else None
 
 
-def _closed_loop(policy, rows: list[Row], results: list[dict], cfg) -> None:
+def _episodes(policy, sampler: SamplerConfig, pcm, cfg, n: int, desc: str) -> dict[str, Any]:
+    """Closed-loop episodes under the real-time controller (simulated clock); success/score summary."""
     from pcm_policy.control import Controller, ControllerConfig
     from pcm_policy.evaluation import EpisodeResult, make_env, summarize
 
     task = cfg["task"]
-    for row, result in zip(rows, results):
-        if row.graph:  # same outputs as the eager row; closed-loop figures would repeat it
-            continue
-        policy.pcm = row.pcm
-        ctrl = Controller(policy, row.sampler, ControllerConfig(control_hz=cfg["control_hz"], budget_ms=cfg.get("budget_ms")),
-                          seed=cfg["seed"])
-        episodes = []
-        for ep in tqdm(range(cfg["episodes"]), desc=f"closed loop {row.name}", unit="ep", leave=False):
+    policy.pcm = pcm
+    ctrl = Controller(policy, sampler, ControllerConfig(control_hz=cfg["control_hz"], budget_ms=cfg.get("budget_ms")),
+                      seed=cfg["seed"])
+    episodes = []
+    try:
+        for ep in tqdm(range(n), desc=f"closed loop {desc}", unit="ep", leave=False):
             env = make_env(task["env_id"], task["max_steps"])
             try:
                 log = ctrl.run_simulated(env, task["max_steps"], seed=cfg["seed_start"] + ep)
             finally:
                 env.close()
             episodes.append(EpisodeResult(ep, cfg["seed_start"] + ep, log.success, log.max_coverage, log.steps))
-        s = summarize(episodes, task["name"])
-        result.update(success_rate=s["success_rate"], score=s["score"], episodes=s["episodes"])
-    policy.pcm = None
+    finally:
+        policy.pcm = None
+    s = summarize(episodes, task["name"])
+    return {"success_rate": s["success_rate"], "score": s["score"], "episodes": s["episodes"]}
+
+
+def _closed_loop(policy, rows: list[Row], results: list[dict], cfg) -> None:
+    bases = cfg.get("episodes_bases")
+    for row, result in zip(rows, results):
+        if row.graph:  # same outputs as the eager row; closed-loop figures would repeat it
+            continue
+        if bases is not None and row.base not in bases:
+            continue
+        result.update(_episodes(policy, row.sampler, row.pcm, cfg, cfg["episodes"], row.name))
 
 
 def _early_stop_study(policy, rows: list[Row], observations, references, cfg) -> list[dict]:
-    """Action error against the sequential DDPM reference when capped at 1, 2, 3 sequential rounds."""
-    ref_base = next((b for b in references if b.startswith("ddpm")), None)
-    if ref_base is None:
-        return []
-    n = min(len(references[ref_base]), cfg.get("early_stop_chunks", 100))
-    ref = references[ref_base][:n]
-    study = []
-    for cap in (1, 2, 3):
-        for row in rows:
-            if row.base != ref_base or row.sampler.name == "sequential" or row.graph:
-                continue
-            x0, *_ = time_row(policy, row, observations[:n], cfg["seed"], 0, max_iters=cap, progress=False)
-            study.append({"rounds": cap, "sampler": row.name, "reference": f"sequential/{ref_base}",
-                          "mean_abs_err": float((x0 - ref).abs().mean())})
-        ddim = Row(SamplerConfig(name="sequential", scheduler="ddim", steps=cap), f"ddim{cap}")
-        x0, *_ = time_row(policy, ddim, observations[:n], cfg["seed"], 0, progress=False)
-        study.append({"rounds": cap, "sampler": f"sequential/ddim{cap}", "reference": f"sequential/{ref_base}",
-                      "mean_abs_err": float((x0 - ref).abs().mean())})
+    """Anytime quality: each iterative sampler capped at 1, 2, 3 sequential rounds against DDIM with as many steps.
+
+    Action error against the sequential sampler of the row's schedule, for every schedule benchmarked; with
+    `early_stop_episodes > 0` also closed-loop success of the capped samplers (simulated clock).
+    """
+    n_ep = int(cfg.get("early_stop_episodes") or 0)
+    bases = cfg.get("episodes_bases")
+    study, ddim_loop = [], {}
+    for base, ref_all in references.items():
+        n = min(len(ref_all), cfg.get("early_stop_chunks", 100))
+        ref = ref_all[:n]
+        closed = n_ep > 0 and (bases is None or base in bases)
+        for cap in (1, 2, 3):
+            for row in rows:
+                if row.base != base or row.sampler.name == "sequential" or row.graph:
+                    continue
+                x0, *_ = time_row(policy, row, observations[:n], cfg["seed"], 0, max_iters=cap, progress=False)
+                entry = {"rounds": cap, "sampler": row.name, "reference": f"sequential/{base}",
+                         "mean_abs_err": float((x0 - ref).abs().mean())}
+                if closed:
+                    capped = SamplerConfig(**{**row.sampler.__dict__, "max_iters": cap})
+                    entry.update(_episodes(policy, capped, row.pcm, cfg, n_ep, f"{row.name} <= {cap} rounds"))
+                study.append(entry)
+            ddim = Row(SamplerConfig(name="sequential", scheduler="ddim", steps=cap), f"ddim{cap}")
+            x0, *_ = time_row(policy, ddim, observations[:n], cfg["seed"], 0, progress=False)
+            entry = {"rounds": cap, "sampler": f"sequential/ddim{cap}", "reference": f"sequential/{base}",
+                     "mean_abs_err": float((x0 - ref).abs().mean())}
+            if closed:
+                if cap not in ddim_loop:  # the same sampler whatever the reference: run its episodes once
+                    ddim_loop[cap] = _episodes(policy, ddim.sampler, None, cfg, n_ep, ddim.name)
+                entry.update(ddim_loop[cap])
+            study.append(entry)
     return study
 
 
@@ -260,9 +285,12 @@ def markdown_table(report: Mapping[str, Any]) -> str:
                      f"{r['max_abs_err_vs_sequential']:.2e} | {r['deadline_misses']}/{r['chunks']} | "
                      f"{fmt(r.get('success_rate'), '.2f')} | {fmt(r.get('score'), '.3f')} |")
     if report.get("early_stop"):
-        lines += ["", f"Early stop (mean abs action error vs {report['early_stop'][0]['reference']}, normalized units):", "",
-                  "| rounds | sampler | mean abs err |", "|---|---|---|"]
-        lines += [f"| {e['rounds']} | {e['sampler']} | {e['mean_abs_err']:.4f} |" for e in report["early_stop"]]
+        lines += ["", "Early stop: iterations capped at 1, 2, 3 (mean abs action error vs the sequential sampler of the "
+                  "same schedule, normalized units; closed-loop success/score where episodes were run):", "",
+                  "| rounds | sampler | reference | mean abs err | success | score | episodes |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {e['rounds']} | {e['sampler']} | {e['reference']} | {e['mean_abs_err']:.4f} | "
+                  f"{fmt(e.get('success_rate'), '.2f')} | {fmt(e.get('score'), '.3f')} | {e.get('episodes', '')} |"
+                  for e in report["early_stop"]]
     for s in report.get("skipped", []):
         lines.append(f"\nskipped: {s}")
     return "\n".join(lines) + "\n"

@@ -59,11 +59,13 @@ def run_demo(cfg: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError("checkpoint: no base checkpoint given (checkpoint=<run or checkpoint dir>)")
     checkpoint = resolve_path(cfg["checkpoint"])
     pcms = {k: str(resolve_path(v)) for k, v in (cfg.get("pcm_lora") or {}).items() if v}
+    full_pcms = {k: str(resolve_path(v)) for k, v in (cfg.get("pcm") or {}).items() if v}
     if not checkpoint.exists():
         if Path(cfg["checkpoint"]) != Path(SHIPPED_BASE):  # a path the user named: a typo, not a fresh clone
             raise CheckpointError(f"{cfg['checkpoint']}: checkpoint not found")
         out.mkdir(parents=True, exist_ok=True)
         checkpoint, pcms = _quick_checkpoints(cfg, out)
+        full_pcms = {}
 
     # 1-2: closed loop under the controller, PCM-LoRA with weight-space switching.
     policy, _ = load_policy(checkpoint, device, expect_task=task["name"])
@@ -96,7 +98,8 @@ def run_demo(cfg: Mapping[str, Any]) -> dict[str, Any]:
                                   f"bases=[{','.join(cfg['bases'])}]", f"output_dir={out / 'bench'}",
                                   f"device={cfg['device']}", "early_stop=false", "pcm.ddpm100=null", "pcm.ddim10=null",
                                   "pcm_lora.ddpm100=null", "pcm_lora.ddim10=null"]
-                        + [f"+pcm_lora.{k}={v}" for k, v in pcms.items()] + [f"+pcm.{k}={v}" for k, v in pcms.items()])
+                        + [f"+pcm_lora.{k}={v}" for k, v in pcms.items()]
+                        + [f"+pcm.{k}={v}" for k, v in ({**pcms, **full_pcms}).items()])  # output space: a full PCM if given
     report = run_bench(bench_cfg)
 
     summary = {"command": "demo", "task": task["name"], "checkpoint": str(checkpoint), "sampler": sampler.label,

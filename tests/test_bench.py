@@ -21,8 +21,8 @@ def tiny_run(tmp_path_factory):
     train(compose("train", [f"dataset.path={data}", f"output_dir={root / 'base'}", "device=cpu", "train.steps=10",
                             "train.batch_size=16", "train.checkpoint_every=10", "policy.down_dims=[16,32]",
                             "policy.diffusion_step_embed_dim=32", "policy.n_groups=4"]))
-    train_pcm(compose("train_pcm", [f"base={root / 'base'}", f"output_dir={root / 'pcm'}", "device=cpu", "steps=8",
-                                    "trajectories=4", "collect_batch=4", "epochs=1", "batch_size=4",
+    train_pcm(compose("train_pcm", [f"base={root / 'base'}", f"output_dir={root / 'pcm'}", "device=cpu", "scheduler=ddpm",
+                                    "steps=8", "trajectories=4", "collect_batch=4", "epochs=1", "batch_size=4",
                                     "eval_observations=1", "lora_rank=2"]))
     return root
 
@@ -43,8 +43,10 @@ def test_bench_schema_table_and_plot(tiny_run):
         assert r["max_abs_err_vs_sequential"] < 1e-4  # tol = 0: every row equals its sequential base
     early = report["early_stop"]
     assert {e["rounds"] for e in early} == {1, 2, 3}
-    assert {e["sampler"] for e in early} == {"picard/ddpm8", "pcm/ddpm8", "pcm_lora/ddpm8", "sequential/ddim1",
-                                             "sequential/ddim2", "sequential/ddim3"}
+    assert {e["sampler"] for e in early} == {"picard/ddpm8", "pcm/ddpm8", "pcm_lora/ddpm8", "picard/ddim4",
+                                             "sequential/ddim1", "sequential/ddim2", "sequential/ddim3"}
+    assert {e["reference"] for e in early} == {"sequential/ddpm8", "sequential/ddim4"}
+    assert all("success_rate" not in e for e in early)  # no closed-loop episodes asked for
     assert (out / "bench.md").read_text().count("| picard |") == 2
     assert (out / "bench.png").stat().st_size > 0 and (out / "metrics.json").is_file()
 
@@ -54,3 +56,20 @@ def test_bench_rejects_unknown_base(tiny_run):
                             "device=cpu", "chunks=1"])
     with pytest.raises(ConfigError, match="euler5"):
         run_bench(cfg)
+
+
+@pytest.mark.sim
+def test_bench_closed_loop_rows_and_capped_episodes(tiny_run):
+    """episodes>0 adds success/score to the chosen bases' rows; early_stop_episodes to the capped samplers."""
+    out = tiny_run / "loop"
+    cfg = compose("bench", [f"checkpoint={tiny_run / 'base'}", "pcm.ddpm100=null", "pcm.ddim10=null",
+                            "pcm_lora.ddpm100=null", "pcm_lora.ddim10=null", "bases=[ddim4]", "chunks=2", "warmup=0",
+                            "episodes=1", "episodes_bases=[ddim4]", "early_stop_episodes=1", "early_stop_chunks=2",
+                            "task.max_steps=6", f"output_dir={out}", "device=cpu"])
+    report = run_bench(cfg)
+    for r in report["rows"]:
+        assert r["episodes"] == 1 and 0.0 <= r["score"] <= 1.0 and r["success_rate"] in (0.0, 1.0)
+    assert {(e["sampler"], e["rounds"]) for e in report["early_stop"]} == {
+        (s, k) for k in (1, 2, 3) for s in ("picard/ddim4", f"sequential/ddim{k}")}
+    assert all(e["episodes"] == 1 and 0.0 <= e["score"] <= 1.0 for e in report["early_stop"])
+    assert "| 1 | picard/ddim4 | sequential/ddim4 |" in (out / "bench.md").read_text()
