@@ -154,3 +154,32 @@ def test_good_pcm_needs_fewer_iterations_than_picard():
     assert st_s.iterations <= st_p.iterations + 2
     ref = sample_sequential(base, sch, x_T, noise, cond)
     assert (out - ref).abs().max().item() < 0.05
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_pcm_step_uses_the_unclipped_map(kind):
+    """The first (lambda = 1) iteration is one Picard step of the PCM through the step WITHOUT x0 clipping,
+    in both switching modes; with clipping the one-step targets from X^0 would be out of reach."""
+    from pcm_policy.sampling import StepCoefficients, picard_step
+
+    S = 10
+    sch = make_scheduler(kind, S, "epsilon", clip=True)
+    base = Toy(seed=1)
+    lora = add_lora(copy.deepcopy(base), rank=2)
+    with torch.no_grad():
+        for p in lora_parameters(lora):
+            p.copy_(torch.randn_like(p))
+    x_T, noise, cond = draw(S, 2, seed=5)
+    x_T = 3.0 * x_T  # far outside the clip range, so clipping would change the step
+    coeffs = StepCoefficients.from_scheduler(sch, x_T.device, x_T.dtype)
+    Y0 = x_T.unsqueeze(0).repeat(S + 1, 1, 1, 1)
+    nt = coeffs.noise_terms(noise)
+    pcm = lambda x, t, c: lora(x, t, c)  # noqa: E731  (the LoRA network at full scale)
+    unclipped = picard_step(pcm, coeffs.unclipped(), Y0, nt, cond)[S]
+    clipped = picard_step(pcm, coeffs, Y0, nt, cond)[S]
+    assert (unclipped - clipped).abs().max() > 1e-3
+    out, st = sample_switched(base, pcm, sch, x_T, noise, cond, max_iters=1)
+    torch.testing.assert_close(out, unclipped, atol=1e-10, rtol=1e-10)
+    out_w, _ = sample_lora_switched(scaled_denoiser(lora), sch, x_T, noise, cond, max_iters=1)
+    torch.testing.assert_close(out_w, unclipped, atol=1e-10, rtol=1e-10)
+    assert st.lambdas == [1.0] and not st.converged
