@@ -14,7 +14,8 @@ import time
 import numpy as np
 
 from envs import pusht_geometry as geo
-from pcm_policy.errors import ConfigError, PcmError
+from pcm_policy.config import require_int
+from pcm_policy.errors import PcmError
 
 
 def _run_episode(env, expert, seed: int, max_steps: int, images: bool):
@@ -68,8 +69,7 @@ def collect_pusht(output_path, episodes: int, seed: int = 0, keep_failed: bool =
     from pcm_policy.data.replay_buffer import ReplayBuffer
 
     for key, value, low in (("episodes", episodes, 1), ("seed", seed, 0), ("max_steps", max_steps, 1)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
-            raise ConfigError(f"{key}={value!r}: expected an integer >= {low}")
+        require_int(key, value, low)
     if max_attempts is None:
         max_attempts = episodes if keep_failed else 3 * episodes + 20
     existing = check_existing_output(output_path, episodes, overwrite)
@@ -78,10 +78,7 @@ def collect_pusht(output_path, episodes: int, seed: int = 0, keep_failed: bool =
     store = EpisodeStore(output_path, {"task": "pusht", "seed": seed, "keep_failed": keep_failed, "images": images,
                                        "max_steps": max_steps, "format": 1})
     finished = store.open()
-    resumed = 0  # kept episodes already recorded by an interrupted run
-    for s in finished:
-        if resumed < episodes:
-            resumed += int(store.info(s)["kept"])
+    resumed = store.kept(finished, episodes)  # kept episodes already recorded by an interrupted run
     env = gym.make(envs.PUSHT_ID, max_episode_steps=max_steps)
     expert = PushTExpert(env.unwrapped)
     buffer = ReplayBuffer()

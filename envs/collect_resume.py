@@ -123,6 +123,15 @@ class EpisodeStore:
         except Exception:  # zip / npy / json errors come in many types
             return None
 
+    def kept(self, seeds, limit: int) -> int:
+        """Episodes kept among finished attempts `seeds` (as `open` returns them), counting at most `limit`."""
+        n = 0
+        for s in seeds:
+            if n >= limit:
+                break
+            n += int(self.info(s)["kept"])
+        return n
+
     def has(self, seed: int) -> bool:
         return self._path(seed).is_file()
 

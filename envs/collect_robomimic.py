@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pcm_policy.errors import ConfigError, PcmError
+from pcm_policy.config import require_int
+from pcm_policy.errors import PcmError
 
 # recorded observation keys: the four low-dim policy inputs plus cheap robot proprioception
 RECORD_OBS_KEYS = (
@@ -115,8 +116,7 @@ def collect_robomimic(
     from pcm_policy.data.robomimic import write_robomimic_hdf5
 
     for key, value, low in (("episodes", episodes, 1), ("seed", seed, 0), ("max_steps", max_steps, 1)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
-            raise ConfigError(f"{key}={value!r}: expected an integer >= {low}")
+        require_int(key, value, low)
     max_attempts = max_attempts if max_attempts is not None else 3 * episodes + 10
     existing = check_existing_output(output_path, episodes, overwrite)
     if existing is not None:
@@ -128,10 +128,7 @@ def collect_robomimic(
                                            "max_steps": max_steps, "post_success_steps": post_success_steps,
                                            "obs_keys": list(obs_keys), "env_args": env.env_args, "format": 1})
         finished = store.open()
-        resumed = 0
-        for s in finished:
-            if resumed < episodes:
-                resumed += int(store.info(s)["kept"])
+        resumed = store.kept(finished, episodes)
         expert = make_expert(env.task)
         demos, kept_seeds, failed_seeds = [], [], []
         n_steps, attempts = 0, 0

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from pcm_policy.atomic import atomic_write_text
 from pcm_policy.checkpoint import load_policy
-from pcm_policy.config import resolve_path
+from pcm_policy.config import require_int, resolve_path
 from pcm_policy.errors import ConfigError
 from pcm_policy.pcm.attach import load_pcm, pcm_denoiser
 from pcm_policy.runtime import resolve_device
@@ -134,9 +134,7 @@ def run_bench(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if not cfg.get("checkpoint"):
         raise ConfigError("checkpoint: no base checkpoint given (checkpoint=<run or checkpoint dir>)")
     for key, low in (("chunks", 1), ("warmup", 0), ("seed", 0), ("episodes", 0), ("early_stop_episodes", 0)):
-        value = cfg.get(key, low)
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ConfigError(f"{key}={value!r}: expected an integer >= {low}")
+        require_int(key, cfg.get(key, low), low)
     ckpt_path = resolve_path(cfg["checkpoint"])
     policy, card = load_policy(ckpt_path, device, expect_task=cfg["task"]["name"])
     out = Path(cfg["output_dir"])

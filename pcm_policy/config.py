@@ -56,3 +56,12 @@ def resolve_path(path: str | os.PathLike | None) -> Path | None:
         return p
     in_repo = REPO_ROOT / p
     return in_repo if in_repo.exists() else p
+
+
+def require_int(key: str, value: Any, low: int) -> int:
+    """`value` as an int >= `low` (bools and non-integers refused), else a one-line ConfigError naming `key`."""
+    import numbers
+
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
+        raise ConfigError(f"{key}={value!r}: expected an integer >= {low}")
+    return int(value)

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from pcm_policy.atomic import atomic_write_text
-from pcm_policy.config import compose, resolve_path
+from pcm_policy.config import compose, require_int, resolve_path
 from pcm_policy.errors import CheckpointError, ConfigError
 
 SHIPPED_BASE = "data/pusht/base"  # configs/demo.yaml's default: when it is absent, a quick stand-in is trained
@@ -52,9 +52,7 @@ def run_demo(cfg: Mapping[str, Any]) -> dict[str, Any]:
     task = cfg["task"]
     device = resolve_device(cfg.get("device"))
     for key, low in (("episodes", 1), ("chunks", 1), ("ddpm100_chunks", 1), ("seed", 0), ("seed_start", 0)):
-        value = cfg.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ConfigError(f"{key}={value!r}: expected an integer >= {low}")
+        require_int(key, cfg.get(key), low)
     if not cfg.get("checkpoint"):
         raise ConfigError("checkpoint: no base checkpoint given (checkpoint=<run or checkpoint dir>)")
     checkpoint = resolve_path(cfg["checkpoint"])
