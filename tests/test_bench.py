@@ -41,6 +41,7 @@ def test_bench_schema_table_and_plot(tiny_run):
     for r in rows:
         assert ROW_KEYS <= set(r) and r["chunks"] == 3 and r["threads"] >= 1
         assert r["max_abs_err_vs_sequential"] < 1e-4  # tol = 0: every row equals its sequential base
+        assert r["abs_err_p99_vs_sequential"] <= r["max_abs_err_vs_sequential"]
     early = report["early_stop"]
     assert {e["rounds"] for e in early} == {1, 2, 3}
     assert {e["sampler"] for e in early} == {"picard/ddpm8", "pcm/ddpm8", "pcm_lora/ddpm8", "picard/ddim4",
