@@ -10,6 +10,7 @@ error, and closed-loop success with `early_stop_episodes > 0`).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -67,7 +68,7 @@ def graphed_rows(policy, rows: list[Row]) -> list[Row]:
     for row in rows:
         if row.sampler.name == "sequential":
             continue
-        sampler = SamplerConfig(**{**row.sampler.__dict__, "fixed_shape": True})
+        sampler = dataclasses.replace(row.sampler, fixed_shape=True)
         out.append(Row(sampler, row.base, GraphedDenoiser(row.pcm) if row.pcm else None, row.pcm_path,
                        denoiser=GraphedDenoiser(policy.denoiser), graph=True))
     return out
@@ -101,7 +102,7 @@ def build_rows(policy, cfg: Mapping[str, Any], device) -> tuple[list[Row], list[
 def time_row(policy, row: Row, observations: torch.Tensor, noise_seed: int, warmup: int, max_iters=None,
              progress: bool = True):
     """Latency, stats and outputs of `row` over all observations (batch 1, same noise per chunk index)."""
-    sampler = row.sampler if max_iters is None else SamplerConfig(**{**row.sampler.__dict__, "max_iters": max_iters})
+    sampler = row.sampler if max_iters is None else dataclasses.replace(row.sampler, max_iters=max_iters)
     scheduler = policy.scheduler_for(sampler)
     conds = policy.global_cond(observations.to(policy.device))
     outputs, latencies, iterations, evaluations, converged = [], [], [], [], []
@@ -259,7 +260,7 @@ def _early_stop_study(policy, rows: list[Row], observations, references, cfg) ->
                 entry = {"rounds": cap, "sampler": row.name, "reference": f"sequential/{base}",
                          "mean_abs_err": float((x0 - ref).abs().mean())}
                 if closed:
-                    capped = SamplerConfig(**{**row.sampler.__dict__, "max_iters": cap})
+                    capped = dataclasses.replace(row.sampler, max_iters=cap)
                     entry.update(_episodes(policy, capped, row.pcm, cfg, n_ep, f"{row.name} <= {cap} rounds"))
                 study.append(entry)
             ddim = Row(SamplerConfig(name="sequential", scheduler="ddim", steps=cap), f"ddim{cap}")

@@ -4,6 +4,7 @@ Unknown keys and unknown group options become one-line `ConfigError`s naming the
 """
 from __future__ import annotations
 
+import numbers
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -60,8 +61,6 @@ def resolve_path(path: str | os.PathLike | None) -> Path | None:
 
 def require_int(key: str, value: Any, low: int) -> int:
     """`value` as an int >= `low` (bools and non-integers refused), else a one-line ConfigError naming `key`."""
-    import numbers
-
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
         raise ConfigError(f"{key}={value!r}: expected an integer >= {low}")
     return int(value)
