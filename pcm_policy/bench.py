@@ -26,7 +26,8 @@ from pcm_policy.config import require_int, resolve_path
 from pcm_policy.errors import ConfigError
 from pcm_policy.pcm.attach import load_pcm, pcm_denoiser
 from pcm_policy.runtime import resolve_device
-from pcm_policy.sampler_config import SamplerConfig, run_sampler
+from pcm_policy.chunk_sampler import ChunkSampler
+from pcm_policy.sampler_config import SamplerConfig
 
 def parse_base(name: str) -> tuple[str, int]:
     """`ddpm100` -> ("ddpm", 100), `ddim10` -> ("ddim", 10)."""
@@ -50,14 +51,18 @@ def bench_observations(ckpt_path, n: int, seed: int) -> torch.Tensor:
 
 
 class Row:
-    def __init__(self, sampler: SamplerConfig, base: str, pcm=None, pcm_path: str | None = None, denoiser=None,
-                 graph: bool = False):
-        self.sampler, self.base, self.pcm, self.pcm_path = sampler, base, pcm, pcm_path
-        self.denoiser, self.graph = denoiser, graph
+    """One bench row: a `ChunkSampler` on one base schedule (`ddim10`, ...), eager or CUDA-graph replayed."""
+
+    def __init__(self, sampler: ChunkSampler, base: str, pcm_path: str | None = None, graph: bool = False):
+        self.sampler, self.base, self.pcm_path, self.graph = sampler, base, pcm_path, graph
+
+    @property
+    def config(self) -> SamplerConfig:
+        return self.sampler.config
 
     @property
     def name(self) -> str:
-        return f"{self.sampler.name}{'+graph' if self.graph else ''}/{self.base}"
+        return f"{self.config.variant}{'+graph' if self.graph else ''}/{self.base}"
 
 
 def graphed_rows(policy, rows: list[Row]) -> list[Row]:
@@ -66,21 +71,35 @@ def graphed_rows(policy, rows: list[Row]) -> list[Row]:
 
     out = []
     for row in rows:
-        if row.sampler.name == "sequential":
+        if row.config.name == "sequential":
             continue
-        sampler = dataclasses.replace(row.sampler, fixed_shape=True)
-        out.append(Row(sampler, row.base, GraphedDenoiser(row.pcm) if row.pcm else None, row.pcm_path,
-                       denoiser=GraphedDenoiser(policy.denoiser), graph=True))
+        s = row.sampler
+        config = dataclasses.replace(row.config, fixed_shape=True)
+        graphed = ChunkSampler(config, policy.noise_scheduler.config, GraphedDenoiser(s.base),
+                               GraphedDenoiser(s.pcm) if s.pcm else None, s.sample_shape, s.device)
+        out.append(Row(graphed, row.base, row.pcm_path, graph=True))
     return out
 
 
+def accelerated_config(cfg: Mapping[str, Any], base: str, common: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The acceleration/start settings of the extra `+aa` rows of one base (`accelerated.<base>`), or None."""
+    extra = (cfg.get("accelerated") or {}).get(base)
+    if not extra:
+        return None
+    return {**common, **dict(extra)}
+
+
 def build_rows(policy, cfg: Mapping[str, Any], device) -> tuple[list[Row], list[str]]:
+    """The bench rows for every base schedule: sequential, Picard, PCM, PCM-LoRA, and each iterative row again
+    with the base's `accelerated` settings (Anderson acceleration, noise-carrying start)."""
     rows, skipped = [], []
     for base in cfg["bases"]:
         kind, steps = parse_base(base)
         common = dict(scheduler=kind, steps=steps, tol=cfg["tol"], window=cfg.get("window"))
-        rows.append(Row(SamplerConfig(name="sequential", **common), base))
-        rows.append(Row(SamplerConfig(name="picard", **common), base))
+        variants = [common] + [v for v in [accelerated_config(cfg, base, common)] if v]
+        rows.append(Row(policy.sampler(SamplerConfig(name="sequential", scheduler=kind, steps=steps)), base))
+        for variant in variants:
+            rows.append(Row(policy.sampler(SamplerConfig(name="picard", **variant)), base))
         for name in ("pcm", "pcm_lora"):
             path = (cfg.get(name) or {}).get(base)
             if not path:
@@ -93,8 +112,11 @@ def build_rows(policy, cfg: Mapping[str, Any], device) -> tuple[list[Row], list[
             if name == "pcm_lora" and card["mode"] != "lora":
                 skipped.append(f"{name}/{base}: {path} is a full PCM (weight-space switching needs LoRA)")
                 continue
-            rows.append(Row(SamplerConfig(name=name, stiffness=cfg.get("stiffness"), **common), base,
-                            pcm_denoiser(net, name), str(path)))
+            pcm = pcm_denoiser(net, name)
+            for variant in variants:  # a PCM starts from the X^0 it was trained from
+                variant = {**variant, "start": card.get("start", "x_T")}
+                config = SamplerConfig(name=name, stiffness=cfg.get("stiffness"), **variant)
+                rows.append(Row(policy.sampler(config, pcm=pcm), base, str(path)))
     return rows, skipped
 
 
@@ -102,18 +124,16 @@ def build_rows(policy, cfg: Mapping[str, Any], device) -> tuple[list[Row], list[
 def time_row(policy, row: Row, observations: torch.Tensor, noise_seed: int, warmup: int, max_iters=None,
              progress: bool = True):
     """Latency, stats and outputs of `row` over all observations (batch 1, same noise per chunk index)."""
-    sampler = row.sampler if max_iters is None else dataclasses.replace(row.sampler, max_iters=max_iters)
-    scheduler = policy.scheduler_for(sampler)
+    sampler = row.sampler
     conds = policy.global_cond(observations.to(policy.device))
     outputs, latencies, iterations, evaluations, converged = [], [], [], [], []
     n = len(observations)
     bar = tqdm(range(-warmup, n), desc=row.name, unit="chunk", disable=not progress, dynamic_ncols=True, leave=False)
     for i in bar:
         j = max(i, 0)
-        x_T, noise = policy.make_noise(1, sampler, torch.Generator().manual_seed(noise_seed + j))
+        x_T, noise = sampler.make_noise(1, torch.Generator().manual_seed(noise_seed + j))
         t0 = time.perf_counter()
-        x0, stats = run_sampler(sampler, scheduler, x_T, noise, conds[j:j + 1], base=row.denoiser or policy.denoiser,
-                                pcm=row.pcm)
+        x0, stats = sampler.sample(x_T, noise, conds[j:j + 1], max_iters=max_iters)
         if x0.is_cuda:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -157,17 +177,23 @@ def run_bench(cfg: Mapping[str, Any]) -> dict[str, Any]:
     for row in rows:
         n = min(int(chunks_by_base.get(row.base) or cfg["chunks"]), len(observations))
         x0, lat, iters, evals, conv = time_row(policy, row, observations[:n], cfg["seed"], cfg["warmup"])
-        if row.sampler.name == "sequential":
+        if row.config.name == "sequential":
             references[row.base] = x0
         if row.base in references:  # per chunk: its largest action deviation from the sequential sample
             chunk_err = (x0 - references[row.base]).abs().flatten(1).amax(dim=1).numpy()
             err, err_p99 = float(chunk_err.max()), float(np.percentile(chunk_err, 99))
         else:
             err = err_p99 = float("nan")
+        c = row.config
+        iterative = c.name != "sequential"
         results.append({
-            "sampler": row.sampler.name + ("+graph" if row.graph else ""), "base": row.base,
-            "window": row.sampler.window or row.sampler.steps,
-            "tol": row.sampler.tol if row.sampler.name != "sequential" else None, "chunks": len(lat),
+            "sampler": c.variant + ("+graph" if row.graph else ""), "base": row.base, "algorithm": c.name,
+            "accel": c.accel if iterative else None, "start": c.start if iterative else None,
+            "memory": c.memory if c.accel == "anderson" else None,
+            "damping": c.damping if c.accel == "anderson" else None,
+            "triangular": c.triangular if c.accel == "anderson" else None,
+            "graph": row.graph, "window": c.window or c.steps,
+            "tol": c.tol if iterative else None, "chunks": len(lat),
             "iterations_mean": float(iters.mean()), "evaluations_mean": float(evals.mean()),
             "latency_ms_p50": float(np.percentile(lat, 50)), "latency_ms_p99": float(np.percentile(lat, 99)),
             "latency_ms_mean": float(lat.mean()), "max_abs_err_vs_sequential": err,
@@ -205,26 +231,22 @@ def _add_speedups(results: list[dict]) -> None:
         r["iteration_ratio_vs_picard"] = p["iterations_mean"] / r["iterations_mean"] if p else None
 
 
-def _episodes(policy, sampler: SamplerConfig, pcm, cfg, n: int, desc: str) -> dict[str, Any]:
+def _episodes(policy, sampler: ChunkSampler, cfg, n: int, desc: str) -> dict[str, Any]:
     """Closed-loop episodes under the real-time controller (simulated clock); success/score summary."""
     from pcm_policy.control import Controller, ControllerConfig
     from pcm_policy.evaluation import EpisodeResult, make_env, summarize
 
     task = cfg["task"]
-    policy.pcm = pcm
     ctrl = Controller(policy, sampler, ControllerConfig(control_hz=cfg["control_hz"], budget_ms=cfg.get("budget_ms")),
                       seed=cfg["seed"])
     episodes = []
-    try:
-        for ep in tqdm(range(n), desc=f"closed loop {desc}", unit="ep", leave=False):
-            env = make_env(task["env_id"], task["max_steps"])
-            try:
-                log = ctrl.run_simulated(env, task["max_steps"], seed=cfg["seed_start"] + ep)
-            finally:
-                env.close()
-            episodes.append(EpisodeResult(ep, cfg["seed_start"] + ep, log.success, log.max_coverage, log.steps))
-    finally:
-        policy.pcm = None
+    for ep in tqdm(range(n), desc=f"closed loop {desc}", unit="ep", leave=False):
+        env = make_env(task["env_id"], task["max_steps"])
+        try:
+            log = ctrl.run_simulated(env, task["max_steps"], seed=cfg["seed_start"] + ep)
+        finally:
+            env.close()
+        episodes.append(EpisodeResult(ep, cfg["seed_start"] + ep, log.success, log.max_coverage, log.steps))
     s = summarize(episodes, task["name"])
     return {"success_rate": s["success_rate"], "score": s["score"], "episodes": s["episodes"]}
 
@@ -236,7 +258,7 @@ def _closed_loop(policy, rows: list[Row], results: list[dict], cfg) -> None:
             continue
         if bases is not None and row.base not in bases:
             continue
-        result.update(_episodes(policy, row.sampler, row.pcm, cfg, cfg["episodes"], row.name))
+        result.update(_episodes(policy, row.sampler, cfg, cfg["episodes"], row.name))
 
 
 def _early_stop_study(policy, rows: list[Row], observations, references, cfg) -> list[dict]:
@@ -254,22 +276,22 @@ def _early_stop_study(policy, rows: list[Row], observations, references, cfg) ->
         closed = n_ep > 0 and (bases is None or base in bases)
         for cap in (1, 2, 3):
             for row in rows:
-                if row.base != base or row.sampler.name == "sequential" or row.graph:
+                if row.base != base or row.config.name == "sequential" or row.graph:
                     continue
                 x0, *_ = time_row(policy, row, observations[:n], cfg["seed"], 0, max_iters=cap, progress=False)
                 entry = {"rounds": cap, "sampler": row.name, "reference": f"sequential/{base}",
                          "mean_abs_err": float((x0 - ref).abs().mean())}
                 if closed:
-                    capped = dataclasses.replace(row.sampler, max_iters=cap)
-                    entry.update(_episodes(policy, capped, row.pcm, cfg, n_ep, f"{row.name} <= {cap} rounds"))
+                    capped = policy.sampler(dataclasses.replace(row.config, max_iters=cap), pcm=row.sampler.pcm)
+                    entry.update(_episodes(policy, capped, cfg, n_ep, f"{row.name} <= {cap} rounds"))
                 study.append(entry)
-            ddim = Row(SamplerConfig(name="sequential", scheduler="ddim", steps=cap), f"ddim{cap}")
+            ddim = Row(policy.sampler(SamplerConfig(name="sequential", scheduler="ddim", steps=cap)), f"ddim{cap}")
             x0, *_ = time_row(policy, ddim, observations[:n], cfg["seed"], 0, progress=False)
             entry = {"rounds": cap, "sampler": f"sequential/ddim{cap}", "reference": f"sequential/{base}",
                      "mean_abs_err": float((x0 - ref).abs().mean())}
             if closed:
                 if cap not in ddim_loop:  # the same sampler whatever the reference: run its episodes once
-                    ddim_loop[cap] = _episodes(policy, ddim.sampler, None, cfg, n_ep, ddim.name)
+                    ddim_loop[cap] = _episodes(policy, ddim.sampler, cfg, n_ep, ddim.name)
                 entry.update(ddim_loop[cap])
             study.append(entry)
     return study

@@ -43,7 +43,7 @@ def run_demo(cfg: Mapping[str, Any]) -> dict[str, Any]:
     from pcm_policy.checkpoint import load_policy
     from pcm_policy.control import Controller, ControllerConfig
     from pcm_policy.evaluation import EpisodeResult, make_env, summarize
-    from pcm_policy.pcm.attach import maybe_attach_pcm
+    from pcm_policy.pcm.attach import load_sampler
     from pcm_policy.runtime import resolve_device
     from pcm_policy.sampler_config import SamplerConfig
 
@@ -67,9 +67,8 @@ def run_demo(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
     # 1-2: closed loop under the controller, PCM-LoRA with weight-space switching.
     policy, _ = load_policy(checkpoint, device, expect_task=task["name"])
-    sampler = SamplerConfig.from_mapping(cfg["sampler"])
-    base_name = f"{sampler.scheduler}{sampler.steps}"
-    maybe_attach_pcm(policy, sampler, pcms.get(base_name), device)
+    sampler_cfg = SamplerConfig.from_mapping(cfg["sampler"])
+    sampler = load_sampler(policy, sampler_cfg, device, pcms.get(f"{sampler_cfg.scheduler}{sampler_cfg.steps}"))
     out.mkdir(parents=True, exist_ok=True)  # only once the inputs have loaded: bad input leaves no output
     ctrl = Controller(policy, sampler, ControllerConfig(control_hz=task["control_hz"]), seed=cfg["seed"])
     episodes, chunks, video = [], [], None

@@ -196,10 +196,9 @@ def evaluate(cfg: Mapping[str, Any]) -> dict[str, Any]:
             raise ConfigError("checkpoint: no checkpoint given (checkpoint=<run or checkpoint dir>, or policy=expert)")
         device = resolve_device(cfg.get("device"))
         policy, card = load_policy(cfg["checkpoint"], device, expect_task=task["name"])
-        sampler = SamplerConfig.from_mapping(cfg["sampler"])
-        from pcm_policy.pcm.attach import maybe_attach_pcm
+        from pcm_policy.pcm.attach import load_sampler
 
-        maybe_attach_pcm(policy, sampler, cfg["sampler"].get("pcm_checkpoint"), device)
+        sampler = load_sampler(policy, cfg["sampler"], device)
         agent = ChunkAgent(policy, sampler, seed=cfg["seed_start"])
         results = rollout_policy(agent, task["env_id"], cfg["episodes"], cfg["n_envs"], policy.config.n_obs_steps,
                                  policy.config.n_action_steps, task["max_steps"], cfg["seed_start"], cfg["vector"],

@@ -1,8 +1,8 @@
 """DiffusionPolicy: normalizer + FiLM UNet + DDPM noise schedule, turning observation histories into action chunks.
 
 The policy owns everything that must travel with its weights (the normalizer, the network shape, the noise
-schedule). Sampling is delegated to the pure samplers in `pcm_policy.sampling` through a `SamplerConfig`;
-they only ever see a denoiser callable and a scheduler.
+schedule). Sampling is delegated to a `ChunkSampler` (built once per sampler config and PCM, then cached), which
+runs the pure samplers of `pcm_policy.sampling`: they only ever see a denoiser callable and the step coefficients.
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from torch import nn
 from pcm_policy.data.normalizer import Normalizer
 from pcm_policy.errors import PcmError
 from pcm_policy.model.unet import ConditionalUnet1D
-from pcm_policy.sampler_config import SamplerConfig, build_scheduler, run_sampler
+from pcm_policy.chunk_sampler import ChunkSampler
+from pcm_policy.sampler_config import SamplerConfig
 
 
 @dataclass
@@ -79,8 +80,7 @@ class DiffusionPolicy(nn.Module):
             n_groups=config.n_groups,
         )
         self.noise_scheduler = DDPMScheduler(**config.noise_scheduler)
-        self.pcm: Callable | None = None  # attached by pcm_policy.pcm (full copy or LoRA on self.model)
-        self._schedulers: dict[tuple[str, int], Any] = {}
+        self._samplers: dict[tuple[SamplerConfig, int | None, torch.device], ChunkSampler] = {}
 
     @property
     def device(self) -> torch.device:
@@ -126,42 +126,66 @@ class DiffusionPolicy(nn.Module):
 
     # ---- sampling ------------------------------------------------------------------------------------
     def denoiser(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        """The base network: x (N, H, Da) noisy normalized actions, t (N,) long timesteps, cond (N, To*Do)."""
         return self.model(x, t, cond)
 
-    def scheduler_for(self, sampler: SamplerConfig):
-        key = (sampler.scheduler, sampler.steps)
-        if key not in self._schedulers:
-            self._schedulers[key] = build_scheduler(self.noise_scheduler.config, sampler.scheduler, sampler.steps)
-        return self._schedulers[key]
+    def sampler(self, config: SamplerConfig | Mapping[str, Any] | ChunkSampler | None = None,
+                pcm: Callable | None = None) -> ChunkSampler:
+        """The `ChunkSampler` for `config` on this policy's network (and `pcm`, for the switching samplers).
 
-    def make_noise(self, batch_size: int, sampler: SamplerConfig, generator: torch.Generator | None = None):
+        Built once per (config, pcm, device) and cached, so per-chunk calls pay no set-up. A `ChunkSampler`
+        passed in is returned as it is. Raises ConfigError for an invalid config or a missing PCM.
+        """
+        if isinstance(config, ChunkSampler):
+            return config
+        cfg = SamplerConfig.from_mapping(config or {})
+        key = (cfg, None if pcm is None or not cfg.needs_pcm else id(pcm), self.device)
+        if key not in self._samplers:
+            self._samplers[key] = ChunkSampler(cfg, self.noise_scheduler.config, self.denoiser, pcm,
+                                               sample_shape=(self.config.horizon, self.config.action_dim),
+                                               device=self.device)
+        return self._samplers[key]
+
+    def scheduler_for(self, sampler: SamplerConfig | Mapping[str, Any] | ChunkSampler):
+        """The inference scheduler (diffusers, `set_timesteps` done) of a sampler config's schedule."""
+        if isinstance(sampler, ChunkSampler):
+            return sampler.scheduler
+        cfg = SamplerConfig.from_mapping(sampler)
+        return self.sampler(SamplerConfig(name="sequential", scheduler=cfg.scheduler, steps=cfg.steps)).scheduler
+
+    def make_noise(self, batch_size: int, sampler: SamplerConfig | Mapping[str, Any] | ChunkSampler,
+                   generator: torch.Generator | None = None):
         """Initial noise x_T (B, H, Da) and per-step noise (S, B, H, Da), drawn once before sampling."""
-        S = len(self.scheduler_for(sampler).timesteps)
-        shape = (batch_size, self.config.horizon, self.config.action_dim)
-        x_T = torch.randn(shape, generator=generator)
-        noise = torch.randn((S, *shape), generator=generator)
-        return x_T.to(self.device), noise.to(self.device)
+        if not isinstance(sampler, ChunkSampler):
+            cfg = SamplerConfig.from_mapping(sampler)
+            sampler = self.sampler(SamplerConfig(name="sequential", scheduler=cfg.scheduler, steps=cfg.steps))
+        return sampler.make_noise(batch_size, generator)
 
     @torch.no_grad()
     def predict_chunk(
         self,
         obs_history: torch.Tensor,
-        sampler: SamplerConfig | Mapping[str, Any] | None = None,
+        sampler: SamplerConfig | Mapping[str, Any] | ChunkSampler | None = None,
         generator: torch.Generator | None = None,
         noise: tuple[torch.Tensor, torch.Tensor] | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> ChunkResult:
-        """Observation history (B, To, Do) or (To, Do) -> action chunk. `noise` = (x_T, per-step noise)."""
-        sampler = SamplerConfig.from_mapping(sampler or {})
+        """Observation history (B, To, Do) or (To, Do) float -> `ChunkResult` (actions in env units).
+
+        `sampler`: a `ChunkSampler` (see `DiffusionPolicy.sampler`) or a config (its cached sampler is used; a
+        config naming a PCM sampler needs a ChunkSampler built with the PCM). `noise` = (x_T (B, H, Da), per-step
+        noise (S, B, H, Da)), drawn from `generator` when None. Raises PcmError for a non-finite observation or
+        a history of the wrong shape.
+        """
+        sampler = self.sampler(sampler)
         obs = torch.as_tensor(obs_history, dtype=torch.float32, device=self.device)
         if obs.ndim == 2:
             obs = obs[None]
         if not torch.isfinite(obs).all():
             raise PcmError("observation history contains NaN/inf")
         cond = self.global_cond(obs)
-        x_T, step_noise = noise if noise is not None else self.make_noise(obs.shape[0], sampler, generator)
-        naction, stats = run_sampler(sampler, self.scheduler_for(sampler), x_T, step_noise, cond,
-                                     base=self.denoiser, pcm=self.pcm, should_stop=should_stop)
+        x_T, step_noise = noise if noise is not None else sampler.make_noise(obs.shape[0], generator)
+        naction, stats = sampler.sample(x_T, step_noise, cond, should_stop=should_stop)
         if not stats.converged:
             # An early-stopped Picard estimate can lie far outside the data (early iterates are partial sums);
             # keep it inside the normalized action range the policy was trained on.

@@ -1,22 +1,26 @@
 """Which sampler a policy uses to turn noise into an action chunk: the `sampler=` config group.
 
 A `SamplerConfig` names an algorithm (`sequential`, `picard`, `pcm` for output-space switching, `pcm_lora`
-for weight-space switching) over a base scheduler (`ddpm` with all training steps, or `ddim` with fewer).
-The policy builds the scheduler and the denoisers; this module only dispatches to the pure samplers.
+for weight-space switching) over a base scheduler (`ddpm` with all training steps, or `ddim` with fewer), how the
+Picard rounds are accelerated (`accel`: `none`, or `anderson` = (triangular) Anderson acceleration of the base
+phase, ParaTAA) and where the trajectory starts (`start`: `x_T` in every slot, or `noise_sum` =
+x_T + sum_{i<j} sigma_i z_i, which carries the chunk's own DDPM noise). `pcm_policy.chunk_sampler.ChunkSampler`
+binds a config to a policy's denoisers once and runs it.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
-import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from pcm_policy.errors import ConfigError
 
 ALGORITHMS = ("sequential", "picard", "pcm", "pcm_lora")
 SCHEDULERS = ("ddpm", "ddim")
+ACCELERATIONS = ("none", "anderson")
+STARTS = ("x_T", "noise_sum")
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,11 @@ class SamplerConfig:
     # Pad every Picard window to the same shape (needed to capture CUDA graphs). None = on CUDA only: on a CPU
     # a shrinking last window is cheaper.
     fixed_shape: bool | None = None
+    accel: str = "none"  # none | anderson: Anderson acceleration of the base-model Picard rounds
+    memory: int = 3  # Anderson history length m (pairs of iterates kept)
+    damping: float = 1.0  # Anderson mixing beta in (0, 1]
+    triangular: bool = True  # one set of mixing coefficients per slot (ParaTAA) instead of one for the suffix
+    start: str = "x_T"  # x_T | noise_sum: the Picard trajectory's initial state X^0
 
     def __post_init__(self):
         if self.name not in ALGORITHMS:
@@ -43,6 +52,14 @@ class SamplerConfig:
             raise ConfigError(f"sampler.window={self.window}: must be >= 1 or null")
         if self.tol < 0:
             raise ConfigError(f"sampler.tol={self.tol}: must be >= 0")
+        if self.accel not in ACCELERATIONS:
+            raise ConfigError(f"sampler.accel={self.accel!r}: expected one of {', '.join(ACCELERATIONS)}")
+        if self.start not in STARTS:
+            raise ConfigError(f"sampler.start={self.start!r}: expected one of {', '.join(STARTS)}")
+        if not 1 <= self.memory <= 10:
+            raise ConfigError(f"sampler.memory={self.memory}: must be in 1..10")
+        if not 0.0 < self.damping <= 1.0:
+            raise ConfigError(f"sampler.damping={self.damping}: must be in (0, 1]")
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any] | "SamplerConfig") -> "SamplerConfig":
@@ -56,8 +73,23 @@ class SamplerConfig:
 
     @property
     def label(self) -> str:
-        """Short name for tables, e.g. `picard/ddpm100` or `sequential/ddim10`."""
-        return f"{self.name}/{self.scheduler}{self.steps}"
+        """Short name for tables, e.g. `picard/ddpm100`, `pcm_lora+aa/ddim10` or `picard+aa+ns/ddpm100`."""
+        return f"{self.variant}/{self.scheduler}{self.steps}"
+
+    @property
+    def variant(self) -> str:
+        """The algorithm with its acceleration and start: `picard`, `picard+aa`, `picard+aa+ns`, ..."""
+        if self.name == "sequential":
+            return self.name
+        return self.name + ("+aa" if self.accel == "anderson" else "") + ("+ns" if self.start == "noise_sum" else "")
+
+    def anderson_config(self):
+        """The `AndersonConfig` of `accel=anderson`, None otherwise."""
+        if self.accel != "anderson":
+            return None
+        from pcm_policy.sampling.anderson import AndersonConfig
+
+        return AndersonConfig(memory=self.memory, damping=self.damping, triangular=self.triangular)
 
     @property
     def needs_pcm(self) -> bool:
@@ -74,39 +106,3 @@ def build_scheduler(train_scheduler_config: Mapping[str, Any], kind: str, steps:
     scheduler = cls.from_config(config)
     scheduler.set_timesteps(steps)
     return scheduler
-
-
-def run_sampler(
-    cfg: SamplerConfig,
-    scheduler,
-    x_T: torch.Tensor,
-    noise: torch.Tensor,
-    cond: torch.Tensor | None,
-    base: Callable,
-    pcm: Callable | None = None,
-    should_stop: Callable[[], bool] | None = None,
-):
-    """Run the configured sampler; returns (x0, SamplerStats).
-
-    `base(x, t, cond)` is the base denoiser. For `pcm`, `pcm(x, t, cond)` is the consistency model; for
-    `pcm_lora`, `pcm(x, t, cond, scale)` evaluates the base weights plus `scale` times the LoRA delta.
-    """
-    from pcm_policy import sampling
-
-    if cfg.name == "sequential":
-        S = len(scheduler.timesteps)
-        x0 = sampling.sample_sequential(base, scheduler, x_T, noise, cond)
-        return x0, sampling.SamplerStats(iterations=S, evaluations=S, converged=True, network_calls=S,
-                                         network_rows=S * x_T.shape[0])
-    fixed_shape = cfg.fixed_shape if cfg.fixed_shape is not None else x_T.is_cuda
-    kwargs: dict[str, Any] = dict(cond=cond, window=cfg.window, tol=cfg.tol, max_iters=cfg.max_iters,
-                                  should_stop=should_stop, fixed_shape=fixed_shape)
-    if cfg.name == "picard":
-        return sampling.sample_picard(base, scheduler, x_T, noise, **kwargs)
-    if pcm is None:
-        raise ConfigError(f"sampler.name={cfg.name}: this policy has no PCM attached (load one with sampler.pcm_checkpoint)")
-    if cfg.stiffness is not None:
-        kwargs["stiffness"] = cfg.stiffness
-    if cfg.name == "pcm":
-        return sampling.sample_switched(base, pcm, scheduler, x_T, noise, **kwargs)
-    return sampling.sample_lora_switched(pcm, scheduler, x_T, noise, **kwargs)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pcm_policy.checkpoint import load_policy
-from pcm_policy.pcm.attach import maybe_attach_pcm
+from pcm_policy.pcm.attach import load_sampler
 from pcm_policy.sampler_config import SamplerConfig
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "pusht"
@@ -37,7 +37,7 @@ def test_shipped_policy_and_pcm_lora(schedule):
     assert ((ref.action > -50) & (ref.action < 562)).all()  # PushT targets live on the 512 px table
     for name in ("pcm", "pcm_lora"):
         sampler = SamplerConfig(name=name, scheduler=kind, steps=steps, tol=0.0)
-        maybe_attach_pcm(policy, sampler, str(pcm_dir), "cpu")
+        sampler = load_sampler(policy, sampler, "cpu", str(pcm_dir))
         out = policy.predict_chunk(obs, sampler, noise=noise)
         assert out.stats.converged
         torch.testing.assert_close(out.action_pred, ref.action_pred, rtol=1e-5, atol=1e-3)

@@ -7,7 +7,7 @@ import torch
 from pcm_policy import checkpoint as ckpt_io
 from pcm_policy.config import compose
 from pcm_policy.errors import CheckpointError, ConfigError
-from pcm_policy.pcm.attach import load_pcm, maybe_attach_pcm
+from pcm_policy.pcm.attach import load_pcm, load_sampler
 from pcm_policy.pcm.training import train_pcm
 from pcm_policy.sampler_config import SamplerConfig
 from pcm_policy.training import train
@@ -53,7 +53,7 @@ def test_train_pcm_writes_checkpoint_metrics_and_attaches_exactly(base_run, mode
     ref = policy.predict_chunk(obs, seq, noise=noise).action_pred
     for name in names:
         sampler = SamplerConfig(name=name, scheduler="ddpm", steps=10, tol=0.0)
-        maybe_attach_pcm(policy, sampler, str(base_run / f"pcm_{mode}"), "cpu")
+        sampler = load_sampler(policy, sampler, "cpu", str(base_run / f"pcm_{mode}"))
         out = policy.predict_chunk(obs, sampler, noise=noise)
         torch.testing.assert_close(out.action_pred, ref, rtol=1e-5, atol=1e-4)  # pixels: float32 rounding
         assert out.stats.converged
@@ -67,7 +67,7 @@ def test_pcm_refuses_other_base_and_missing_checkpoint(base_run, tmp_path):
     with pytest.raises(CheckpointError, match="another base"):
         load_pcm(base_run / "pcm_bind", policy)
     with pytest.raises(ConfigError, match="pcm_checkpoint"):
-        maybe_attach_pcm(policy, SamplerConfig(name="pcm"), None, "cpu")
+        load_sampler(policy, SamplerConfig(name="pcm"), "cpu")
 
 
 def test_train_pcm_resumes(base_run):

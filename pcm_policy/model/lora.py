@@ -151,8 +151,15 @@ def scaled_denoiser(module: nn.Module):
     """Adapt a LoRA-injected ``module(x, t, cond)`` to the weight-space switching signature
     ``denoiser(x, t, cond, scale)`` used by ``sample_lora_switched``."""
 
+    mods = lora_modules(module)  # walked once, not on every call
+    current = [None]
+
     def fn(x, t, cond, scale):
-        set_lora_scale(module, scale)
+        scale = float(scale)
+        if scale != current[0] or any(m.scale != scale for m in mods[:1]):
+            for m in mods:
+                m.scale = scale
+            current[0] = scale
         return module(x, t, cond)
 
     return fn

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
 from pcm_policy import checkpoint as ckpt_io
 from pcm_policy.errors import CheckpointError, ConfigError
-from pcm_policy.model.lora import add_lora, load_lora_state_dict, scaled_denoiser, set_lora_scale
+from pcm_policy.model.lora import add_lora, load_lora_state_dict, scaled_denoiser
+from pcm_policy.sampler_config import SamplerConfig
 
 
 def build_pcm_network(base_model: torch.nn.Module, mode: str, rank: int = 16, alpha: float | None = None):
@@ -57,22 +58,27 @@ def pcm_denoiser(net: torch.nn.Module, sampler_name: str) -> Callable:
             raise ConfigError("sampler=pcm_lora needs a LoRA PCM (mode=lora); this one is a full copy (use sampler=pcm)")
         return scaled_denoiser(net)
 
-    def denoise(x, t, cond):
-        if is_lora:
-            set_lora_scale(net, 1.0)
-        return net(x, t, cond)
-
-    return denoise
+    if not is_lora:
+        return net
+    scaled = scaled_denoiser(net)
+    return lambda x, t, cond: scaled(x, t, cond, 1.0)
 
 
-def maybe_attach_pcm(policy, sampler, pcm_checkpoint: str | None, device) -> None:
-    """Attach the PCM named in the sampler config when the sampler needs one."""
+def load_sampler(policy, sampler_cfg: Mapping[str, Any] | SamplerConfig, device=None, pcm_checkpoint: str | None = None):
+    """The policy's `ChunkSampler` for a `sampler=` config, its PCM loaded from `sampler.pcm_checkpoint` when the
+    sampler needs one (`pcm_checkpoint` overrides the config's key).
+
+    Raises ConfigError when a PCM sampler names no checkpoint, CheckpointError when the PCM does not fit the base.
+    """
+    sampler = SamplerConfig.from_mapping(sampler_cfg)
+    if pcm_checkpoint is None and not isinstance(sampler_cfg, SamplerConfig):
+        pcm_checkpoint = sampler_cfg.get("pcm_checkpoint")
     if not sampler.needs_pcm:
-        return
+        return policy.sampler(sampler)
     if not pcm_checkpoint:
         raise ConfigError(f"sampler.pcm_checkpoint: sampler={sampler.name} needs a PCM checkpoint "
                           "(train one with `pcm train-pcm base=<checkpoint>`)")
     from pcm_policy.config import resolve_path
 
-    net, _ = load_pcm(resolve_path(pcm_checkpoint), policy, device)
-    policy.pcm = pcm_denoiser(net, sampler.name)
+    net, _ = load_pcm(resolve_path(pcm_checkpoint), policy, device or policy.device)
+    return policy.sampler(sampler, pcm=pcm_denoiser(net, sampler.name))

@@ -35,22 +35,51 @@ from pcm_policy.pcm.attach import build_pcm_network, pcm_denoiser
 from pcm_policy.pcm.loss import iterate_variances, pct_loss
 from pcm_policy.pcm.trajectories import collect_picard_trajectory
 from pcm_policy.runtime import resolve_device, seed_everything
+from pcm_policy.chunk_sampler import ChunkSampler
 from pcm_policy.sampler_config import SamplerConfig
-from pcm_policy.sampling import sample_lora_switched, sample_picard, sample_sequential, sample_switched
 from pcm_policy.sampling.schedule import StepCoefficients
 
 
 # ---- observations ----------------------------------------------------------------------------------------
-def observation_sets(base_ckpt: Path, cfg: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(training observations, held-out observations), each (N, To, Do), from the base policy's dataset."""
-    from pcm_policy.training import checkpoint_observations
+def observation_sets(base_ckpt: Path, cfg: Mapping[str, Any], policy=None, out: Path | None = None,
+                     base_card: Mapping[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training observations, held-out observations), each (N, To, Do) float32 in env units.
 
-    train_obs, val_obs = checkpoint_observations(base_ckpt, cfg.get("dataset_path"))
-    held_out = val_obs if len(val_obs) else train_obs[-cfg["eval_observations"]:]
+    `observations=dataset`: windows of the base policy's dataset (held out: its validation episodes).
+    `observations=closed_loop`: histories the base policy planned from in its own closed-loop rollouts
+    (`closed_loop.*`; held out: histories from other episodes), recorded once in `out/observations.safetensors`.
+    """
+    if cfg.get("observations", "dataset") == "closed_loop":
+        train_obs, held_out = _closed_loop_observations(policy, cfg, out, base_card)
+    else:
+        from pcm_policy.training import checkpoint_observations
+
+        train_obs, val_obs = checkpoint_observations(base_ckpt, cfg.get("dataset_path"))
+        held_out = val_obs if len(val_obs) else train_obs[-cfg["eval_observations"]:]
     g = torch.Generator().manual_seed(cfg["seed"])
     pick = torch.randperm(len(train_obs), generator=g)[: cfg["trajectories"]]
     pick_eval = torch.randperm(len(held_out), generator=g)[: cfg["eval_observations"]]
     return train_obs[pick], held_out[pick_eval]
+
+
+def _closed_loop_observations(policy, cfg, out: Path, base_card) -> tuple[torch.Tensor, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    from pcm_policy.pcm.visited import visited_observations
+
+    loop = cfg["closed_loop"]
+    path = out / "observations.safetensors"
+    if path.is_file():
+        saved = load_file(str(path))
+        return saved["train"], saved["held_out"]
+    roll = lambda episodes, seed: visited_observations(  # noqa: E731
+        policy, base_card.get("env_id"), loop["max_steps"], episodes, seed, loop["sampler"], loop["n_envs"])
+    train_obs = roll(loop["episodes"], loop["seed_start"])
+    held_out = roll(loop["eval_episodes"], loop["seed_start"] + loop["episodes"])
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file({"train": train_obs.contiguous(), "held_out": held_out.contiguous()}, str(tmp))
+    return train_obs, held_out
 
 
 # ---- collection ------------------------------------------------------------------------------------------
@@ -62,7 +91,8 @@ def collect(policy, sampler: SamplerConfig, observations: torch.Tensor, out: Pat
     """
     traj_dir = out / "trajectories"
     meta = {"base_fingerprint": fingerprint, "scheduler": sampler.scheduler, "steps": sampler.steps,
-            "tol": cfg["collect_tol"], "trajectories": len(observations), "batch": cfg["collect_batch"], "seed": cfg["seed"]}
+            "tol": cfg["collect_tol"], "trajectories": len(observations), "batch": cfg["collect_batch"], "seed": cfg["seed"],
+            "observations": cfg.get("observations", "dataset"), "start": sampler.start}
     meta_path = traj_dir / "meta.json"
     if meta_path.is_file() and json.loads(meta_path.read_text()) != meta:
         raise ConfigError(f"{traj_dir}: trajectories were collected with other settings or another base; "
@@ -84,7 +114,8 @@ def collect(policy, sampler: SamplerConfig, observations: torch.Tensor, out: Pat
             cond = policy.global_cond(obs)
             x_T, noise = policy.make_noise(len(rows), sampler, torch.Generator().manual_seed(cfg["seed"] * 100_003 + b))
             iterates, fixed = collect_picard_trajectory(policy.denoiser, scheduler, x_T, noise, cond,
-                                                        tol=cfg["collect_tol"], max_iters=cfg.get("collect_max_iters"))
+                                                        tol=cfg["collect_tol"], max_iters=cfg.get("collect_max_iters"),
+                                                        start=sampler.start)
             with atomic_path(shard) as tmp:
                 save_file({"iterates": iterates.half().cpu().contiguous(), "fixed_point": fixed.float().cpu().contiguous(),
                            "noise": noise.cpu().contiguous(), "cond": cond.cpu().contiguous()}, str(tmp))
@@ -140,29 +171,38 @@ class TrajectorySet:
 # ---- held-out evaluation -----------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate_iterations(policy, net, sampler: SamplerConfig, observations: torch.Tensor, tol: float, window,
-                        stiffness, seed: int) -> dict[str, dict[str, float]]:
-    """Per observation (batch 1): iterations and evaluations to converge, and error against sequential."""
-    scheduler = policy.scheduler_for(sampler)
+                        stiffness, seed: int, accel: Mapping[str, Any] | None = None) -> dict[str, dict[str, float]]:
+    """Per held-out observation (batch 1): rounds and evaluations to converge, and the largest action deviation
+    from the sequential sample (normalized units), for Picard, PCM (output space) and, for a LoRA PCM, PCM-LoRA
+    (weight space); with `accel` (SamplerConfig keys such as accel/memory/damping) each again as a `+aa` row.
+    Returns {row name: {iterations_mean, evaluations_mean, max_abs_err_vs_sequential, abs_err_p99_vs_sequential,
+    observations}}.
+    """
     is_lora = any(".lora_A." in k for k in net.state_dict())
-    rows: dict[str, list[tuple[int, int, float]]] = {"picard": [], "pcm": []}
-    if is_lora:
-        rows["pcm_lora"] = []
-    out_space = pcm_denoiser(net, "pcm")
-    weight_space = pcm_denoiser(net, "pcm_lora") if is_lora else None
+    common = dict(scheduler=sampler.scheduler, steps=sampler.steps, tol=tol, window=window, start=sampler.start)
+    variants = [common] + ([{**common, **dict(accel)}] if accel else [])
+    build = lambda config, pcm=None: ChunkSampler(config, policy.noise_scheduler.config, policy.denoiser, pcm,  # noqa: E731
+                                                  device=policy.device)
+    reference = build(SamplerConfig(name="sequential", scheduler=sampler.scheduler, steps=sampler.steps))
+    samplers = {}
+    for variant in variants:
+        for name, pcm in (("picard", None), ("pcm", pcm_denoiser(net, "pcm")),
+                          ("pcm_lora", pcm_denoiser(net, "pcm_lora") if is_lora else None)):
+            if name == "pcm_lora" and pcm is None:
+                continue
+            config = SamplerConfig(name=name, stiffness=stiffness if name != "picard" else None, **variant)
+            samplers[name + ("+aa" if config.accel == "anderson" else "")] = build(config, pcm)
+    rows: dict[str, list[tuple[int, int, float]]] = {name: [] for name in samplers}
     for i in range(len(observations)):
         cond = policy.global_cond(observations[i:i + 1].to(policy.device))
         x_T, noise = policy.make_noise(1, sampler, torch.Generator().manual_seed(seed + i))
-        ref = sample_sequential(policy.denoiser, scheduler, x_T, noise, cond)
-        runs = {"picard": sample_picard(policy.denoiser, scheduler, x_T, noise, cond, window=window, tol=tol),
-                "pcm": sample_switched(policy.denoiser, out_space, scheduler, x_T, noise, cond, stiffness=stiffness,
-                                       window=window, tol=tol)}
-        if weight_space is not None:
-            runs["pcm_lora"] = sample_lora_switched(weight_space, scheduler, x_T, noise, cond, stiffness=stiffness,
-                                                    window=window, tol=tol)
-        for name, (x0, stats) in runs.items():
+        ref, _ = reference.sample(x_T, noise, cond)
+        for name, chunk_sampler in samplers.items():
+            x0, stats = chunk_sampler.sample(x_T, noise, cond)
             rows[name].append((stats.iterations, stats.evaluations, float((x0 - ref).abs().max())))
     return {name: {"iterations_mean": float(np.mean([r[0] for r in v])), "evaluations_mean": float(np.mean([r[1] for r in v])),
-                   "max_abs_err_vs_sequential": float(np.max([r[2] for r in v])), "observations": len(v)}
+                   "max_abs_err_vs_sequential": float(np.max([r[2] for r in v])),
+                   "abs_err_p99_vs_sequential": float(np.percentile([r[2] for r in v], 99)), "observations": len(v)}
             for name, v in rows.items()}
 
 
@@ -188,10 +228,10 @@ def _train_pcm(cfg: Mapping[str, Any], ctx: distributed.Dist) -> dict[str, Any]:
     for p in policy.model.parameters():
         p.requires_grad_(False)
     fingerprint = ckpt_io.weights_fingerprint(policy.model)
-    sampler = SamplerConfig(name="picard", scheduler=cfg["scheduler"], steps=cfg["steps"])
+    sampler = SamplerConfig(name="picard", scheduler=cfg["scheduler"], steps=cfg["steps"], start=cfg.get("start", "x_T"))
     t0 = time.perf_counter()
 
-    train_obs, eval_obs = observation_sets(base_ckpt, cfg)
+    train_obs, eval_obs = observation_sets(base_ckpt, cfg, policy, out, base_card)
     last = len(train_obs) % cfg["batch_size"]
     if 0 < last < ctx.world_size:  # every process needs at least one row of every batch
         raise ConfigError(f"trajectories: the last batch of an epoch has {last} trajectories ({len(train_obs)} % "
@@ -202,7 +242,8 @@ def _train_pcm(cfg: Mapping[str, Any], ctx: distributed.Dist) -> dict[str, Any]:
     coeffs = StepCoefficients.from_scheduler(policy.scheduler_for(sampler), device, torch.float32)
 
     net = build_pcm_network(policy.model, cfg["mode"], cfg["lora_rank"], cfg.get("lora_alpha")).to(device)
-    eval_kw = dict(tol=cfg["eval_tol"], window=cfg.get("eval_window"), stiffness=cfg.get("stiffness"), seed=cfg["seed"] + 1)
+    eval_kw = dict(tol=cfg["eval_tol"], window=cfg.get("eval_window"), stiffness=cfg.get("stiffness"), seed=cfg["seed"] + 1,
+                   accel=cfg.get("eval_accel"))
     before = evaluate_iterations(policy, net, sampler, eval_obs, **eval_kw) if ctx.is_main else None
     train_net = ctx.wrap(net)  # DDP (or net itself); wrapped before the EMA copies the (broadcast) weights
 
@@ -214,6 +255,7 @@ def _train_pcm(cfg: Mapping[str, Any], ctx: distributed.Dist) -> dict[str, Any]:
     card = {"kind": "pcm", "mode": cfg["mode"], "lora_rank": cfg["lora_rank"], "lora_alpha": cfg.get("lora_alpha"),
             "base": str(base_ckpt), "base_fingerprint": fingerprint, "task": base_card["task"],
             "env_id": base_card.get("env_id"), "scheduler": cfg["scheduler"], "steps": cfg["steps"],
+            "start": sampler.start, "observations": cfg.get("observations", "dataset"),
             "policy": base_card["policy"]}
 
     step, epoch_losses = 0, []

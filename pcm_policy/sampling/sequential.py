@@ -8,17 +8,22 @@ from .schedule import StepCoefficients
 
 
 @torch.no_grad()
-def sample_sequential(denoiser, scheduler, x_T: torch.Tensor, noise: torch.Tensor, cond=None) -> torch.Tensor:
+def sample_sequential(denoiser, scheduler, x_T: torch.Tensor, noise: torch.Tensor, cond=None, *,
+                      coeffs: StepCoefficients | None = None) -> torch.Tensor:
     """Run the S scheduler steps one network call at a time; returns x0 of shape (B, H, Da).
 
-    ``noise`` (S, B, H, Da) holds the standard-normal draws z_j (ignored where sigma_j = 0, e.g. DDIM).
+    ``noise`` (S, B, H, Da) holds the standard-normal draws z_j (ignored where sigma_j = 0, e.g. DDIM);
+    ``coeffs``: the scheduler's step coefficients precomputed on x_T's device (built from ``scheduler`` if None).
+    Equals diffusers' ``scheduler.step`` loop (DDPM: Ho et al. 2020 eq. 6-7; DDIM eta=0: Song et al. 2021 eq. 12).
     """
-    coeffs = StepCoefficients.from_scheduler(scheduler, x_T.device, x_T.dtype)
+    if coeffs is None:
+        coeffs = StepCoefficients.from_scheduler(scheduler, x_T.device, x_T.dtype)
     nt = coeffs.noise_terms(noise.to(device=x_T.device, dtype=x_T.dtype))
     B = x_T.shape[0]
     y = x_T
+    ts = coeffs.timesteps.view(-1, 1).expand(-1, B)  # (S, B): one row per step, no per-step allocation
     for j in range(coeffs.num_steps):
-        t = coeffs.timesteps[j].expand(B)
+        t = ts[j]
         eps = denoiser(y, t, cond)
         y = coeffs.step_no_noise(y, eps, j) + nt[j]
     return y

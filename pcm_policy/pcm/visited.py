@@ -1,0 +1,48 @@
+"""Observation histories the controller actually meets: closed-loop rollouts of the base policy.
+
+Dataset windows come from the expert's state distribution; a policy's own rollouts drift from it, and the PCM is
+asked to denoise at exactly those drifted states. `visited_observations` rolls the base policy out in its env
+(vectorised, like `pcm eval`) and records every observation history it planned from, so PCT can be trained and
+evaluated on them (`pcm train-pcm observations=closed_loop`). Seeds default to 200000+, disjoint from the test
+seeds 100000..100049 used by `pcm eval` and the bench.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from pcm_policy.errors import ConfigError
+
+
+class _RecordingAgent:
+    """Wraps a chunk agent (obs (N, To, Do) -> actions (N, Ta, Da)) and keeps every observation batch it sees."""
+
+    def __init__(self, agent):
+        self.agent = agent
+        self.seen: list[np.ndarray] = []
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        self.seen.append(np.array(obs, dtype=np.float32, copy=True))
+        return self.agent(obs)
+
+
+def visited_observations(policy, env_id: str, max_steps: int, episodes: int, seed_start: int,
+                         sampler: Mapping[str, Any], n_envs: int = 8, progress: bool = True) -> torch.Tensor:
+    """Roll `policy` out for `episodes` episodes (seeds seed_start..) with `sampler` and return the observation
+    histories it planned from, (N, To, Do) float32, in env units (N = number of chunks requested).
+
+    Raises ConfigError when the policy's checkpoint names no env (it cannot be rolled out).
+    """
+    from pcm_policy.evaluation import ChunkAgent, rollout_policy
+
+    if not env_id:
+        raise ConfigError("observations=closed_loop: the base checkpoint names no env_id to roll out in")
+    agent = _RecordingAgent(ChunkAgent(policy, policy.sampler(sampler), seed=seed_start))
+    c = policy.config
+    rollout_policy(agent, env_id, episodes, n_envs, c.n_obs_steps, c.n_action_steps, max_steps, seed_start,
+                   progress=progress)
+    obs = np.concatenate(agent.seen, axis=0)
+    keep = np.isfinite(obs).all(axis=(1, 2))  # a finished env may report a stale/invalid history
+    return torch.from_numpy(obs[keep])
