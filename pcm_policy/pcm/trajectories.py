@@ -5,21 +5,26 @@ from __future__ import annotations
 import torch
 
 from ..sampling.picard import _single_model_map, _tile_cond, picard_loop, prepare
+from ..sampling.schedule import StepCoefficients
 
 
 @torch.no_grad()
-def collect_picard_trajectory(denoiser, scheduler, x_T, noise, cond=None, tol: float = 1e-3, max_iters=None):
-    """Run full-window base Picard from X^0 (every slot = x_T) and record all iterates.
+def collect_picard_trajectory(denoiser, scheduler, x_T, noise, cond=None, tol: float = 1e-3, max_iters=None, *,
+                              start="x_T", coeffs: StepCoefficients | None = None):
+    """Run full-window base Picard from X^0 and record all iterates.
 
+    ``start`` chooses X^0 (``"x_T"``: every slot = x_T; ``"noise_sum"`` / ``"x0_chain"``: the chunk's DDPM noise
+    carried along, see :mod:`pcm_policy.sampling.start`); a PCM trained on these iterates learns its step from
+    that start, so sample with the same one.  ``coeffs``: precomputed ``StepCoefficients`` of ``scheduler``.
     Returns ``(iterates, fixed_point)``: iterates (K+1, S+1, B, H, Da) = X^0..X^K (X^K the final state) and
     fixed_point (S+1, B, H, Da) = X^K, which with a small ``tol`` is the sequential trajectory (slot S = the
     sequential sample).  The default tol is tighter than sampling's 0.1 because X* is a training target.
     """
-    coeffs, nt, cond = prepare(scheduler, x_T, noise, cond)
+    coeffs, nt, cond = prepare(scheduler, x_T, noise, cond, coeffs)
     S = coeffs.num_steps
     out = []
     map_fn = _single_model_map(denoiser, coeffs, _tile_cond(cond, S))
-    Y, _ = picard_loop(map_fn, coeffs, x_T, nt, window=S, tol=tol, max_iters=max_iters,
+    Y, _ = picard_loop(map_fn, coeffs, x_T, nt, window=S, tol=tol, max_iters=max_iters, start=start,
                        callback=lambda Y: out.append(Y.clone()))
     iterates = torch.stack(out)
     return iterates, iterates[-1].clone()

@@ -7,7 +7,11 @@ Trajectory Y = (y_0 .. y_S), shape (S+1, B, H, Da), y_0 = x_T.  One iteration ov
 
 Conventions of this implementation:
 
-* Initialisation X^0: every slot = x_T (as ParaDiGMS).
+* Initialisation X^0: ``start="x_T"`` every slot = x_T (as ParaDiGMS); ``"noise_sum"`` / ``"x0_chain"`` carry the
+  chunk's own DDPM noise (see :mod:`pcm_policy.sampling.start`).
+* Anderson acceleration (``anderson=AndersonConfig(...)``, base phase only): slots up to the new anchor take the
+  Picard values as above, the slots after it inside the window the Anderson step of
+  :mod:`pcm_policy.sampling.anderson`; convergence, the anchor rule and the S-iteration bound are unchanged.
 * Convergence: output slot j+1 passes when ``max_b ||y_{j+1}^{new} - y_{j+1}^{old}||^2 / D <= tol^2 * var_j``
   (``var_j = StepCoefficients.conv_var[j]``; at a zero-variance step the smallest positive variance of the
   schedule is used).  The anchor moves to the first failed slot (always >= a+1: that slot was computed from
@@ -32,7 +36,9 @@ from typing import Callable
 
 import torch
 
+from .anderson import AndersonConfig, AndersonMixer
 from .schedule import StepCoefficients
+from .start import initial_trajectory
 
 
 @dataclass
@@ -62,6 +68,8 @@ def picard_loop(
     fixed_shape: bool = True,
     lambda_fn: Callable[[int], float] | None = None,
     callback: Callable[[torch.Tensor], None] | None = None,
+    anderson: AndersonConfig | None = None,
+    start="x_T",
 ):
     """Generic windowed Picard loop shared by all samplers.
 
@@ -73,13 +81,19 @@ def picard_loop(
     same rule (clamped so it stays inside the trajectory) but nothing is declared converged, and at the first
     base iteration (lambda = 0) the anchor returns to 0 so the result is exactly base-model Picard.
     ``callback(Y)`` sees the trajectory after initialisation and after every iteration.
-    Returns (Y, stats).
+    ``anderson``: accelerate the base phase (lambda = 0) with (triangular) Anderson mixing of the slots after
+    the new anchor; its history starts with the base phase.  ``start``: X^0, a mode of
+    :data:`pcm_policy.sampling.start.START_MODES` or a trajectory tensor (S+1, B, H, Da).
+    Returns (Y, stats).  Raises ``ValueError`` for an unknown start or a non-``AndersonConfig`` ``anderson``.
     """
     S = coeffs.num_steps
     B = x_T.shape[0]
     w = S if window is None else max(1, min(int(window), S))
     dev = x_T.device
-    Y = x_T.unsqueeze(0).repeat(S + 1, *([1] * x_T.ndim))
+    if anderson is not None and not isinstance(anderson, AndersonConfig):
+        raise ValueError(f"anderson={anderson!r}: expected an AndersonConfig or None")
+    mixer = None if anderson is None else AndersonMixer(anderson)
+    Y = initial_trajectory(coeffs, x_T, noise_terms, start)
     ar = torch.arange(w, device=dev)
     D = x_T[0].numel()
     tol2 = float(tol) ** 2
@@ -101,6 +115,8 @@ def picard_loop(
             if lam <= 0.0 and not base_phase:
                 base_phase = True
                 a = 0  # restart from the exact anchor: from here on it is plain base-model Picard
+                if mixer is not None:
+                    mixer.reset()  # Anderson history covers base-map iterations only
         n_valid = min(w, S - a)
         if fixed_shape:
             idx = (ar + a).clamp_(max=S - 1)
@@ -121,8 +137,13 @@ def picard_loop(
             fail = err > thr_all[a : a + n_valid]
             fail = torch.cat([fail, fail.new_ones(1)])
             ind = int(torch.argmax(fail.to(torch.int32)).item())  # the one host sync per iteration
-        Y[a + 1 : a + 1 + n_valid] = new
+            new_a = a + min(1 + ind, n_valid)
         end = a + n_valid
+        if mixer is not None and base_phase:
+            mixer.record(a + 1, old, new)
+            if new_a < end:  # slots a+1..new_a are exact Picard values; mix only the unconverged ones after
+                new[new_a - a :] = mixer.mix(new_a + 1, end, new[new_a - a :])
+        Y[a + 1 : a + 1 + n_valid] = new
         if end < S:
             Y[end + 1 :] = Y[end]
         k += 1
@@ -133,7 +154,6 @@ def picard_loop(
         if callback is not None:
             callback(Y)
         if need_decision:
-            new_a = a + min(1 + ind, n_valid)
             if base_phase:
                 a = new_a
                 if a >= S:
@@ -168,9 +188,16 @@ def _single_model_map(denoiser, coeffs, cond_rep):
     return map_fn
 
 
-def prepare(scheduler, x_T, noise, cond):
-    """Coefficients on x_T's device/dtype and the noise terms sigma_j z_j."""
-    coeffs = StepCoefficients.from_scheduler(scheduler, x_T.device, x_T.dtype)
+def prepare(scheduler, x_T, noise, cond, coeffs: StepCoefficients | None = None):
+    """Coefficients on x_T's device/dtype and the noise terms sigma_j z_j.
+
+    ``coeffs``: precomputed coefficients of the schedule (then ``scheduler`` is not read and may be None);
+    building them from the scheduler is a Python loop over all S steps, worth doing once per sampler.
+    """
+    if coeffs is None:
+        coeffs = StepCoefficients.from_scheduler(scheduler, x_T.device, x_T.dtype)
+    else:
+        coeffs = coeffs.to(x_T.device, x_T.dtype)
     nt = coeffs.noise_terms(noise.to(device=x_T.device, dtype=x_T.dtype))
     if cond is not None:
         cond = cond.to(x_T.device)
@@ -190,15 +217,22 @@ def sample_picard(
     should_stop: Callable[[], bool] | None = None,
     *,
     fixed_shape: bool = True,
+    anderson: AndersonConfig | None = None,
+    start="x_T",
+    coeffs: StepCoefficients | None = None,
 ):
-    """Picard-iteration sampler; returns (x0 (B, H, Da), SamplerStats). ``window=None``: all S steps."""
-    coeffs, nt, cond = prepare(scheduler, x_T, noise, cond)
+    """Picard-iteration sampler; returns (x0 (B, H, Da), SamplerStats). ``window=None``: all S steps.
+
+    ``anderson``: Anderson-accelerated Picard (exact: see ``picard_loop``); ``start``: X^0 (``"x_T"``,
+    ``"noise_sum"``, ``"x0_chain"`` or a tensor); ``coeffs``: precomputed ``StepCoefficients`` of ``scheduler``.
+    """
+    coeffs, nt, cond = prepare(scheduler, x_T, noise, cond, coeffs)
     S = coeffs.num_steps
     w = S if window is None else max(1, min(int(window), S))
     map_fn = _single_model_map(denoiser, coeffs, _tile_cond(cond, w))
     Y, stats = picard_loop(
         map_fn, coeffs, x_T, nt, window=w, tol=tol, max_iters=max_iters, should_stop=should_stop,
-        fixed_shape=fixed_shape,
+        fixed_shape=fixed_shape, anderson=anderson, start=start,
     )
     return Y[S].clone(), stats
 

@@ -147,6 +147,15 @@ class StepCoefficients:
             conv_var=var.to(device=device, dtype=dtype),
         )
 
+    def to(self, device=None, dtype=None) -> "StepCoefficients":
+        """The same coefficients on another device / float dtype (timesteps stay long); self if nothing changes."""
+        ref = self.sqrt_abar
+        if (device is None or torch.device(device) == ref.device) and (dtype is None or dtype == ref.dtype):
+            return self
+        moved = {f: getattr(self, f).to(device=device, dtype=dtype) for f in (
+            "sqrt_abar", "sqrt_1m_abar", "coef_x0", "coef_y", "coef_eps", "noise_std", "conv_var")}
+        return replace(self, timesteps=self.timesteps.to(device), **moved)
+
     def unclipped(self) -> "StepCoefficients":
         """The same step without x0 clipping: the PCM's map (see the module doc)."""
         return self if self.clip_range is None else replace(self, clip_range=None)

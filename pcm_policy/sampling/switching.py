@@ -19,6 +19,8 @@ The PCM's m-values come from the step WITHOUT x0 clipping (``StepCoefficients.un
 one-step targets lie outside the clipped range); the base map keeps the scheduler's clipping, and only the
 base map decides convergence.
 
+Anderson acceleration (``anderson=``) applies to the base phase only; its history starts with that phase.
+
 Both stop only when lambda = 0 AND the base-map convergence test passes, and the base phase restarts the
 window anchor at y_0 = x_T (see ``picard_loop``), so with tol -> 0 the output is the base model's sequential
 sample whatever the PCM is.  Iterations are bounded by (number of lambda > 0 iterations) + S.
@@ -30,7 +32,9 @@ from typing import Callable
 
 import torch
 
+from .anderson import AndersonConfig
 from .picard import _cond_rows, _tile_cond, model_m, picard_loop, prepare
+from .schedule import StepCoefficients
 
 
 def switch_lambda(k: int, stiffness: float, horizon: int) -> float:
@@ -45,15 +49,16 @@ def _schedule(stiffness, S):
     return lambda k: switch_lambda(k, s, S)
 
 
-def _switched(make_map, scheduler, x_T, noise, cond, stiffness, window, tol, max_iters, should_stop, fixed_shape):
+def _switched(make_map, scheduler, x_T, noise, cond, stiffness, window, tol, max_iters, should_stop, fixed_shape,
+              anderson, start, coeffs):
     """Shared body of both switching modes; `make_map(coeffs, cond_rep)` builds the per-iteration Picard map."""
-    coeffs, nt, cond = prepare(scheduler, x_T, noise, cond)
+    coeffs, nt, cond = prepare(scheduler, x_T, noise, cond, coeffs)
     S = coeffs.num_steps
     w = S if window is None else max(1, min(int(window), S))
     map_fn = make_map(coeffs, _tile_cond(cond, w))
     Y, stats = picard_loop(
         map_fn, coeffs, x_T, nt, window=w, tol=tol, max_iters=max_iters, should_stop=should_stop,
-        fixed_shape=fixed_shape, lambda_fn=_schedule(stiffness, S),
+        fixed_shape=fixed_shape, lambda_fn=_schedule(stiffness, S), anderson=anderson, start=start,
     )
     return Y[S].clone(), stats
 
@@ -73,8 +78,15 @@ def sample_switched(
     should_stop: Callable[[], bool] | None = None,
     *,
     fixed_shape: bool = True,
+    anderson: AndersonConfig | None = None,
+    start="x_T",
+    coeffs: StepCoefficients | None = None,
 ):
-    """Output-space switching between a PCM and the base denoiser; returns (x0, SamplerStats)."""
+    """Output-space switching between a PCM and the base denoiser; returns (x0, SamplerStats).
+
+    ``anderson`` accelerates the base phase only; ``start`` is X^0, the state the PCM step starts from;
+    ``coeffs``: precomputed ``StepCoefficients`` of ``scheduler`` (see ``sample_picard``).
+    """
 
     def make_map(coeffs, cond_rep):
         pcm_coeffs = coeffs.unclipped()
@@ -91,7 +103,8 @@ def sample_switched(
 
         return map_fn
 
-    return _switched(make_map, scheduler, x_T, noise, cond, stiffness, window, tol, max_iters, should_stop, fixed_shape)
+    return _switched(make_map, scheduler, x_T, noise, cond, stiffness, window, tol, max_iters, should_stop, fixed_shape,
+                     anderson, start, coeffs)
 
 
 @torch.no_grad()
@@ -108,8 +121,14 @@ def sample_lora_switched(
     should_stop: Callable[[], bool] | None = None,
     *,
     fixed_shape: bool = True,
+    anderson: AndersonConfig | None = None,
+    start="x_T",
+    coeffs: StepCoefficients | None = None,
 ):
-    """Weight-space switching: ``denoiser(x, t, cond, scale)`` with LoRA scale = lambda(k); one call per iteration."""
+    """Weight-space switching: ``denoiser(x, t, cond, scale)`` with LoRA scale = lambda(k); one call per iteration.
+
+    ``anderson``, ``start``, ``coeffs``: as in ``sample_switched``.
+    """
 
     def make_map(coeffs, cond_rep):
         pcm_coeffs = coeffs.unclipped()
@@ -121,4 +140,5 @@ def sample_lora_switched(
 
         return map_fn
 
-    return _switched(make_map, scheduler, x_T, noise, cond, stiffness, window, tol, max_iters, should_stop, fixed_shape)
+    return _switched(make_map, scheduler, x_T, noise, cond, stiffness, window, tol, max_iters, should_stop, fixed_shape,
+                     anderson, start, coeffs)

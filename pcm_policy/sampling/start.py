@@ -1,0 +1,61 @@
+"""The Picard start X^0: the trajectory the iteration begins from (no network call).
+
+Modes (``y_0 = x_T`` always; ``n_i = sigma_i z_i`` the noise terms the Picard map adds explicitly):
+
+* ``"x_T"``: every slot = x_T (ParaDiGMS).
+* ``"noise_sum"``: ``y_j = x_T + sum_{i<j} n_i``, the chunk's own noise carried along the trajectory.  For DDIM
+  (sigma = 0) it equals ``"x_T"``.  Why: the DDPM Picard map adds ``n_i`` explicitly and the fixed point keeps
+  it, so a start without it is off by a noise sum that grows along the trajectory (DESIGN.md section 7).
+* ``"x0_chain"``: the scheduler chain run from an x0 guess of zeros with the chunk's noise,
+  ``y_{j+1} = m(y_j, tau_j; x0 = 0) + n_j``, i.e. the sequential sampler with a denoiser that always predicts
+  x0 = 0 (an S-step loop of elementwise ops, no network).
+
+``start`` may also be a tensor (S+1, B, H, Da) used as given (copied), e.g. a warm start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from .schedule import StepCoefficients
+
+START_MODES = ("x_T", "noise_sum", "x0_chain")
+
+
+def check_start(start) -> None:
+    """Raise ``ValueError`` for an unknown start mode (tensors are checked by :func:`initial_trajectory`)."""
+    if not isinstance(start, torch.Tensor) and start not in START_MODES:
+        raise ValueError(f"start={start!r}: expected one of {', '.join(START_MODES)} or a trajectory tensor")
+
+
+def initial_trajectory(
+    coeffs: StepCoefficients, x_T: torch.Tensor, noise_terms: torch.Tensor, start="x_T"
+) -> torch.Tensor:
+    """X^0 of shape (S+1, B, H, Da) on x_T's device/dtype.
+
+    x_T (B, H, Da); noise_terms (S, B, H, Da) = ``coeffs.noise_terms(noise)``; start: a mode of
+    :data:`START_MODES` or a tensor (S+1, B, H, Da) whose slot 0 must equal x_T.  Raises ``ValueError`` for an
+    unknown mode or a tensor of the wrong shape.
+    """
+    check_start(start)
+    S = coeffs.num_steps
+    if isinstance(start, torch.Tensor):
+        if start.shape != (S + 1, *x_T.shape):
+            raise ValueError(f"start trajectory has shape {tuple(start.shape)}, expected {(S + 1, *x_T.shape)}")
+        Y = start.to(device=x_T.device, dtype=x_T.dtype).clone()
+        Y[0] = x_T  # slot 0 is the anchor of every Picard map: it must be x_T exactly
+        return Y
+    if start == "x_T":
+        return x_T.unsqueeze(0).repeat(S + 1, *([1] * x_T.ndim))
+    if start == "noise_sum":
+        return torch.cat([x_T.unsqueeze(0), x_T.unsqueeze(0) + torch.cumsum(noise_terms, dim=0)], dim=0)
+    # x0_chain: "sample" prediction with model output x0 = 0 gives m(y, tau; x0 = 0) for every schedule,
+    # including DDIM's eps implied by (y, x0) and clipping (0 is inside any clip range).
+    m_from_x0 = replace(coeffs, prediction_type="sample").step_no_noise
+    zeros = torch.zeros_like(x_T)
+    Y = [x_T]
+    for j in range(S):
+        Y.append(m_from_x0(Y[-1], zeros, j) + noise_terms[j])
+    return torch.stack(Y)
