@@ -20,7 +20,7 @@ from pcm_policy.errors import ConfigError
 ALGORITHMS = ("sequential", "picard", "pcm", "pcm_lora")
 SCHEDULERS = ("ddpm", "ddim")
 ACCELERATIONS = ("none", "anderson")
-STARTS = ("x_T", "noise_sum")
+STARTS = ("x_T", "noise_sum", "x0_chain")
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,8 @@ class SamplerConfig:
         """The algorithm with its acceleration and start: `picard`, `picard+aa`, `picard+aa+ns`, ..."""
         if self.name == "sequential":
             return self.name
-        return self.name + ("+aa" if self.accel == "anderson" else "") + ("+ns" if self.start == "noise_sum" else "")
+        starts = {"x_T": "", "noise_sum": "+ns", "x0_chain": "+x0c"}
+        return self.name + ("+aa" if self.accel == "anderson" else "") + starts[self.start]
 
     def anderson_config(self):
         """The `AndersonConfig` of `accel=anderson`, None otherwise."""

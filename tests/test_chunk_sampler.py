@@ -52,7 +52,8 @@ def test_chunk_sampler_equals_pure_samplers(name, kind, steps):
         ref = sample_sequential(policy.denoiser, scheduler, x_T, noise, cond)
         assert stats.iterations == steps
     else:
-        ref, ref_stats = sample_picard(policy.denoiser, scheduler, x_T, noise, cond, tol=0.0)
+        ref, ref_stats = sample_picard(policy.denoiser, scheduler, x_T, noise, cond, tol=0.0,
+                                       fixed_shape=sampler.fixed_shape)
         assert stats.iterations == ref_stats.iterations
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
 
