@@ -43,7 +43,7 @@ from pcm_policy.sampling.schedule import StepCoefficients
 # ---- observations ----------------------------------------------------------------------------------------
 def observation_sets(base_ckpt: Path, cfg: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """(training observations, held-out observations), each (N, To, Do), from the base policy's dataset."""
-    from pcm_policy.training import checkpoint_observations
+    from pcm_policy.data.windows import checkpoint_observations
 
     train_obs, val_obs = checkpoint_observations(base_ckpt, cfg.get("dataset_path"))
     held_out = val_obs if len(val_obs) else train_obs[-cfg["eval_observations"]:]
