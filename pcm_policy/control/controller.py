@@ -44,6 +44,7 @@ class ControllerConfig:
     margin_ms: float = 5.0  # kept free before the deadline for the hand-over
     replan_steps: int | None = None  # queued actions left when the next chunk is requested; None = Ta // 2
     # Every chunk takes exactly this long (reproducible runs): latency records and deadline checks both read it.
+    # For run_simulated; run_realtime still hands a chunk over when the worker has really finished it.
     fixed_latency_ms: float | None = None
 
     @property
