@@ -22,11 +22,12 @@ from tqdm.auto import tqdm
 
 from pcm_policy.atomic import atomic_write_text
 from pcm_policy.checkpoint import load_policy
+from pcm_policy.chunk_sampler import ChunkSampler
 from pcm_policy.config import require_int, resolve_path
 from pcm_policy.errors import ConfigError
+from pcm_policy.latency import latency_summary
 from pcm_policy.pcm.attach import load_pcm, pcm_denoiser
 from pcm_policy.runtime import resolve_device
-from pcm_policy.chunk_sampler import ChunkSampler
 from pcm_policy.sampler_config import SamplerConfig
 
 def parse_base(name: str) -> tuple[str, int]:
@@ -42,7 +43,7 @@ def parse_base(name: str) -> tuple[str, int]:
 def bench_observations(ckpt_path, n: int, seed: int) -> torch.Tensor:
     """Observation histories from the policy's own dataset (validation windows first), cycled to n."""
     from pcm_policy.checkpoint import resolve_checkpoint
-    from pcm_policy.training import checkpoint_observations
+    from pcm_policy.data.windows import checkpoint_observations
 
     train_obs, val_obs = checkpoint_observations(resolve_checkpoint(ckpt_path))
     obs = torch.cat([val_obs, train_obs])
@@ -195,8 +196,7 @@ def run_bench(cfg: Mapping[str, Any]) -> dict[str, Any]:
             "graph": row.graph, "window": c.window or c.steps,
             "tol": c.tol if iterative else None, "chunks": len(lat),
             "iterations_mean": float(iters.mean()), "evaluations_mean": float(evals.mean()),
-            "latency_ms_p50": float(np.percentile(lat, 50)), "latency_ms_p99": float(np.percentile(lat, 99)),
-            "latency_ms_mean": float(lat.mean()), "max_abs_err_vs_sequential": err,
+            **latency_summary(lat), "max_abs_err_vs_sequential": err,
             "abs_err_p99_vs_sequential": err_p99,
             "exact_fraction": float(conv.mean()), "deadline_misses": int((lat > budget_ms).sum()),
             "budget_ms": budget_ms, "device": device_name, "threads": threads, "pcm_checkpoint": row.pcm_path,
@@ -234,20 +234,15 @@ def _add_speedups(results: list[dict]) -> None:
 def _episodes(policy, sampler: ChunkSampler, cfg, n: int, desc: str) -> dict[str, Any]:
     """Closed-loop episodes under the real-time controller (simulated clock); success/score summary."""
     from pcm_policy.control import Controller, ControllerConfig
-    from pcm_policy.evaluation import EpisodeResult, make_env, summarize
+    from pcm_policy.control.episodes import run_controller_episodes
+    from pcm_policy.episodes import summarize
 
     task = cfg["task"]
     ctrl = Controller(policy, sampler, ControllerConfig(control_hz=cfg["control_hz"], budget_ms=cfg.get("budget_ms")),
                       seed=cfg["seed"])
-    episodes = []
-    for ep in tqdm(range(n), desc=f"closed loop {desc}", unit="ep", leave=False):
-        env = make_env(task["env_id"], task["max_steps"])
-        try:
-            log = ctrl.run_simulated(env, task["max_steps"], seed=cfg["seed_start"] + ep)
-        finally:
-            env.close()
-        episodes.append(EpisodeResult(ep, cfg["seed_start"] + ep, log.success, log.max_coverage, log.steps))
-    s = summarize(episodes, task["name"])
+    run = run_controller_episodes(ctrl, task["env_id"], task["max_steps"], n, cfg["seed_start"],
+                                  desc=f"closed loop {desc}")
+    s = summarize(run.results, task["name"])
     return {"success_rate": s["success_rate"], "score": s["score"], "episodes": s["episodes"]}
 
 

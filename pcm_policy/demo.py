@@ -18,6 +18,7 @@ import numpy as np
 from pcm_policy.atomic import atomic_write_text
 from pcm_policy.config import compose, require_int, resolve_path
 from pcm_policy.errors import CheckpointError, ConfigError
+from pcm_policy.latency import latency_summary
 
 SHIPPED_BASE = "data/pusht/base"  # configs/demo.yaml's default: when it is absent, a quick stand-in is trained
 
@@ -42,7 +43,8 @@ def run_demo(cfg: Mapping[str, Any]) -> dict[str, Any]:
     from pcm_policy.bench import run_bench
     from pcm_policy.checkpoint import load_policy
     from pcm_policy.control import Controller, ControllerConfig
-    from pcm_policy.evaluation import EpisodeResult, make_env, summarize
+    from pcm_policy.control.episodes import run_controller_episodes
+    from pcm_policy.episodes import summarize
     from pcm_policy.pcm.attach import load_sampler
     from pcm_policy.runtime import resolve_device
     from pcm_policy.sampler_config import SamplerConfig
@@ -71,23 +73,10 @@ def run_demo(cfg: Mapping[str, Any]) -> dict[str, Any]:
     sampler = load_sampler(policy, sampler_cfg, device, pcms.get(f"{sampler_cfg.scheduler}{sampler_cfg.steps}"))
     out.mkdir(parents=True, exist_ok=True)  # only once the inputs have loaded: bad input leaves no output
     ctrl = Controller(policy, sampler, ControllerConfig(control_hz=task["control_hz"]), seed=cfg["seed"])
-    episodes, chunks, video = [], [], None
-    from tqdm.auto import tqdm
-
-    for ep in tqdm(range(cfg["episodes"]), desc=f"closed loop ({sampler.label})", unit="ep"):
-        prefix = out / "videos" / "demo" if ep == 0 else None
-        env = make_env(task["env_id"], task["max_steps"], render=prefix is not None, video_prefix=prefix,
-                       fps=int(task["control_hz"]))
-        try:
-            log = ctrl.run_simulated(env, task["max_steps"], seed=cfg["seed_start"] + ep)
-        finally:
-            env.close()
-        if prefix is not None:
-            video = next(iter(sorted((out / "videos").glob("demo_*.mp4"))), None)
-        episodes.append(EpisodeResult(ep, cfg["seed_start"] + ep, log.success, log.max_coverage, log.steps))
-        chunks += log.chunks
-    closed = summarize(episodes, task["name"])
-    lat = np.asarray([c.latency_ms for c in chunks[1:]] or [0.0])
+    run = run_controller_episodes(ctrl, task["env_id"], task["max_steps"], cfg["episodes"], cfg["seed_start"],
+                                  video_prefix=out / "videos" / "demo", desc=f"closed loop ({sampler.label})")
+    chunks, video = run.chunks, run.video
+    closed = summarize(run.results, task["name"])
 
     # 3: latency comparison on the same checkpoint.
     bench_cfg = compose("bench", [f"task={task['name']}", f"checkpoint={checkpoint}", f"chunks={cfg['chunks']}",
@@ -99,9 +88,9 @@ def run_demo(cfg: Mapping[str, Any]) -> dict[str, Any]:
                         + [f"+pcm.{k}={v}" for k, v in ({**pcms, **full_pcms}).items()])  # output space: a full PCM if given
     report = run_bench(bench_cfg)
 
+    warm = chunks[1:] or chunks  # latencies without the very first chunk: it also pays the one-off warm-up
     summary = {"command": "demo", "task": task["name"], "checkpoint": str(checkpoint), "sampler": sampler.label,
-               "closed_loop": {**closed, "chunks": len(chunks), "latency_ms_p50": float(np.percentile(lat, 50)),
-                               "latency_ms_p99": float(np.percentile(lat, 99)),
+               "closed_loop": {**closed, "chunks": len(chunks), **latency_summary(c.latency_ms for c in warm),
                                "iterations_mean": float(np.mean([c.iterations for c in chunks])),
                                "deadline_misses": int(sum(c.deadline_missed for c in chunks)),
                                "exact_fraction": float(np.mean([c.exact for c in chunks]))},

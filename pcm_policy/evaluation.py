@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -22,60 +22,16 @@ import torch
 from tqdm.auto import tqdm
 
 from pcm_policy.atomic import atomic_write_text
+from pcm_policy.episodes import EpisodeResult, make_env, summarize
 from pcm_policy.errors import ConfigError
-
-PUSHT_SUCCESS_COVERAGE = 0.95
-
-
-@dataclass
-class EpisodeResult:
-    episode: int
-    seed: int
-    success: bool
-    max_coverage: float | None
-    steps: int
-
-    def score(self, task: str) -> float:
-        if task == "pusht" and self.max_coverage is not None:
-            return float(np.clip(self.max_coverage / PUSHT_SUCCESS_COVERAGE, 0.0, 1.0))
-        return float(self.success)
-
-
-def make_env(env_id: str, max_steps: int, render: bool = False, video_prefix: Path | None = None,
-             fps: int = 10, wrap: Callable[[gym.Env], gym.Env] | None = None) -> gym.Env:
-    import envs  # noqa: F401  (registers the ids)
-    from envs.recording import EpisodeStats, VideoRecorder
-
-    kwargs = {"render_mode": "rgb_array"} if render else {"render_mode": None}
-    env = gym.make(env_id, max_episode_steps=max_steps, disable_env_checker=True, **kwargs)
-    if video_prefix is not None:
-        env = VideoRecorder(env, video_prefix, fps=fps, max_episodes=1)
-    env = EpisodeStats(env)
-    return wrap(env) if wrap is not None else env
-
-
-def summarize(results: list[EpisodeResult], task: str) -> dict[str, Any]:
-    n = len(results)
-    out = {
-        "episodes": n,
-        "success_rate": float(np.mean([r.success for r in results])) if n else 0.0,
-        "score": float(np.mean([r.score(task) for r in results])) if n else 0.0,
-        "steps": int(sum(r.steps for r in results)),
-        "seed_range": [results[0].seed, results[-1].seed] if n else [],
-    }
-    covs = [r.max_coverage for r in results if r.max_coverage is not None]
-    if covs:
-        out["mean_max_coverage"] = float(np.mean(covs))
-    return out
+from pcm_policy.latency import latency_summary
 
 
 def _latency_summary(latencies_ms: list[float], iterations: list[int], evaluations: list[int], exact: list[bool]) -> dict:
     if not latencies_ms:
         return {}
-    lat = np.asarray(latencies_ms)
-    return {"chunks": len(lat), "latency_ms_p50": float(np.percentile(lat, 50)),
-            "latency_ms_p99": float(np.percentile(lat, 99)), "iterations_mean": float(np.mean(iterations)),
-            "evaluations_mean": float(np.mean(evaluations)), "exact_fraction": float(np.mean(exact))}
+    return {"chunks": len(latencies_ms), **latency_summary(latencies_ms),
+            "iterations_mean": float(np.mean(iterations)), "evaluations_mean": float(np.mean(evaluations)), "exact_fraction": float(np.mean(exact))}
 
 
 class ChunkAgent:

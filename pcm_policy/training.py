@@ -15,7 +15,6 @@ import json
 import math
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -27,27 +26,10 @@ from tqdm.auto import tqdm
 from pcm_policy import checkpoint as ckpt_io
 from pcm_policy import distributed
 from pcm_policy.atomic import atomic_write_text
-from pcm_policy.data.lowdim_dataset import LowDimDataset
+from pcm_policy.data.windows import Windows, build_dataset
 from pcm_policy.errors import CheckpointError, ConfigError
 from pcm_policy.policy import DiffusionPolicy, PolicyConfig
 from pcm_policy.runtime import resolve_device, seed_everything
-
-
-@dataclass
-class Windows:
-    """All training windows as two tensors, so a batch is one index operation."""
-
-    obs: torch.Tensor  # (N, To, Do)
-    action: torch.Tensor  # (N, H, Da)
-
-    @classmethod
-    def from_dataset(cls, dataset) -> "Windows":
-        items = [dataset[i] for i in range(len(dataset))]
-        return cls(torch.stack([torch.as_tensor(it["obs"]) for it in items]).float(),
-                   torch.stack([torch.as_tensor(it["action"]) for it in items]).float())
-
-    def __len__(self) -> int:
-        return self.obs.shape[0]
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
@@ -58,33 +40,6 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor
     if n < batch_size:  # tiny datasets: sample with replacement to fill a batch
         return perm[torch.arange(batch_size) % n]
     return perm[offset * batch_size:(offset + 1) * batch_size]
-
-
-def build_dataset(cfg: Mapping[str, Any]) -> LowDimDataset:
-    ds, pol = cfg["dataset"], cfg["policy"]
-    if not ds.get("path"):
-        raise ConfigError("dataset.path: no dataset given (set dataset.path=<file>)")
-    return LowDimDataset.from_config(
-        kind=ds["kind"], path=ds["path"], horizon=pol["horizon"], n_obs_steps=pol["n_obs_steps"],
-        n_action_steps=pol["n_action_steps"], val_ratio=ds.get("val_ratio", 0.02), seed=cfg["seed"],
-        max_train_episodes=ds.get("max_train_episodes"), obs_keys=ds.get("obs_keys"),
-        abs_action=ds.get("abs_action", False), filter_key=ds.get("filter_key"),
-    )
-
-
-def checkpoint_observations(ckpt: Path, dataset_path: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(training, validation) observation histories (N, To, Do) of the dataset a checkpoint was trained on."""
-    import yaml
-
-    from pcm_policy.config import resolve_path
-
-    run_cfg_path = Path(ckpt) / ckpt_io.RUN_CONFIG
-    if not run_cfg_path.is_file():
-        raise CheckpointError(f"{ckpt}: no {ckpt_io.RUN_CONFIG}; cannot tell which dataset it was trained on")
-    run_cfg = yaml.safe_load(run_cfg_path.read_text())
-    run_cfg["dataset"]["path"] = str(resolve_path(dataset_path or run_cfg["dataset"]["path"]))
-    dataset = build_dataset(run_cfg)
-    return Windows.from_dataset(dataset).obs, Windows.from_dataset(dataset.get_validation_dataset()).obs
 
 
 def policy_card(cfg: Mapping[str, Any], policy_config: PolicyConfig, kind: str = "base") -> dict[str, Any]:

@@ -94,3 +94,30 @@ def write_robomimic_fixture(path, demo_ids=ROBOMIMIC_DEMO_IDS, lengths=ROBOMIMIC
         "type": "OSC_POSE", "control_delta": not abs_action}}}
     write_robomimic_hdf5(path, robomimic_demos(lengths, seed, abs_action), env_args, masks=masks, demo_names=names)
     return Path(path)
+
+
+TINY_POLICY = ["policy.down_dims=[16,32]", "policy.diffusion_step_embed_dim=32", "policy.n_groups=4"]
+
+
+def train_tiny_base(root: Path, steps: int = 10) -> Path:
+    """A tiny PushT policy trained for `steps` steps on a fixture replay buffer written under `root`; returns
+    its run directory `root/base` (seconds on a CPU; its actions mean nothing)."""
+    from pcm_policy.config import compose
+    from pcm_policy.training import train
+
+    data = write_pusht_zarr(Path(root) / "d.zarr", lengths=[30, 40, 25, 35, 28])
+    train(compose("train", [f"dataset.path={data}", f"output_dir={Path(root) / 'base'}", "device=cpu",
+                            f"train.steps={steps}", "train.batch_size=16", f"train.checkpoint_every={steps}",
+                            *TINY_POLICY]))
+    return Path(root) / "base"
+
+
+def train_tiny_pcm(base: Path, out: Path, scheduler: str, steps: int) -> Path:
+    """A tiny LoRA PCM for `base` and the `scheduler` (ddpm | ddim) with `steps` sampling steps (one epoch)."""
+    from pcm_policy.config import compose
+    from pcm_policy.pcm.training import train_pcm
+
+    train_pcm(compose("train_pcm", [f"base={base}", f"output_dir={out}", "device=cpu", f"scheduler={scheduler}",
+                                    f"steps={steps}", "trajectories=4", "collect_batch=4", "epochs=1", "batch_size=4",
+                                    "eval_observations=1", "lora_rank=2"]))
+    return Path(out)

@@ -6,9 +6,7 @@ import pytest
 from pcm_policy.bench import run_bench
 from pcm_policy.config import compose
 from pcm_policy.errors import ConfigError
-from pcm_policy.pcm.training import train_pcm
-from pcm_policy.training import train
-from tests.fixtures import write_pusht_zarr
+from tests.fixtures import train_tiny_base, train_tiny_pcm
 
 ROW_KEYS = {"sampler", "base", "window", "tol", "chunks", "iterations_mean", "evaluations_mean", "latency_ms_p50",
             "latency_ms_p99", "max_abs_err_vs_sequential", "deadline_misses", "device", "threads"}
@@ -17,13 +15,7 @@ ROW_KEYS = {"sampler", "base", "window", "tol", "chunks", "iterations_mean", "ev
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
-    data = write_pusht_zarr(root / "d.zarr", lengths=[30, 40, 25, 35, 28])
-    train(compose("train", [f"dataset.path={data}", f"output_dir={root / 'base'}", "device=cpu", "train.steps=10",
-                            "train.batch_size=16", "train.checkpoint_every=10", "policy.down_dims=[16,32]",
-                            "policy.diffusion_step_embed_dim=32", "policy.n_groups=4"]))
-    train_pcm(compose("train_pcm", [f"base={root / 'base'}", f"output_dir={root / 'pcm'}", "device=cpu", "scheduler=ddpm",
-                                    "steps=8", "trajectories=4", "collect_batch=4", "epochs=1", "batch_size=4",
-                                    "eval_observations=1", "lora_rank=2"]))
+    train_tiny_pcm(train_tiny_base(root), root / "pcm", scheduler="ddpm", steps=8)
     return root
 
 

@@ -5,6 +5,7 @@ import sys
 
 import h5py
 import numpy as np
+import pytest
 
 from tests.fixtures import pusht_arrays, write_pusht_zarr
 
@@ -25,12 +26,32 @@ def assert_one_line_error(result, *needles):
         assert needle in lines[0], lines[0]
 
 
-def test_help_for_every_subcommand():
+def test_help_for_every_subcommand(capsys):
+    from pcm_policy.cli import main
+
     top = pcm("--help")
-    assert top.returncode == 0
+    assert top.returncode == 0 and top.stdout.startswith("usage: pcm ")
     for name in SUBCOMMANDS:
         assert name in top.stdout
-        assert pcm(name, "--help").returncode == 0
+        with pytest.raises(SystemExit) as exit_info:
+            main([name, "--help"])
+        out = capsys.readouterr().out
+        assert exit_info.value.code == 0 and out.startswith(f"usage: pcm {name} "), out
+        if name == "data":
+            assert "info" in out and "summarise a PushT zarr or robomimic hdf5" in out
+        elif name == "export":
+            assert "--dtype {float16,bfloat16,float32}" in out and "checkpoint" in out and "output" in out
+        else:  # Hydra-override commands list their common keys and the config they override
+            config = name.replace("-", "_")
+            assert "Common overrides:" in out and "--print-config" in out and f"configs/{config}.yaml" in out
+
+
+def test_print_config_applies_overrides():
+    result = pcm("bench", "--print-config", "chunks=7", "bases=[ddim10]", "task=lift")
+    assert result.returncode == 0, result.stderr
+    cfg = json.loads(result.stdout)
+    assert cfg["chunks"] == 7 and cfg["bases"] == ["ddim10"] and cfg["task"]["name"] == "lift"
+    assert cfg["control_hz"] == cfg["task"]["control_hz"]  # interpolations are resolved
 
 
 def test_data_info_json_for_both_formats(pusht_zarr_dir, pusht_zarr_zip, robomimic_hdf5):

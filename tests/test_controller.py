@@ -1,4 +1,6 @@
-"""Real-time controller: deadlines with a slow denoiser, simulated-clock queue semantics, NaN observations."""
+"""Real-time controller: deadlines with a slow denoiser, simulated-clock queue semantics, NaN observations,
+the real-time loop under stress (thousands of steps with a worker thread), one clock for deadlines and latency."""
+import time
 from types import SimpleNamespace
 
 import gymnasium as gym
@@ -46,14 +48,19 @@ class CounterEnv(gym.Env):
 
 
 class ScriptedPolicy:
-    """Chunk k's action for offset j is (k, j): lets a test see exactly which chunk played at which step."""
+    """Chunk k's action for offset j is (k, j): lets a test see exactly which chunk played at which step.
 
-    def __init__(self, latency_clock=None):
+    `delay_s`: each chunk sleeps this long first (a slow sampler for the real-time loop).
+    """
+
+    def __init__(self, delay_s=0.0):
         self.config = SimpleNamespace(n_obs_steps=2, n_action_steps=8, horizon=16)
         self.calls = 0
         self.seen_obs = []
+        self.delay_s = delay_s
 
     def predict_chunk(self, obs, sampler, generator=None, should_stop=None):
+        time.sleep(self.delay_s)
         self.seen_obs.append(obs.clone())
         pred = torch.zeros(1, 16, 2)
         pred[0, :, 0] = self.calls
@@ -136,12 +143,77 @@ def test_exact_chunk_within_budget_is_flagged_exact():
     assert record.exact and not record.deadline_missed and record.iterations <= 4
 
 
+def assert_consistent_run(policy, env, log):
+    """Every chunk was planned from the observations of its request step s (steps s-1 and s of CounterEnv), and
+    every executed action is the newest ready chunk's action for that step, or a hold of the previous action."""
+    requested = [c.step for c in log.chunks]
+    for k, step in enumerate(requested):
+        assert policy.seen_obs[k][0, :, 0].tolist() == [max(step - 1, 0), step], f"chunk {k} requested at {step}"
+    played = [tuple(a.astype(int)) for a in env.executed]
+    assert len(played) == log.steps
+    held, newest = 0, 0
+    for s, (k, j) in enumerate(played):
+        if s > 0 and (k, j) == played[s - 1]:
+            held += 1  # the queue ran dry: the last action is held
+            continue
+        assert k >= newest, f"step {s}: chunk {k} played after chunk {newest}"
+        newest = k
+        assert j == s - requested[k], f"step {s}: chunk {k} (requested at {requested[k]}) played offset {j}"
+    assert held == log.held_steps
+
+
 def test_realtime_clock_runs_an_episode():
-    ctrl = Controller(ScriptedPolicy(), sampler=None, config=ControllerConfig(control_hz=200, replan_steps=4))
+    policy = ScriptedPolicy()
+    ctrl = Controller(policy, sampler=None, config=ControllerConfig(control_hz=200, replan_steps=4))
     env = CounterEnv()
     log = ctrl.run_realtime(env, max_steps=24)
     assert log.steps == 24 and len(log.chunks) >= 3
     assert [tuple(a.astype(int)) for a in env.executed][:4] == [(0, j) for j in range(4)]
+    assert_consistent_run(policy, env, log)
+
+
+def test_realtime_stress_worker_plans_from_the_history_at_request():
+    """Thousands of 1 ms control steps while a slow worker (2 ms per chunk) plans: the loop appends observations
+    during every chunk. Each chunk must see the history as it was when requested (the controller hands the
+    worker a copy), never a later or torn one, and the action queue must stay consistent."""
+    policy = ScriptedPolicy(delay_s=0.002)
+    ctrl = Controller(policy, sampler=None, config=ControllerConfig(control_hz=1000, replan_steps=4, margin_ms=0))
+    env = CounterEnv()
+    log = ctrl.run_realtime(env, max_steps=3000)
+    # ~one chunk per Ta = 8 steps when the machine keeps up; fewer when it is loaded (chunks late, actions held)
+    assert log.steps == 3000 and len(log.chunks) > 100
+    assert_consistent_run(policy, env, log)
+
+
+def test_fixed_latency_drives_deadline_checks_and_latency_records():
+    """With fixed_latency_ms the sampler's deadline check reads the same (fixed) clock as the latency record:
+    a chunk longer than its deadline stops after the first iteration and is a miss, on any machine; a shorter
+    one runs to convergence. The outcome does not depend on the real time the sampler took."""
+    policy = _tiny_policy()
+    sampler = SamplerConfig(name="picard", scheduler="ddpm", steps=100, tol=1e-6)
+    records = {}
+    for fixed_ms in (50.0, 200.0):
+        ctrl = Controller(policy, sampler, ControllerConfig(control_hz=10, margin_ms=5, fixed_latency_ms=fixed_ms))
+        ctrl.reset(np.zeros(3, np.float32))
+        _, records[fixed_ms] = ctrl.plan(step=0, deadline_s=ctrl._budget_s(queued=4))  # deadline 95 ms
+    late, on_time = records[200.0], records[50.0]
+    assert late.latency_ms == 200.0 and late.deadline_missed and not late.exact and late.iterations == 1
+    assert on_time.latency_ms == 50.0 and not on_time.deadline_missed and on_time.exact and on_time.iterations > 1
+
+
+def test_clock_argument_accepts_a_chunk_clock():
+    from pcm_policy.control.clock import FixedLatencyClock, MeasuredClock
+
+    ctrl = Controller(ScriptedPolicy(), sampler=None, config=ControllerConfig(control_hz=10, replan_steps=4),
+                      clock=FixedLatencyClock(0.25))
+    log = ctrl.run_simulated(CounterEnv(), max_steps=12)
+    assert [c.latency_ms for c in log.chunks] == [250.0, 250.0] and [c.step for c in log.chunks] == [0, 4]
+    fake = FakeClock()
+    watch = MeasuredClock(fake).start()
+    fake.t += 0.125
+    assert watch() == 0.125
+    with pytest.raises(ValueError, match="latency"):
+        FixedLatencyClock(-1.0)
 
 
 def test_anytime_estimate_stays_in_the_action_range():

@@ -70,10 +70,20 @@ def test_pcm_refuses_other_base_and_missing_checkpoint(base_run, tmp_path):
         load_sampler(policy, SamplerConfig(name="pcm"), "cpu")
 
 
-def test_train_pcm_resumes(base_run):
-    cfg = _pcm_cfg(base_run, "lora", "pcm_resume", epochs=1)
-    train_pcm(cfg)
-    cfg2 = _pcm_cfg(base_run, "lora", "pcm_resume", epochs=2)
-    metrics = train_pcm(cfg2)
-    assert len(metrics["loss_per_epoch"]) == 2
+def test_train_pcm_resumes(base_run, capsys):
+    """A run stopped after epoch 1 and re-run with epochs=2 continues from its checkpoint (it says so, and does
+    not train epoch 1 again) and ends with the losses and weights of an uninterrupted 2-epoch run."""
+    first = train_pcm(_pcm_cfg(base_run, "lora", "pcm_resume", epochs=1))
+    capsys.readouterr()
+    resumed = train_pcm(_pcm_cfg(base_run, "lora", "pcm_resume", epochs=2))
+    assert "resuming PCT from" in capsys.readouterr().out
+    straight = train_pcm(_pcm_cfg(base_run, "lora", "pcm_straight", epochs=2))
+    assert "resuming PCT from" not in capsys.readouterr().out
+    assert resumed["loss_per_epoch"][:1] == first["loss_per_epoch"]
+    assert resumed["loss_per_epoch"] == pytest.approx(straight["loss_per_epoch"], rel=1e-9)
     assert json.loads((base_run / "pcm_resume" / "metrics.json").read_text())["steps"] == 4
+    weights = [ckpt_io.read_weights(ckpt_io.resolve_checkpoint(base_run / run) / ckpt_io.POLICY_WEIGHTS)
+               for run in ("pcm_resume", "pcm_straight")]
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        torch.testing.assert_close(weights[0][key], weights[1][key], rtol=0, atol=1e-6)

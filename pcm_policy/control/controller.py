@@ -12,11 +12,13 @@ records the chunk as not exact. If the queue runs dry before the chunk is ready,
 action for the missing steps (counted as `late_steps`). The controller knows nothing about how the sampler
 iterates: it only passes a stop callback and reads the returned stats.
 
-Two clocks:
+Two ways to run an episode:
 - `run_simulated`: the env is advanced by ceil(latency / period) control steps with queued actions while a
-  chunk is computed (latency is measured, or fixed for reproducible runs); no waiting, for evaluation.
+  chunk is computed; no waiting, for evaluation. The latency comes from the chunk clock (pcm_policy.control.clock):
+  measured, or fixed (`fixed_latency_ms`) for reproducible runs; the deadline check reads the same clock.
 - `run_realtime`: a worker thread computes chunks while the loop steps the env every control period, as on
-  a real robot.
+  a real robot. The worker plans from a read-only copy of the observation history taken when the chunk is
+  requested, so the loop can keep appending observations while it computes.
 A non-finite observation is rejected (the history keeps the last good one) and the last safe action is held.
 """
 from __future__ import annotations
@@ -31,6 +33,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from pcm_policy.control.clock import ChunkClock, FixedLatencyClock, MeasuredClock, past_deadline
+from pcm_policy.latency import latency_summary
+
 
 @dataclass
 class ControllerConfig:
@@ -38,7 +43,9 @@ class ControllerConfig:
     budget_ms: float | None = None  # per-chunk compute budget; None = one control period
     margin_ms: float = 5.0  # kept free before the deadline for the hand-over
     replan_steps: int | None = None  # queued actions left when the next chunk is requested; None = Ta // 2
-    fixed_latency_ms: float | None = None  # simulated clock: pretend every chunk took this long (reproducible)
+    # Every chunk takes exactly this long (reproducible runs): latency records and deadline checks both read it.
+    # For run_simulated; run_realtime still hands a chunk over when the worker has really finished it.
+    fixed_latency_ms: float | None = None
 
     @property
     def period_s(self) -> float:
@@ -67,10 +74,9 @@ class EpisodeLog:
     max_coverage: float | None = None
 
     def summary(self) -> dict[str, Any]:
-        lat = [c.latency_ms for c in self.chunks]
+        """Counts of the episode, and latency p50/p99/mean (ms) over its chunks when it has any."""
         return {"steps": self.steps, "chunks": len(self.chunks), "success": self.success,
-                "max_coverage": self.max_coverage,
-                "latency_ms_p50": float(np.percentile(lat, 50)) if lat else None,
+                "max_coverage": self.max_coverage, **latency_summary([c.latency_ms for c in self.chunks]),
                 "deadline_misses": sum(c.deadline_missed for c in self.chunks),
                 "late_steps": sum(c.late_steps for c in self.chunks),
                 "inexact_chunks": sum(not c.exact for c in self.chunks),
@@ -78,12 +84,24 @@ class EpisodeLog:
 
 
 class Controller:
+    """Runs a policy at control frequency: observation history, action queue, per-chunk deadlines.
+
+    `policy` needs `config` (n_obs_steps, n_action_steps, horizon) and `predict_chunk(obs (1, To, Do) float32,
+    sampler, generator=, should_stop=)` returning `.action_pred` (1, H, Da) and `.stats` (iterations,
+    evaluations, converged). `clock` is the time source of chunk latencies and deadlines: a `now()` function
+    in seconds (default `time.perf_counter`) or a `ChunkClock`; `config.fixed_latency_ms` replaces it with a
+    `FixedLatencyClock`.
+    """
+
     def __init__(self, policy, sampler, config: ControllerConfig | None = None, seed: int = 0,
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] | ChunkClock = time.perf_counter):
         self.policy = policy
         self.sampler = sampler
         self.config = config or ControllerConfig()
-        self.clock = clock
+        if self.config.fixed_latency_ms is not None:
+            self.clock: ChunkClock = FixedLatencyClock(self.config.fixed_latency_ms / 1e3)
+        else:
+            self.clock = clock if hasattr(clock, "start") else MeasuredClock(clock)
         self.generator = torch.Generator().manual_seed(seed)
         pc = policy.config
         self.n_obs_steps, self.n_action_steps, self.horizon = pc.n_obs_steps, pc.n_action_steps, pc.horizon
@@ -109,27 +127,37 @@ class Controller:
         else:
             log.rejected_observations += 1  # keep planning from the last good history
 
+    def history_snapshot(self) -> np.ndarray:
+        """A read-only copy of the observation history, (To, Do) float32, oldest first."""
+        obs = np.stack(self.history)
+        obs.flags.writeable = False
+        return obs
+
     # ---- one chunk ---------------------------------------------------------------------------------------
     def _budget_s(self, queued: int) -> float:
         budget = self.config.period_s if self.config.budget_ms is None else self.config.budget_ms / 1e3
         return max(0.0, min(budget, queued * self.config.period_s) - self.config.margin_ms / 1e3)
 
-    def plan(self, step: int, deadline_s: float | None) -> tuple[np.ndarray, ChunkRecord]:
-        """Compute a chunk from the current history; returns the actions for steps step..step+cover-1."""
-        obs = torch.as_tensor(np.stack(self.history), dtype=torch.float32)[None]
-        start = self.clock()
-        should_stop = None if deadline_s is None else (lambda: self.clock() - start >= deadline_s)
+    def plan(self, step: int, deadline_s: float | None, history: np.ndarray | None = None
+             ) -> tuple[np.ndarray, ChunkRecord]:
+        """Compute a chunk; returns the actions (cover, Da) for control steps step..step+cover-1 and its record.
+
+        `history` (To, Do) is the observation history the chunk is planned from (default: a snapshot of the
+        current one); `deadline_s` the compute budget in seconds (None: no deadline). The sampler is asked to
+        stop once the chunk clock reads past the deadline; the record's latency is read from the same clock.
+        """
+        history = self.history_snapshot() if history is None else history
+        obs = torch.tensor(history, dtype=torch.float32)[None]  # a copy: the snapshot is read-only
+        elapsed = self.clock.start()
+        should_stop = None if deadline_s is None else (lambda: past_deadline(elapsed(), deadline_s))
         chunk = self.policy.predict_chunk(obs, self.sampler, generator=self.generator, should_stop=should_stop)
-        latency = self.clock() - start
-        if self.config.fixed_latency_ms is not None:
-            latency = self.config.fixed_latency_ms / 1e3
+        latency = elapsed()
         first = self.n_obs_steps - 1
         actions = chunk.action_pred[0, first:first + self.cover].cpu().numpy()
         record = ChunkRecord(step=step, latency_ms=latency * 1e3,
                              deadline_ms=None if deadline_s is None else deadline_s * 1e3,
                              iterations=int(chunk.stats.iterations), evaluations=int(chunk.stats.evaluations),
-                             exact=bool(chunk.stats.converged),
-                             deadline_missed=deadline_s is not None and latency > deadline_s)
+                             exact=bool(chunk.stats.converged), deadline_missed=past_deadline(latency, deadline_s))
         return actions, record
 
     # ---- simulated clock ---------------------------------------------------------------------------------
@@ -192,7 +220,9 @@ class Controller:
             next_tick = time.perf_counter()
             for step in range(max_steps):
                 if pending is None and len(queue) <= self.replan_steps:
-                    pending = (pool.submit(self.plan, step, self._budget_s(len(queue))), step, len(queue))
+                    # The worker gets the history as of now; the loop keeps appending to self.history meanwhile.
+                    future = pool.submit(self.plan, step, self._budget_s(len(queue)), self.history_snapshot())
+                    pending = (future, step, len(queue))
                 if pending is not None and pending[0].done():
                     future, requested, queued = pending
                     actions, record = future.result()

@@ -52,7 +52,7 @@ def observation_sets(base_ckpt: Path, cfg: Mapping[str, Any], policy=None, out: 
     if cfg.get("observations", "dataset") == "closed_loop":
         train_obs, held_out = _closed_loop_observations(policy, cfg, out, base_card)
     else:
-        from pcm_policy.training import checkpoint_observations
+        from pcm_policy.data.windows import checkpoint_observations
 
         train_obs, val_obs = checkpoint_observations(base_ckpt, cfg.get("dataset_path"))
         held_out = val_obs if len(val_obs) else train_obs[-cfg["eval_observations"]:]

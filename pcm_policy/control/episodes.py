@@ -1,0 +1,41 @@
+"""Closed-loop episodes under the controller (simulated clock): the one loop `pcm demo` and `pcm bench` share."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from pcm_policy.control.controller import ChunkRecord, Controller
+from pcm_policy.episodes import EpisodeResult, make_env
+
+
+@dataclass
+class ControllerEpisodes:
+    """Per-episode results, every chunk record in episode order, and the first episode's video (if recorded)."""
+
+    results: list[EpisodeResult] = field(default_factory=list)
+    chunks: list[ChunkRecord] = field(default_factory=list)
+    video: Path | None = None
+
+
+def run_controller_episodes(controller: Controller, env_id: str, max_steps: int, episodes: int, seed_start: int,
+                            video_prefix: Path | None = None, desc: str = "closed loop",
+                            progress: bool = True) -> ControllerEpisodes:
+    """Run `episodes` episodes of `env_id` (reset seeds seed_start, seed_start+1, ...; at most `max_steps` control
+    steps each) with `controller.run_simulated`. With `video_prefix`, the first episode is recorded to
+    `<video_prefix>_0.mp4` at the control frequency."""
+    run = ControllerEpisodes()
+    for ep in tqdm(range(episodes), desc=desc, unit="ep", disable=not progress, leave=False):
+        prefix = video_prefix if ep == 0 else None
+        env = make_env(env_id, max_steps, render=prefix is not None, video_prefix=prefix,
+                       fps=int(controller.config.control_hz))
+        try:
+            log = controller.run_simulated(env, max_steps, seed=seed_start + ep)
+        finally:
+            env.close()
+        run.results.append(EpisodeResult(ep, seed_start + ep, log.success, log.max_coverage, log.steps))
+        run.chunks += log.chunks
+    if video_prefix is not None:
+        run.video = next(iter(sorted(video_prefix.parent.glob(f"{video_prefix.name}_*.mp4"))), None)
+    return run
