@@ -38,6 +38,16 @@ def atomic_path(final: str | os.PathLike, *, overwrite: bool = True) -> Iterator
 
     On normal exit the temporary path replaces `final` (an existing directory is swapped out and removed);
     on an exception it is deleted and `final` is left untouched.
+
+    Args:
+        final: the path the output should end up at; its parent directory is created if missing.
+        overwrite: replace an existing `final`; if False and `final` exists at exit, nothing is replaced.
+
+    Yields:
+        A path beside `final` that does not exist yet; the caller creates a file or directory there.
+
+    Raises:
+        FileExistsError: `overwrite` is False and `final` exists when the block ends.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -68,6 +78,11 @@ def atomic_path(final: str | os.PathLike, *, overwrite: bool = True) -> Iterator
 
 
 def atomic_write_text(final: str | os.PathLike, text: str) -> None:
+    """Write `text` to `final` atomically (temporary file, fsync, rename; see `atomic_path`).
+
+    Raises:
+        OSError: the directory cannot be written; `final` is then left as it was.
+    """
     with atomic_path(final) as tmp:
         with open(tmp, "w") as f:
             f.write(text)
@@ -76,6 +91,11 @@ def atomic_write_text(final: str | os.PathLike, text: str) -> None:
 
 
 def atomic_write_bytes(final: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `final` atomically (temporary file, fsync, rename; see `atomic_path`).
+
+    Raises:
+        OSError: the directory cannot be written; `final` is then left as it was.
+    """
     with atomic_path(final) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)

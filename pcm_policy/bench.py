@@ -31,7 +31,11 @@ from pcm_policy.runtime import resolve_device
 from pcm_policy.sampler_config import SamplerConfig
 
 def parse_base(name: str) -> tuple[str, int]:
-    """`ddpm100` -> ("ddpm", 100), `ddim10` -> ("ddim", 10)."""
+    """Split a schedule name: `ddpm100` -> ("ddpm", 100), `ddim10` -> ("ddim", 10).
+
+    Raises:
+        ConfigError: not `ddpm<S>` / `ddim<S>` with S >= 1.
+    """
     import re
 
     m = re.fullmatch(r"(ddpm|ddim)(\d+)", str(name))
@@ -41,7 +45,20 @@ def parse_base(name: str) -> tuple[str, int]:
 
 
 def bench_observations(ckpt_path, n: int, seed: int) -> torch.Tensor:
-    """Observation histories from the policy's own dataset (validation windows first), cycled to n."""
+    """Observation histories from the policy's own dataset, shuffled with `seed` and cycled to n.
+
+    Args:
+        ckpt_path: the base checkpoint (or its run directory).
+        n: number of histories.
+        seed: shuffle seed.
+
+    Returns:
+        (n, To, Do) float32 in env units.
+
+    Raises:
+        CheckpointError: no checkpoint or no run config at `ckpt_path`.
+        DatasetError: the checkpoint's dataset is missing or unreadable.
+    """
     from pcm_policy.checkpoint import resolve_checkpoint
     from pcm_policy.data.windows import checkpoint_observations
 
@@ -52,22 +69,39 @@ def bench_observations(ckpt_path, n: int, seed: int) -> torch.Tensor:
 
 
 class Row:
-    """One bench row: a `ChunkSampler` on one base schedule (`ddim10`, ...), eager or CUDA-graph replayed."""
+    """One bench row: a `ChunkSampler` on one base schedule (`ddim10`, ...), eager or CUDA-graph replayed.
+
+    Args:
+        sampler: the row's sampler.
+        base: the schedule name, e.g. `ddim10`.
+        pcm_path: the PCM checkpoint of a switching row (None otherwise).
+        graph: the row's denoisers are CUDA-graph replayed.
+    """
 
     def __init__(self, sampler: ChunkSampler, base: str, pcm_path: str | None = None, graph: bool = False):
         self.sampler, self.base, self.pcm_path, self.graph = sampler, base, pcm_path, graph
 
     @property
     def config(self) -> SamplerConfig:
+        """The row's sampler config."""
         return self.sampler.config
 
     @property
     def name(self) -> str:
+        """Label for tables and progress bars, e.g. `pcm_lora+graph/ddim10`."""
         return f"{self.config.variant}{'+graph' if self.graph else ''}/{self.base}"
 
 
 def graphed_rows(policy, rows: list[Row]) -> list[Row]:
-    """CUDA-graph variants of the Picard rows: fixed-shape windows, each denoiser captured per shape."""
+    """CUDA-graph variants of the iterative rows: fixed-shape windows, each denoiser captured per shape.
+
+    Args:
+        policy: the base policy (its training noise schedule).
+        rows: the eager rows; sequential rows get no graphed variant.
+
+    Returns:
+        One graphed `Row` per iterative row.
+    """
     from pcm_policy.sampling.cuda_graph import GraphedDenoiser
 
     out = []
@@ -91,8 +125,24 @@ def accelerated_config(cfg: Mapping[str, Any], base: str, common: Mapping[str, A
 
 
 def build_rows(policy, cfg: Mapping[str, Any], device) -> tuple[list[Row], list[str]]:
-    """The bench rows for every base schedule: sequential, Picard, PCM, PCM-LoRA, and each iterative row again
-    with the base's `accelerated` settings (Anderson acceleration, noise-carrying start)."""
+    """The bench rows for every base schedule.
+
+    Sequential, Picard, PCM, PCM-LoRA, and each iterative row again with the base's `accelerated` settings
+    (Anderson acceleration, noise-carrying start).
+
+    Args:
+        policy: the base policy.
+        cfg: the `bench` config (bases, tol, window, stiffness, pcm.<base>, pcm_lora.<base>, accelerated.<base>).
+        device: where PCMs are loaded.
+
+    Returns:
+        (rows, skipped): the rows, and one reason per PCM row that could not be built (no checkpoint given, a
+        PCM for another schedule, a full PCM for weight-space switching).
+
+    Raises:
+        ConfigError: an invalid base name or sampler setting.
+        CheckpointError: a PCM checkpoint that is missing, corrupt or for another base.
+    """
     rows, skipped = [], []
     for base in cfg["bases"]:
         kind, steps = parse_base(base)
@@ -124,7 +174,21 @@ def build_rows(policy, cfg: Mapping[str, Any], device) -> tuple[list[Row], list[
 @torch.no_grad()
 def time_row(policy, row: Row, observations: torch.Tensor, noise_seed: int, warmup: int, max_iters=None,
              progress: bool = True):
-    """Latency, stats and outputs of `row` over all observations (batch 1, same noise per chunk index)."""
+    """Latency, stats and outputs of `row` over all observations (batch 1, same noise per chunk index).
+
+    Args:
+        policy: the base policy (its `global_cond`).
+        row: the row to time.
+        observations: (n, To, Do) float32 in env units.
+        noise_seed: chunk i uses the noise of seed noise_seed + i.
+        warmup: untimed chunks run first (on observation 0).
+        max_iters: caps the Picard rounds (early-stop study); None: the config's.
+        progress: show a progress bar.
+
+    Returns:
+        (x0 (n, H, Da) normalized actions on the CPU, latencies (n,) ms, iterations (n,), evaluations (n,),
+        converged (n,) bool), numpy arrays except x0.
+    """
     sampler = row.sampler
     conds = policy.global_cond(observations.to(policy.device))
     outputs, latencies, iterations, evaluations, converged = [], [], [], [], []
@@ -149,6 +213,20 @@ def time_row(policy, row: Row, observations: torch.Tensor, noise_seed: int, warm
 
 
 def run_bench(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """`pcm bench`: time every row, compare outputs, write `bench.json`, `bench.md`, `bench.png`, `metrics.json`.
+
+    Args:
+        cfg: the composed `bench` config (checkpoint, bases, chunks, control_hz, budget_ms, episodes, ...).
+
+    Returns:
+        The report written to `bench.json`: rows (latency p50/p99 in ms, iterations, errors vs sequential in
+        normalized action units, deadline misses against the budget in ms, optional success/score), the
+        early-stop study, skipped rows.
+
+    Raises:
+        ConfigError: no checkpoint, a count out of range, or an invalid sampler setting.
+        CheckpointError: an unusable base or PCM checkpoint (nothing is written then).
+    """
     device = resolve_device(cfg.get("device"))
     threads = torch.get_num_threads()
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({threads} intra-op threads)"
@@ -293,6 +371,7 @@ def _early_stop_study(policy, rows: list[Row], observations, references, cfg) ->
 
 
 def markdown_table(report: Mapping[str, Any]) -> str:
+    """The report of `run_bench` as Markdown (`bench.md`): the row table, the early-stop table, skipped rows."""
     lines = [f"Device: {report['device']}; threads: {report['threads']}; control {report['control_hz']} Hz, "
              f"budget {report['budget_ms']:.0f} ms per chunk; checkpoint `{report['checkpoint']}`", "",
              "| sampler | base | window | tol | iterations | evaluations | p50 ms | p99 ms | speedup p50 | "
@@ -318,6 +397,13 @@ def markdown_table(report: Mapping[str, Any]) -> str:
 
 
 def plot(results: list[dict], path: Path, budget_ms: float) -> None:
+    """Write `path` (PNG): per-row latency box plots (ms, log scale, budget line) and mean iterations per row.
+
+    Args:
+        results: `run_bench`'s rows, with their `_latencies` arrays (ms).
+        path: the PNG to write.
+        budget_ms: the per-chunk budget drawn as a line, in ms.
+    """
     import matplotlib
 
     matplotlib.use("Agg")

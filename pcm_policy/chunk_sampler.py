@@ -28,9 +28,11 @@ class ChunkSampler:
             weights plus `scale` times the LoRA delta). Ignored by `sequential` and `picard`.
         sample_shape: (H, Da) of one action chunk, for `make_noise`.
         device: where the coefficients live (the denoisers' device).
+        dtype: float dtype of the step coefficients (that of x_T).
 
     Raises:
-        ConfigError: a sampler that needs a PCM gets none, or `sampler.steps` exceeds the training timesteps.
+        ConfigError: an invalid sampler config, a sampler that needs a PCM gets none, or `sampler.steps`
+            exceeds the training timesteps.
     """
 
     def __init__(self, config: SamplerConfig | Mapping[str, Any], train_scheduler_config: Mapping[str, Any],
@@ -61,12 +63,26 @@ class ChunkSampler:
 
     @property
     def label(self) -> str:
+        """The config's short name for tables, e.g. `pcm_lora/ddim10` (`SamplerConfig.label`)."""
         return self.config.label
 
     def make_noise(self, batch_size: int, generator: torch.Generator | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x_T (B, H, Da) and the per-step noise z (S, B, H, Da), standard normal, drawn once on the CPU from
-        `generator` (so a seed gives the same chunk on every device) and moved to the sampler's device."""
+        """The noise of `batch_size` chunks, drawn once before sampling.
+
+        Drawn on the CPU from `generator` (so a seed gives the same chunk on every device), then moved to the
+        sampler's device.
+
+        Args:
+            batch_size: B.
+            generator: a CPU `torch.Generator`; None uses torch's global RNG.
+
+        Returns:
+            (x_T (B, H, Da), z (S, B, H, Da)), standard normal float32.
+
+        Raises:
+            ConfigError: the sampler was built without `sample_shape`.
+        """
         if self.sample_shape is None:
             raise ConfigError("ChunkSampler.make_noise: built without sample_shape")
         shape = (batch_size, *self.sample_shape)
@@ -78,10 +94,21 @@ class ChunkSampler:
     def sample(self, x_T: torch.Tensor, noise: torch.Tensor, cond: torch.Tensor | None = None,
                should_stop: Callable[[], bool] | None = None, max_iters: int | None = None
                ) -> tuple[torch.Tensor, SamplerStats]:
-        """Denoise x_T (B, H, Da) with per-step noise (S, B, H, Da); cond (B, C) or None.
+        """Sample one batch of chunks with the configured algorithm.
 
-        Returns (x0 (B, H, Da) in normalized action units, SamplerStats). `should_stop()` is checked between
-        Picard rounds (anytime output); `max_iters` caps the rounds (default: the config's).
+        Args:
+            x_T: initial noise, shape (B, H, Da) float, normalized action units, on the sampler's device.
+            noise: per-step standard-normal noise, shape (S, B, H, Da).
+            cond: the denoiser's condition, (B, C) or None.
+            should_stop: checked between Picard rounds; True returns the current (anytime) estimate. Ignored
+                by `sequential`.
+            max_iters: caps the Picard rounds (default: the config's). Ignored by `sequential`.
+
+        Returns:
+            (x0 (B, H, Da) in normalized action units, `SamplerStats`).
+
+        Raises:
+            ValueError: `noise` has another number of steps than the schedule.
         """
         from pcm_policy import sampling
 

@@ -40,6 +40,21 @@ def _quick_checkpoints(cfg: Mapping[str, Any], out: Path) -> tuple[str, dict[str
 
 
 def run_demo(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """`pcm demo`: closed-loop episodes under the controller, then a short bench; prints and writes a summary.
+
+    Args:
+        cfg: the composed `demo` config (task, checkpoint, pcm_lora.<base>, pcm.<base>, sampler, episodes,
+            chunks, ddpm100_chunks, bases, seed, seed_start, device, output_dir).
+
+    Returns:
+        The summary written to `output_dir/metrics.json`: closed-loop success/score, latency p50/p99 (ms),
+        iterations, deadline misses, exact fraction; the bench rows; video and plot paths; wall time (s).
+
+    Raises:
+        ConfigError: no checkpoint, a count out of range, or an invalid sampler setting.
+        CheckpointError: a named checkpoint that is missing, for another task, or a PCM for another base (only
+            the shipped default base, when absent, is replaced by a quick stand-in).
+    """
     from pcm_policy.bench import run_bench
     from pcm_policy.checkpoint import load_policy
     from pcm_policy.control import Controller, ControllerConfig
@@ -103,6 +118,7 @@ def run_demo(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def print_summary(s: Mapping[str, Any]) -> None:
+    """Print `run_demo`'s summary: the closed-loop line, the bench table (latencies in ms), output paths."""
     c = s["closed_loop"]
     print()
     print(f"== pcm demo: {s['task']} on {s['device']} ==")

@@ -34,7 +34,15 @@ def is_main() -> bool:
 
 
 def require_divisible(batch_size: int, key: str) -> None:
-    """Each rank takes an equal share of every global batch; checked before any process group is set up."""
+    """Each rank takes an equal share of every global batch; checked before any process group is set up.
+
+    Args:
+        batch_size: the global batch size.
+        key: the config key named in the error.
+
+    Raises:
+        ConfigError: `batch_size` is not divisible by WORLD_SIZE.
+    """
     n = world_size()
     if n > 1 and int(batch_size) % n != 0:
         raise ConfigError(f"{key}={batch_size} is not divisible by the {n} processes (WORLD_SIZE={n}); "
@@ -53,13 +61,16 @@ class Dist:
 
     @property
     def enabled(self) -> bool:
+        """True in a job of more than one process."""
         return self.world_size > 1
 
     @property
     def is_main(self) -> bool:
+        """True on rank 0 (the only rank that writes files)."""
         return self.rank == 0
 
     def barrier(self) -> None:
+        """Wait for every rank (a no-op in a single process)."""
         if self.enabled:
             dist.barrier()
 
@@ -92,7 +103,17 @@ class Dist:
 
 
 def init(device: torch.device) -> Dist:
-    """Join the torchrun job (gloo on CPU, nccl on CUDA with device cuda:LOCAL_RANK), or a single process."""
+    """Join the torchrun job (gloo on CPU, nccl on CUDA with device cuda:LOCAL_RANK), or a single process.
+
+    Args:
+        device: the requested device; on CUDA under torchrun it becomes cuda:LOCAL_RANK.
+
+    Returns:
+        This process's `Dist`.
+
+    Raises:
+        ConfigError: LOCAL_RANK has no CUDA device.
+    """
     n = world_size()
     if n <= 1:
         return Dist(device=device)
@@ -119,6 +140,11 @@ def cleanup(ctx: Dist, ok: bool = True) -> None:
 
 @contextmanager
 def session(device: torch.device) -> Iterator[Dist]:
+    """`init` on entry, `cleanup` on exit (with the final barrier only after a clean finish); yields the `Dist`.
+
+    Raises:
+        ConfigError: as `init`.
+    """
     ctx = init(device)
     ok = False
     try:

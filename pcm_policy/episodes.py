@@ -17,7 +17,15 @@ PUSHT_SUCCESS_COVERAGE = 0.95
 
 @dataclass
 class EpisodeResult:
-    """One finished episode: its index, reset seed, success, max coverage (PushT only, else None), env steps."""
+    """One finished episode.
+
+    Attributes:
+        episode: index of the episode within its run (0-based).
+        seed: the seed its env was reset with.
+        success: the task was solved at some step.
+        max_coverage: PushT only (else None): the largest block/goal coverage reached, in [0, 1].
+        steps: env (control) steps taken.
+    """
 
     episode: int
     seed: int
@@ -26,7 +34,12 @@ class EpisodeResult:
     steps: int
 
     def score(self, task: str) -> float:
-        """PushT: clip(max coverage / 0.95, 0, 1); any other task: 1.0 on success, else 0.0."""
+        """The episode's score in [0, 1] (Diffusion Policy's convention).
+
+        Args:
+            task: the task name; "pusht" scores clip(max coverage / 0.95, 0, 1), any other task (or a PushT
+                result without coverage) 1.0 on success, else 0.0.
+        """
         if task == "pusht" and self.max_coverage is not None:
             return float(np.clip(self.max_coverage / PUSHT_SUCCESS_COVERAGE, 0.0, 1.0))
         return float(self.success)
@@ -34,9 +47,22 @@ class EpisodeResult:
 
 def make_env(env_id: str, max_steps: int, render: bool = False, video_prefix: Path | None = None,
              fps: int = 10, wrap: Callable[[gym.Env], gym.Env] | None = None) -> gym.Env:
-    """A registered env (`envs` ids) with a `max_steps` time limit and episode statistics in `info`
-    (`episode_success`, `episode_max_coverage`, `episode_steps`); with `video_prefix`, its first episode is
-    recorded to `<video_prefix>_*.mp4` at `fps`. `wrap` is applied last (e.g. a MultiStepWrapper)."""
+    """A registered env with a time limit and episode statistics in `info`.
+
+    Args:
+        env_id: a gymnasium id registered by `envs` (e.g. `pcm/PushT-v0`).
+        max_steps: time limit in env (control) steps.
+        render: build the env with `render_mode="rgb_array"` (needed for videos).
+        video_prefix: record the first episode to `<video_prefix>_*.mp4`; None records nothing.
+        fps: frame rate of the video in Hz (the control frequency).
+        wrap: applied last (e.g. a MultiStepWrapper); None adds nothing.
+
+    Returns:
+        The env; its `info` carries `episode_success`, `episode_max_coverage` and `episode_steps`.
+
+    Raises:
+        gymnasium.error.Error: `env_id` is not registered.
+    """
     import envs  # noqa: F401  (registers the ids)
     from envs.recording import EpisodeStats, VideoRecorder
 
@@ -49,8 +75,17 @@ def make_env(env_id: str, max_steps: int, render: bool = False, video_prefix: Pa
 
 
 def summarize(results: list[EpisodeResult], task: str) -> dict[str, Any]:
-    """episodes, success_rate, score (means in [0, 1]), total steps, [first, last] seed, and for PushT
-    mean_max_coverage. An empty list gives zero rates."""
+    """Summary over episodes.
+
+    Args:
+        results: the episodes, in order.
+        task: the task name (selects the score, see `EpisodeResult.score`).
+
+    Returns:
+        {"episodes", "success_rate", "score" (means in [0, 1]), "steps" (total env steps), "seed_range"
+        ([first, last] seed)} and, when any episode has a coverage (PushT), "mean_max_coverage". An empty list
+        gives zero rates and an empty seed range.
+    """
     n = len(results)
     out = {
         "episodes": n,

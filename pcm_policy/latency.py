@@ -7,10 +7,14 @@ import numpy as np
 
 
 def latency_summary(latencies_ms: Iterable[float]) -> dict[str, float]:
-    """p50, p99 and mean of per-chunk latencies in milliseconds.
+    """p50, p99 and mean of per-chunk latencies.
 
-    Returns {"latency_ms_p50", "latency_ms_p99", "latency_ms_mean"} as Python floats (ms; numpy's linear
-    percentile interpolation), or {} when there are no latencies.
+    Args:
+        latencies_ms: per-chunk latencies in milliseconds (any iterable of numbers).
+
+    Returns:
+        {"latency_ms_p50", "latency_ms_p99", "latency_ms_mean"} as Python floats in ms (numpy's linear
+        percentile interpolation), or {} when there are no latencies.
     """
     lat = np.asarray(list(latencies_ms), dtype=np.float64)
     if lat.size == 0:

@@ -23,6 +23,25 @@ from pcm_policy.sampler_config import SamplerConfig
 
 @dataclass
 class PolicyConfig:
+    """The policy's shape, saved in its checkpoint card.
+
+    Attributes:
+        obs_dim: Do, the low-dim observation size (PushT 20, Lift 19, Can 23).
+        action_dim: Da, the action size (PushT 2 px targets; robomimic 7, or 10 with rot6d absolute actions).
+        horizon: H, actions predicted per chunk; divisible by 2^(len(down_dims) - 1).
+        n_obs_steps: To, observations in the history the chunk is conditioned on.
+        n_action_steps: Ta, actions executed per chunk (the actions [To-1, To-1+Ta) of the chunk).
+        down_dims: UNet channel widths per level.
+        diffusion_step_embed_dim: size of the sinusoidal timestep embedding.
+        kernel_size: temporal convolution kernel size.
+        n_groups: GroupNorm groups.
+        noise_scheduler: keyword arguments of the training `DDPMScheduler` (DDPM-100, squaredcos_cap_v2,
+            epsilon prediction, clip_sample, fixed_small by default).
+
+    Raises:
+        PcmError: To or Ta < 1, To - 1 + Ta > H, or H not divisible by 2^(len(down_dims) - 1).
+    """
+
     obs_dim: int
     action_dim: int
     horizon: int = 16
@@ -50,10 +69,21 @@ class PolicyConfig:
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any], obs_dim: int, action_dim: int) -> "PolicyConfig":
+        """Build from a `policy=` mapping (unknown keys are ignored, missing ones take their defaults).
+
+        Args:
+            cfg: the policy keys (horizon, n_obs_steps, ..., noise_scheduler).
+            obs_dim: Do, from the dataset.
+            action_dim: Da, from the dataset.
+
+        Raises:
+            PcmError: an inconsistent shape (see the class).
+        """
         keys = set(cls.__dataclass_fields__) - {"obs_dim", "action_dim"}
         return cls(obs_dim=obs_dim, action_dim=action_dim, **{k: cfg[k] for k in keys if k in cfg})
 
     def to_dict(self) -> dict[str, Any]:
+        """All fields as plain JSON-ready values (down_dims as a list), for the checkpoint card."""
         d = asdict(self)
         d["down_dims"] = list(self.down_dims)
         return d
@@ -61,12 +91,21 @@ class PolicyConfig:
 
 @dataclass
 class ChunkResult:
+    """One predicted chunk (see the field comments for shapes; actions in env units, e.g. PushT px)."""
+
     action: torch.Tensor  # (B, n_action_steps, Da): the actions to execute, unnormalized
     action_pred: torch.Tensor  # (B, horizon, Da): the whole predicted chunk, unnormalized
     stats: Any  # SamplerStats: iterations, evaluations, converged
 
 
 class DiffusionPolicy(nn.Module):
+    """Diffusion Policy (Chi et al. 2023): an observation history -> a chunk of H actions, by denoising.
+
+    Args:
+        config: the policy's shape and noise schedule.
+        normalizer: fitted min/max normalizer with fields "obs" and "action" (env units <-> [-1, 1]).
+    """
+
     def __init__(self, config: PolicyConfig, normalizer: Normalizer):
         super().__init__()
         self.config = config
@@ -84,11 +123,22 @@ class DiffusionPolicy(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """The device of the network's parameters."""
         return next(self.model.parameters()).device
 
     # ---- training ------------------------------------------------------------------------------------
     def global_cond(self, obs: torch.Tensor) -> torch.Tensor:
-        """Normalized, flattened observation history (B, To, Do) -> (B, To*Do)."""
+        """The network's condition: the normalized, flattened observation history.
+
+        Args:
+            obs: observation history (B, >= To, Do) float in env units; the first To steps are used.
+
+        Returns:
+            (B, To*Do) in normalized units, on `obs`'s device.
+
+        Raises:
+            PcmError: `obs` is not (B, >= To, Do).
+        """
         To = self.config.n_obs_steps
         if obs.ndim != 3 or obs.shape[1] < To or obs.shape[2] != self.config.obs_dim:
             raise PcmError(f"observation history has shape {tuple(obs.shape)}, expected (B, >={To}, {self.config.obs_dim})")
@@ -96,7 +146,16 @@ class DiffusionPolicy(nn.Module):
         return nobs.reshape(obs.shape[0], -1)
 
     def loss_noise(self, shape, generator: torch.Generator | None = None, device=None):
-        """The noise (shape of the action batch) and one timestep per row that `compute_loss` trains on."""
+        """The noise and timesteps `compute_loss` trains on.
+
+        Args:
+            shape: the normalized action batch's shape (B, H, Da).
+            generator: RNG for both draws (on `device`); None uses torch's global RNG.
+            device: where to draw them.
+
+        Returns:
+            (noise of `shape`, standard normal float32; timesteps (B,) long, uniform in [0, num_train_timesteps)).
+        """
         noise = torch.randn(shape, device=device, generator=generator)
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (shape[0],), device=device,
                                   generator=generator)
@@ -107,9 +166,21 @@ class DiffusionPolicy(nn.Module):
                      ) -> torch.Tensor:
         """Diffusion Policy's objective: predict the noise (or the sample) added to a normalized action chunk.
 
-        `noise` = (noise, timesteps) given instead of drawn from `generator` (distributed training draws them for
-        the global batch and hands each rank its rows); `model` is the network to call (a DDP wrapper of
-        self.model), by default self.model.
+        The DDPM loss (Ho et al. 2020, eq. 14): MSE between the prediction at `add_noise(x0, noise, t)` and the
+        noise (epsilon prediction) or x0 (sample prediction).
+
+        Args:
+            batch: {"obs": (B, >= To, Do), "action": (B, H, Da)}, float in env units.
+            generator: RNG for the noise and timesteps when `noise` is None.
+            noise: (noise (B, H, Da), timesteps (B,) long) to use instead of drawing them (distributed training
+                draws them for the global batch and hands each rank its rows).
+            model: the network to call (e.g. a DDP wrapper of `self.model`); None = `self.model`.
+
+        Returns:
+            The scalar mean squared error (in normalized units).
+
+        Raises:
+            PcmError: an observation history of the wrong shape, or a prediction type other than epsilon/sample.
         """
         cond = self.global_cond(batch["obs"])
         trajectory = self.normalizer.normalize("action", batch["action"])
@@ -126,15 +197,31 @@ class DiffusionPolicy(nn.Module):
 
     # ---- sampling ------------------------------------------------------------------------------------
     def denoiser(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-        """The base network: x (N, H, Da) noisy normalized actions, t (N,) long timesteps, cond (N, To*Do)."""
+        """The base network as a denoiser.
+
+        Args:
+            x: noisy normalized actions, (N, H, Da) float.
+            t: diffusion timesteps, (N,) long, one per row.
+            cond: `global_cond` rows, (N, To*Do), or None.
+
+        Returns:
+            The prediction (eps for epsilon prediction), (N, H, Da).
+        """
         return self.model(x, t, cond)
 
     def sampler(self, config: SamplerConfig | Mapping[str, Any] | ChunkSampler | None = None,
                 pcm: Callable | None = None) -> ChunkSampler:
         """The `ChunkSampler` for `config` on this policy's network (and `pcm`, for the switching samplers).
 
-        Built once per (config, pcm, device) and cached, so per-chunk calls pay no set-up. A `ChunkSampler`
-        passed in is returned as it is. Raises ConfigError for an invalid config or a missing PCM.
+        Built once per (config, pcm, device) and cached, so per-chunk calls pay no set-up.
+
+        Args:
+            config: a `SamplerConfig` or mapping (None: the defaults, sequential DDPM-100); a `ChunkSampler`
+                is returned as it is.
+            pcm: the PCM denoiser (see `ChunkSampler`); ignored by the non-switching samplers.
+
+        Raises:
+            ConfigError: an invalid config, or a switching sampler without `pcm`.
         """
         if isinstance(config, ChunkSampler):
             return config
@@ -147,7 +234,11 @@ class DiffusionPolicy(nn.Module):
         return self._samplers[key]
 
     def scheduler_for(self, sampler: SamplerConfig | Mapping[str, Any] | ChunkSampler):
-        """The inference scheduler (diffusers, `set_timesteps` done) of a sampler config's schedule."""
+        """The inference scheduler (diffusers, `set_timesteps` done) of a sampler config's schedule.
+
+        Raises:
+            ConfigError: an invalid sampler config.
+        """
         if isinstance(sampler, ChunkSampler):
             return sampler.scheduler
         cfg = SamplerConfig.from_mapping(sampler)
@@ -155,7 +246,16 @@ class DiffusionPolicy(nn.Module):
 
     def make_noise(self, batch_size: int, sampler: SamplerConfig | Mapping[str, Any] | ChunkSampler,
                    generator: torch.Generator | None = None):
-        """Initial noise x_T (B, H, Da) and per-step noise (S, B, H, Da), drawn once before sampling."""
+        """Initial noise x_T (B, H, Da) and per-step noise (S, B, H, Da), standard normal, drawn once before sampling.
+
+        Args:
+            batch_size: B.
+            sampler: a `ChunkSampler` or a config (only its schedule matters: S steps).
+            generator: a CPU `torch.Generator` (see `ChunkSampler.make_noise`).
+
+        Raises:
+            ConfigError: an invalid sampler config.
+        """
         if not isinstance(sampler, ChunkSampler):
             cfg = SamplerConfig.from_mapping(sampler)
             sampler = self.sampler(SamplerConfig(name="sequential", scheduler=cfg.scheduler, steps=cfg.steps))
@@ -170,12 +270,25 @@ class DiffusionPolicy(nn.Module):
         noise: tuple[torch.Tensor, torch.Tensor] | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> ChunkResult:
-        """Observation history (B, To, Do) or (To, Do) float -> `ChunkResult` (actions in env units).
+        """Sample one action chunk per observation history.
 
-        `sampler`: a `ChunkSampler` (see `DiffusionPolicy.sampler`) or a config (its cached sampler is used; a
-        config naming a PCM sampler needs a ChunkSampler built with the PCM). `noise` = (x_T (B, H, Da), per-step
-        noise (S, B, H, Da)), drawn from `generator` when None. Raises PcmError for a non-finite observation or
-        a history of the wrong shape.
+        A chunk that did not converge (stopped early) is clamped to [-1, 1] in normalized units, the range the
+        policy was trained on, before unnormalizing.
+
+        Args:
+            obs_history: (B, To, Do) or (To, Do), float, in env units.
+            sampler: a `ChunkSampler` (see `DiffusionPolicy.sampler`) or a config (its cached sampler is used;
+                a config naming a PCM sampler needs a `ChunkSampler` built with the PCM).
+            generator: RNG for the noise when `noise` is None.
+            noise: (x_T (B, H, Da), per-step noise (S, B, H, Da)) to use instead of drawing it.
+            should_stop: anytime stop, checked between Picard rounds (see `ChunkSampler.sample`).
+
+        Returns:
+            `ChunkResult`: `action` (B, Ta, Da) and `action_pred` (B, H, Da) in env units, and the sampler stats.
+
+        Raises:
+            PcmError: a non-finite observation or a history of the wrong shape.
+            ConfigError: an invalid sampler config, or a PCM sampler given as a config.
         """
         sampler = self.sampler(sampler)
         obs = torch.as_tensor(obs_history, dtype=torch.float32, device=self.device)
@@ -197,12 +310,26 @@ class DiffusionPolicy(nn.Module):
 
     # ---- persistence ---------------------------------------------------------------------------------
     def weights(self) -> dict[str, torch.Tensor]:
-        """Everything needed to rebuild the policy's outputs: network weights and normalizer statistics."""
+        """Everything needed to rebuild the policy's outputs: network weights and normalizer statistics.
+
+        Returns:
+            {"model.<name>": tensor, "normalizer.<field>.<stat>": tensor}, contiguous CPU tensors (safetensors-ready).
+        """
         state = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         state.update(self.normalizer.state_dict())
         return state
 
     def load_weights(self, state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+        """Load what `weights` returned: the network (strictly) and a new normalizer.
+
+        Args:
+            state: {"model.*", "normalizer.*"} tensors.
+            source: the file named in error messages.
+
+        Raises:
+            PcmError: the network weights do not fit this policy's shape.
+            ValueError: malformed normalizer entries.
+        """
         model_state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
         try:
             self.model.load_state_dict(model_state, strict=True)

@@ -25,6 +25,17 @@ STARTS = ("x_T", "noise_sum", "x0_chain")
 
 @dataclass(frozen=True)
 class SamplerConfig:
+    """One `sampler=` config, validated on construction; hashable (a cache key for `ChunkSampler`s).
+
+    The fields are described beside their declarations (defaults: sequential DDPM-100). `tol` is in units of
+    each step's noise std (see `pcm_policy.sampling.picard`); `stiffness` is s in lambda(k) =
+    clip(1 - s k / S, 0, 1) (`pcm_policy.sampling.switching`); memory/damping/triangular configure
+    `accel=anderson` (`pcm_policy.sampling.anderson`).
+
+    Raises:
+        ConfigError: a field out of range or not one of its choices, naming the `sampler.<key>`.
+    """
+
     name: str = "sequential"  # sequential | picard | pcm | pcm_lora
     scheduler: str = "ddpm"  # ddpm | ddim
     steps: int = 100  # sampling steps S (ddpm uses every training step when steps == num_train_timesteps)
@@ -63,6 +74,18 @@ class SamplerConfig:
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any] | "SamplerConfig") -> "SamplerConfig":
+        """Build from a `sampler=` mapping (e.g. the Hydra group), or return a `SamplerConfig` as it is.
+
+        Args:
+            cfg: the config's keys; `pcm_checkpoint` is accepted and ignored (it is read by
+                `pcm_policy.pcm.attach.load_sampler`), missing keys take their defaults.
+
+        Returns:
+            The validated config.
+
+        Raises:
+            ConfigError: an unknown key, or a value out of range.
+        """
         if isinstance(cfg, SamplerConfig):
             return cfg
         known = {f.name for f in dataclasses.fields(cls)}
@@ -85,7 +108,11 @@ class SamplerConfig:
         return self.name + ("+aa" if self.accel == "anderson" else "") + starts[self.start]
 
     def anderson_config(self):
-        """The `AndersonConfig` of `accel=anderson`, None otherwise."""
+        """The `pcm_policy.sampling.AndersonConfig` of `accel=anderson`, None otherwise.
+
+        Raises:
+            ValueError: `memory` is not an integer (the ranges are already checked on construction).
+        """
         if self.accel != "anderson":
             return None
         from pcm_policy.sampling.anderson import AndersonConfig
@@ -94,11 +121,25 @@ class SamplerConfig:
 
     @property
     def needs_pcm(self) -> bool:
+        """True for the switching samplers (`pcm`, `pcm_lora`), which need a PCM checkpoint."""
         return self.name in ("pcm", "pcm_lora")
 
 
 def build_scheduler(train_scheduler_config: Mapping[str, Any], kind: str, steps: int):
-    """A fresh inference scheduler sharing the training noise schedule, with `set_timesteps(steps)` done."""
+    """A fresh inference scheduler sharing the training noise schedule, with `set_timesteps(steps)` done.
+
+    Args:
+        train_scheduler_config: the policy's training `DDPMScheduler` config (betas, prediction type, clipping).
+        kind: "ddpm" (a `DDPMScheduler`) or anything else for a `DDIMScheduler` (`set_alpha_to_one` defaults
+            to True, `variance_type` dropped).
+        steps: S, the number of sampling steps (<= the training timesteps).
+
+    Returns:
+        The diffusers scheduler.
+
+    Raises:
+        ValueError: steps exceeds the training timesteps (diffusers' `set_timesteps`).
+    """
     cls = DDPMScheduler if kind == "ddpm" else DDIMScheduler
     config = dict(train_scheduler_config)
     if kind == "ddim":

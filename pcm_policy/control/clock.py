@@ -20,24 +20,38 @@ Stopwatch = Callable[[], float]  # seconds elapsed since the chunk started
 
 
 class ChunkClock(Protocol):
+    """A time source for chunks: `start()` begins one chunk and returns its stopwatch."""
+
     def start(self) -> Stopwatch:
         """Start timing one chunk; returns its stopwatch (seconds elapsed, float)."""
 
 
 @dataclass(frozen=True)
 class MeasuredClock:
-    """Measured chunk time from `now()` (seconds, monotonic)."""
+    """Measured chunk time.
+
+    Attributes:
+        now: a monotonic clock in seconds (default `time.perf_counter`).
+    """
 
     now: Callable[[], float] = time.perf_counter
 
     def start(self) -> Stopwatch:
+        """Read `now()` once; the stopwatch returns the seconds elapsed since."""
         t0 = self.now()
         return lambda: self.now() - t0
 
 
 @dataclass(frozen=True)
 class FixedLatencyClock:
-    """Every chunk takes `latency_s` seconds, from its first reading on."""
+    """Every chunk takes `latency_s` seconds, from its first reading on.
+
+    Attributes:
+        latency_s: the fixed chunk latency in seconds (>= 0).
+
+    Raises:
+        ValueError: `latency_s` is negative or NaN.
+    """
 
     latency_s: float
 
@@ -46,6 +60,7 @@ class FixedLatencyClock:
             raise ValueError(f"fixed latency must be >= 0 s, got {self.latency_s}")
 
     def start(self) -> Stopwatch:
+        """A stopwatch that always reads `latency_s` seconds."""
         return lambda: self.latency_s
 
 

@@ -39,6 +39,16 @@ from pcm_policy.latency import latency_summary
 
 @dataclass
 class ControllerConfig:
+    """Timing of the controller.
+
+    Attributes:
+        control_hz: control frequency in Hz (PushT 10, robomimic 20).
+        budget_ms: per-chunk compute budget in ms (None: one control period).
+        margin_ms: ms kept free before the deadline for the hand-over.
+        replan_steps: queued actions left when the next chunk is requested (None: Ta // 2).
+        fixed_latency_ms: every chunk takes exactly this long in ms (None: measured).
+    """
+
     control_hz: float = 10.0
     budget_ms: float | None = None  # per-chunk compute budget; None = one control period
     margin_ms: float = 5.0  # kept free before the deadline for the hand-over
@@ -49,11 +59,25 @@ class ControllerConfig:
 
     @property
     def period_s(self) -> float:
+        """The control period in seconds, 1 / control_hz."""
         return 1.0 / self.control_hz
 
 
 @dataclass
 class ChunkRecord:
+    """What one chunk cost and whether it was on time.
+
+    Attributes:
+        step: control step at which the chunk was requested.
+        latency_ms: its compute time in ms, read from the chunk clock.
+        deadline_ms: its compute budget in ms; None for an episode's first chunk (the robot waits at rest).
+        iterations: sequential network rounds (`SamplerStats.iterations`).
+        evaluations: step evaluations per trajectory (`SamplerStats.evaluations`).
+        exact: the sampler converged (its output equals its sequential reference within tolerance).
+        deadline_missed: latency_ms > deadline_ms.
+        late_steps: control steps the robot held its last action waiting for this chunk.
+    """
+
     step: int  # control step at which the chunk was requested
     latency_ms: float
     deadline_ms: float | None  # None for an episode's first chunk (the robot waits at rest)
@@ -66,6 +90,17 @@ class ChunkRecord:
 
 @dataclass
 class EpisodeLog:
+    """One controller episode.
+
+    Attributes:
+        chunks: every chunk's record, in request order.
+        steps: env (control) steps taken.
+        rejected_observations: non-finite observations not added to the history.
+        held_steps: control steps on which the queue was empty and the last action was held.
+        success: the task was solved at some step (`info["is_success"]`).
+        max_coverage: PushT only (else None): the largest `info["coverage"]` seen, in [0, 1].
+    """
+
     chunks: list[ChunkRecord] = field(default_factory=list)
     steps: int = 0
     rejected_observations: int = 0
@@ -74,7 +109,12 @@ class EpisodeLog:
     max_coverage: float | None = None
 
     def summary(self) -> dict[str, Any]:
-        """Counts of the episode, and latency p50/p99/mean (ms) over its chunks when it has any."""
+        """Counts of the episode, and latency p50/p99/mean (ms) over its chunks when it has any.
+
+        Returns:
+            {"steps", "chunks", "success", "max_coverage", "latency_ms_p50", "latency_ms_p99",
+            "latency_ms_mean", "deadline_misses", "late_steps", "inexact_chunks", "rejected_observations"}.
+        """
         return {"steps": self.steps, "chunks": len(self.chunks), "success": self.success,
                 "max_coverage": self.max_coverage, **latency_summary([c.latency_ms for c in self.chunks]),
                 "deadline_misses": sum(c.deadline_missed for c in self.chunks),
@@ -91,6 +131,16 @@ class Controller:
     evaluations, converged). `clock` is the time source of chunk latencies and deadlines: a `now()` function
     in seconds (default `time.perf_counter`) or a `ChunkClock`; `config.fixed_latency_ms` replaces it with a
     `FixedLatencyClock`.
+
+    Args:
+        policy: the policy (see above), e.g. a `DiffusionPolicy`.
+        sampler: passed to `policy.predict_chunk` (a `ChunkSampler` or a sampler config).
+        config: the timing settings (None: `ControllerConfig()`).
+        seed: seed of the noise generator (one generator for the controller's life).
+        clock: the chunk time source (see above).
+
+    Raises:
+        ValueError: a negative `config.fixed_latency_ms`.
     """
 
     def __init__(self, policy, sampler, config: ControllerConfig | None = None, seed: int = 0,
@@ -113,6 +163,14 @@ class Controller:
 
     # ---- observation history ---------------------------------------------------------------------------
     def reset(self, obs: np.ndarray) -> None:
+        """Start an episode: the history becomes To copies of `obs` and no action is held.
+
+        Args:
+            obs: the first observation (Do,), env units.
+
+        Raises:
+            ValueError: `obs` is not finite.
+        """
         obs = np.asarray(obs, dtype=np.float32)
         if not np.all(np.isfinite(obs)):
             raise ValueError("first observation of the episode is not finite")
@@ -121,6 +179,7 @@ class Controller:
         self.last_action = None
 
     def observe(self, obs: np.ndarray, log: EpisodeLog) -> None:
+        """Append an observation (Do,) to the history; a non-finite one is dropped and counted in `log`."""
         obs = np.asarray(obs, dtype=np.float32)
         if np.all(np.isfinite(obs)):
             self.history.append(obs)
@@ -140,11 +199,18 @@ class Controller:
 
     def plan(self, step: int, deadline_s: float | None, history: np.ndarray | None = None
              ) -> tuple[np.ndarray, ChunkRecord]:
-        """Compute a chunk; returns the actions (cover, Da) for control steps step..step+cover-1 and its record.
+        """Compute one chunk, stopping the sampler at its deadline.
 
-        `history` (To, Do) is the observation history the chunk is planned from (default: a snapshot of the
-        current one); `deadline_s` the compute budget in seconds (None: no deadline). The sampler is asked to
-        stop once the chunk clock reads past the deadline; the record's latency is read from the same clock.
+        The sampler is asked to stop once the chunk clock reads past the deadline; the record's latency is read
+        from the same clock.
+
+        Args:
+            step: the control step the chunk is requested at.
+            deadline_s: the compute budget in seconds (None: no deadline).
+            history: the observation history (To, Do) to plan from (default: a snapshot of the current one).
+
+        Returns:
+            (actions (cover, Da) float32 in env units for control steps step..step+cover-1, its `ChunkRecord`).
         """
         history = self.history_snapshot() if history is None else history
         obs = torch.tensor(history, dtype=torch.float32)[None]  # a copy: the snapshot is read-only
@@ -162,7 +228,17 @@ class Controller:
 
     # ---- simulated clock ---------------------------------------------------------------------------------
     def run_simulated(self, env, max_steps: int, seed: int | None = None, options: dict | None = None) -> EpisodeLog:
-        """One episode; the env advances ceil(latency / period) steps with queued actions while a chunk computes."""
+        """One episode; the env advances ceil(latency / period) steps with queued actions while a chunk computes.
+
+        Args:
+            env: a gymnasium env (`reset`/`step`; `info` may carry `is_success` and `coverage`).
+            max_steps: time limit in control steps.
+            seed: the env's reset seed.
+            options: the env's reset options.
+
+        Returns:
+            The episode's `EpisodeLog`; it ends at success, termination, truncation or `max_steps`.
+        """
         log, queue = self._start(env, seed, options)
         pending: tuple[int, int, np.ndarray] | None = None  # (ready_step, request_step, actions)
         step = 0
@@ -212,7 +288,14 @@ class Controller:
 
     # ---- real-time clock ---------------------------------------------------------------------------------
     def run_realtime(self, env, max_steps: int, seed: int | None = None, options: dict | None = None) -> EpisodeLog:
-        """One episode in wall-clock time: env steps every period, a worker thread computes the next chunk."""
+        """One episode in wall-clock time: env steps every period, a worker thread computes the next chunk.
+
+        Args:
+            env, max_steps, seed, options: as in `run_simulated`.
+
+        Returns:
+            The episode's `EpisodeLog`.
+        """
         log, queue = self._start(env, seed, options)
         pending: tuple[Future, int, int] | None = None  # (future, request_step, actions queued at request)
         period = self.config.period_s
@@ -240,4 +323,5 @@ class Controller:
 
 
 def records_as_dicts(records: list[ChunkRecord]) -> list[dict[str, Any]]:
+    """The records as plain dicts (JSON-ready), one per chunk."""
     return [asdict(r) for r in records]

@@ -22,9 +22,21 @@ class ControllerEpisodes:
 def run_controller_episodes(controller: Controller, env_id: str, max_steps: int, episodes: int, seed_start: int,
                             video_prefix: Path | None = None, desc: str = "closed loop",
                             progress: bool = True) -> ControllerEpisodes:
-    """Run `episodes` episodes of `env_id` (reset seeds seed_start, seed_start+1, ...; at most `max_steps` control
-    steps each) with `controller.run_simulated`. With `video_prefix`, the first episode is recorded to
-    `<video_prefix>_0.mp4` at the control frequency."""
+    """Closed-loop episodes with `controller.run_simulated`, one fresh env each.
+
+    Args:
+        controller: the controller (its policy, sampler and timing).
+        env_id: a gymnasium id registered by `envs`.
+        max_steps: time limit per episode, in control steps.
+        episodes: number of episodes; reset seeds seed_start, seed_start+1, ...
+        seed_start: the first reset seed.
+        video_prefix: record the first episode to `<video_prefix>_0.mp4` at the control frequency; None: no video.
+        desc: progress-bar label.
+        progress: show a progress bar.
+
+    Returns:
+        `ControllerEpisodes`: per-episode results, all chunk records, the video path (or None).
+    """
     run = ControllerEpisodes()
     for ep in tqdm(range(episodes), desc=desc, unit="ep", disable=not progress, leave=False):
         prefix = video_prefix if ep == 0 else None

@@ -15,11 +15,18 @@ from torch import nn
 
 
 class SinusoidalPosEmb(nn.Module):
+    """Transformer-style sinusoidal embedding of diffusion timesteps (Vaswani et al. 2017, section 3.5).
+
+    Args:
+        dim: embedding size (even, >= 4): dim/2 sines then dim/2 cosines.
+    """
+
     def __init__(self, dim: int):
         super().__init__()
         self.dim = dim
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """Embed timesteps t (N,) (any numeric dtype) -> (N, dim) float32."""
         half = self.dim // 2
         freqs = torch.exp(torch.arange(half, device=t.device, dtype=torch.float32) * (-math.log(10000.0) / (half - 1)))
         angles = t.float()[:, None] * freqs[None, :]
@@ -38,6 +45,19 @@ class Conv1dBlock(nn.Sequential):
 
 
 class ConditionalResidualBlock1D(nn.Module):
+    """Two `Conv1dBlock`s with FiLM conditioning after the first, plus a residual connection.
+
+    FiLM: a per-channel scale and bias predicted from `cond`. The residual is a 1x1 conv when the channel count
+    changes.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels (divisible by n_groups).
+        cond_dim: size of the condition vector (timestep embedding + global condition).
+        kernel_size: temporal kernel size (odd keeps the length).
+        n_groups: GroupNorm groups.
+    """
+
     def __init__(self, in_channels: int, out_channels: int, cond_dim: int, kernel_size: int, n_groups: int):
         super().__init__()
         self.out_channels = out_channels
@@ -48,6 +68,7 @@ class ConditionalResidualBlock1D(nn.Module):
         self.residual = nn.Conv1d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """x (N, in_channels, H), cond (N, cond_dim) -> (N, out_channels, H)."""
         out = self.conv1(x)
         scale, bias = self.cond_encoder(cond).unsqueeze(-1).chunk(2, dim=1)
         out = scale * out + bias
@@ -56,6 +77,17 @@ class ConditionalResidualBlock1D(nn.Module):
 
 
 class ConditionalUnet1D(nn.Module):
+    """The temporal UNet denoiser (Diffusion Policy's `ConditionalUnet1D` design; see the module docstring).
+
+    Args:
+        input_dim: Da, action channels in and out.
+        global_cond_dim: size of the global condition (To*Do); 0 with no condition.
+        down_dims: channels per level; the horizon must be divisible by 2^(len(down_dims) - 1).
+        diffusion_step_embed_dim: size of the sinusoidal timestep embedding.
+        kernel_size: temporal kernel size.
+        n_groups: GroupNorm groups (each of down_dims divisible by it).
+    """
+
     def __init__(
         self,
         input_dim: int,
@@ -99,7 +131,16 @@ class ConditionalUnet1D(nn.Module):
         self.final_conv = nn.Sequential(Conv1dBlock(start, start, kernel_size, n_groups), nn.Conv1d(start, input_dim, 1))
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, global_cond: torch.Tensor | None = None) -> torch.Tensor:
-        """sample (N, H, Da), timestep (N,) or scalar, global_cond (N, C) -> (N, H, Da)."""
+        """Predict the network output (eps, or x0 for sample prediction) for a batch of noisy action chunks.
+
+        Args:
+            sample: noisy normalized actions, (N, H, Da) float.
+            timestep: diffusion timesteps, (N,) long (one per row) or a scalar for all rows.
+            global_cond: (N, global_cond_dim) or None.
+
+        Returns:
+            (N, H, Da), in the network's float dtype.
+        """
         if not torch.is_tensor(timestep):
             timestep = torch.tensor([timestep], device=sample.device)
         if timestep.ndim == 0:

@@ -1,4 +1,4 @@
-"""Picard Consistency Training: trajectory collection (``trajectories``) and the PCT loss (``loss``)."""
+"""Picard Consistency Training: trajectory collection (`trajectories`) and the PCT loss (`loss`)."""
 
 from .loss import iterate_variances, pct_loss
 from .trajectories import collect_picard_trajectory

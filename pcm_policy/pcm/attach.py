@@ -18,7 +18,20 @@ from pcm_policy.sampler_config import SamplerConfig
 
 
 def build_pcm_network(base_model: torch.nn.Module, mode: str, rank: int = 16, alpha: float | None = None):
-    """A trainable PCM network initialised from the base: a full copy, or the frozen base plus a zero LoRA delta."""
+    """A trainable PCM network initialised from the base: a full copy, or the frozen base plus a zero LoRA delta.
+
+    Args:
+        base_model: the base network (copied; the original is not modified).
+        mode: "full" (every parameter trainable) or "lora" (`add_lora` on the copy).
+        rank: LoRA rank (mode "lora").
+        alpha: LoRA scale numerator (None = rank).
+
+    Returns:
+        The new network, on the base's device; it starts out computing exactly what the base computes.
+
+    Raises:
+        ConfigError: an unknown mode.
+    """
     net = copy.deepcopy(base_model)
     if mode == "full":
         for p in net.parameters():
@@ -30,6 +43,21 @@ def build_pcm_network(base_model: torch.nn.Module, mode: str, rank: int = 16, al
 
 
 def load_pcm(path: str | Path, policy, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Load a PCM checkpoint trained for `policy`'s base weights.
+
+    Args:
+        path: a PCM checkpoint directory, or a `pcm train-pcm` run directory (its latest checkpoint is used).
+        policy: the base `DiffusionPolicy` (its weights' fingerprint must match the PCM's card).
+        device: where the network goes.
+
+    Returns:
+        (network in eval mode, checkpoint card): a full copy or the base plus its LoRA delta; the card has
+        `mode`, `scheduler`, `steps`, `start`, ...
+
+    Raises:
+        CheckpointError: no checkpoint at `path`, not a PCM checkpoint, a PCM for another base, or weights
+            that do not fit the base network.
+    """
     ckpt = ckpt_io.resolve_checkpoint(path)
     card = ckpt_io.read_card(ckpt)
     if card.get("kind") != "pcm":
@@ -51,7 +79,19 @@ def load_pcm(path: str | Path, policy, device: torch.device | str = "cpu") -> tu
 
 
 def pcm_denoiser(net: torch.nn.Module, sampler_name: str) -> Callable:
-    """`pcm`: a plain denoiser (a LoRA PCM at full scale); `pcm_lora`: denoiser(x, t, cond, scale)."""
+    """The PCM network as the denoiser a switching sampler expects.
+
+    Args:
+        net: a PCM network from `load_pcm` or `build_pcm_network`.
+        sampler_name: "pcm" (output-space switching) or "pcm_lora" (weight-space switching).
+
+    Returns:
+        For "pcm": `eps = denoiser(x, t, cond)` (a LoRA PCM at scale 1); for "pcm_lora":
+        `denoiser(x, t, cond, scale)` (`scaled_denoiser`).
+
+    Raises:
+        ConfigError: "pcm_lora" with a full-copy PCM.
+    """
     is_lora = any(".lora_A." in k for k in net.state_dict())
     if sampler_name == "pcm_lora":
         if not is_lora:
@@ -65,10 +105,21 @@ def pcm_denoiser(net: torch.nn.Module, sampler_name: str) -> Callable:
 
 
 def load_sampler(policy, sampler_cfg: Mapping[str, Any] | SamplerConfig, device=None, pcm_checkpoint: str | None = None):
-    """The policy's `ChunkSampler` for a `sampler=` config, its PCM loaded from `sampler.pcm_checkpoint` when the
-    sampler needs one (`pcm_checkpoint` overrides the config's key).
+    """The policy's `ChunkSampler` for a `sampler=` config, its PCM loaded when the sampler needs one.
 
-    Raises ConfigError when a PCM sampler names no checkpoint, CheckpointError when the PCM does not fit the base.
+    Args:
+        policy: the base `DiffusionPolicy`.
+        sampler_cfg: the `sampler=` config (mapping or `SamplerConfig`); a mapping may name `pcm_checkpoint`.
+        device: where the PCM goes (None: the policy's device).
+        pcm_checkpoint: overrides the config's `pcm_checkpoint` (a relative path is taken from the working
+            directory, else from the repository root).
+
+    Returns:
+        The cached `ChunkSampler` (see `DiffusionPolicy.sampler`).
+
+    Raises:
+        ConfigError: an invalid config, or a PCM sampler with no checkpoint named.
+        CheckpointError: the PCM checkpoint is missing, corrupt or does not fit the base.
     """
     sampler = SamplerConfig.from_mapping(sampler_cfg)
     if pcm_checkpoint is None and not isinstance(sampler_cfg, SamplerConfig):

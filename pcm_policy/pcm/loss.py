@@ -1,10 +1,10 @@
-"""Picard Consistency Training loss: ``alpha(k) * || Phi(X^k; theta_pcm) - X* ||^2``.
+"""Picard Consistency Training loss (PCM, arXiv 2503.19731): `alpha(k) * || Phi(X^k; theta_pcm) - X* ||^2`.
 
-Phi is one full-window Picard map taken with the PCM (``pcm_policy.sampling.picard_step``) through the PCM's
-unclipped step (``StepCoefficients.unclipped``, the map model switching uses for the PCM); X^k and X* are
+Phi is one full-window Picard map taken with the PCM (`pcm_policy.sampling.picard_step`) through the PCM's
+unclipped step (`StepCoefficients.unclipped`, the map model switching uses for the PCM); X^k and X* are
 data (detached), the gradient flows through the prefix sum into the one batched network call.
 alpha(k) = 1 / sqrt(Var(k)) with Var(k) the mean squared distance of X^k to X* over the dataset
-(``iterate_variances``) evens out the scale of early and late iterates.
+(`iterate_variances`) evens out the scale of early and late iterates.
 """
 
 from __future__ import annotations
@@ -16,11 +16,21 @@ from ..sampling.schedule import StepCoefficients
 
 
 def pct_loss(pcm_denoiser, coeffs: StepCoefficients, iterates_k, k, fixed_point, noise_terms, cond=None, alpha=None):
-    """Mean over elements of ``alpha(k_b) * (Phi(X^k; pcm) - X*)^2``.
+    """The PCT loss: mean over elements of `alpha(k_b) * (Phi(X^k; pcm) - X*)^2`.
 
-    iterates_k (S+1, B, H, Da): X^k of each sample (per-sample k allowed: k an int or a long tensor (B,));
-    fixed_point (S+1, B, H, Da); noise_terms (S, B, H, Da) = ``coeffs.noise_terms(noise)``; cond (B, C) or None;
-    alpha: None (1), a float, a callable k -> weight(s), or a tensor indexed by k (e.g. ``1/sqrt(Var)``).
+    Args:
+        pcm_denoiser: the PCM being trained, `eps = pcm_denoiser(x, t, cond)`; gradients flow into it.
+        coeffs: the schedule's step coefficients (the unclipped step is used, as at inference).
+        iterates_k: X^k of each sample, (S+1, B, H, Da), normalized action units (detached).
+        k: the iterate index, an int or a long tensor (B,) (one per sample).
+        fixed_point: X*, (S+1, B, H, Da) (detached).
+        noise_terms: sigma_j z_j, (S, B, H, Da) (`coeffs.noise_terms(noise)`).
+        cond: the condition, (B, C) or None.
+        alpha: the weight: None (1), a float, a callable k -> weight(s), or a tensor indexed by k (e.g.
+            `1/sqrt(Var)`, see `iterate_variances`).
+
+    Returns:
+        The scalar loss (differentiable w.r.t. the PCM's parameters), in the iterates' dtype.
     """
     Xk = iterates_k.detach()
     target = fixed_point.detach()
@@ -43,8 +53,14 @@ def pct_loss(pcm_denoiser, coeffs: StepCoefficients, iterates_k, k, fixed_point,
 def iterate_variances(iterates_list, fixed_points, max_k: int | None = None) -> torch.Tensor:
     """Var(k) = mean squared distance of X^k to X* over a dataset of collected trajectories.
 
-    iterates_list: sequence of (K_n+1, S+1, B, ...) tensors; fixed_points: matching (S+1, B, ...).  Returns a
-    float64 tensor (max_k+1,); a k beyond a trajectory's K uses its last iterate (= X*, distance 0).
+    Args:
+        iterates_list: sequence of (K_n+1, S+1, B, ...) tensors, one per collected batch.
+        fixed_points: the matching X*, (S+1, B, ...) each.
+        max_k: the largest k (None: the longest trajectory's K).
+
+    Returns:
+        Var(0..max_k), a float64 CPU tensor (max_k+1,); a k beyond a trajectory's K uses its last iterate
+        (= X*, distance 0).
     """
     if max_k is None:
         max_k = max(it.shape[0] for it in iterates_list) - 1

@@ -1,4 +1,4 @@
-"""`pcm train-pcm`: Picard Consistency Training of a PCM for a trained base policy.
+"""`pcm train-pcm`: Picard Consistency Training of a PCM for a trained base policy (PCM, arXiv 2503.19731).
 
 1. Collect: run full-window base-model Picard on observations from the base's training set and store every
    iterate X^0..X^K and the fixed point X* (one safetensors shard per batch of observations, written
@@ -43,11 +43,27 @@ from pcm_policy.sampling.schedule import StepCoefficients
 # ---- observations ----------------------------------------------------------------------------------------
 def observation_sets(base_ckpt: Path, cfg: Mapping[str, Any], policy=None, out: Path | None = None,
                      base_card: Mapping[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(training observations, held-out observations), each (N, To, Do) float32 in env units.
+    """The observations PCT collects trajectories from, and the held-out ones it is evaluated on.
 
     `observations=dataset`: windows of the base policy's dataset (held out: its validation episodes).
     `observations=closed_loop`: histories the base policy planned from in its own closed-loop rollouts
     (`closed_loop.*`; held out: histories from other episodes), recorded once in `out/observations.safetensors`.
+
+    Args:
+        base_ckpt: the base checkpoint directory.
+        cfg: the `train_pcm` config (observations, trajectories, eval_observations, seed, ...).
+        policy: the base policy (closed_loop only).
+        out: the run directory (closed_loop only).
+        base_card: the base checkpoint's card (closed_loop only: its env_id).
+
+    Returns:
+        (training observations (trajectories, To, Do), held-out observations (eval_observations, To, Do)),
+        float32 in env units, drawn with `cfg["seed"]` (fewer rows if fewer are available).
+
+    Raises:
+        CheckpointError: the base checkpoint has no run config (which dataset it was trained on).
+        DatasetError: the base's dataset is missing, corrupt or inconsistent.
+        ConfigError: closed_loop with a base that names no env.
     """
     if cfg.get("observations", "dataset") == "closed_loop":
         train_obs, held_out = _closed_loop_observations(policy, cfg, out, base_card)
@@ -85,9 +101,26 @@ def _closed_loop_observations(policy, cfg, out: Path, base_card) -> tuple[torch.
 # ---- collection ------------------------------------------------------------------------------------------
 def collect(policy, sampler: SamplerConfig, observations: torch.Tensor, out: Path, cfg, fingerprint: str,
             ctx: distributed.Dist = distributed.Dist()) -> list[Path]:
-    """Shards `trajectories/batch_XXXX.safetensors` with iterates (fp16), fixed point, noise and condition.
+    """Collect the base-model Picard trajectories of `observations`, one shard per batch (resumable).
 
-    Under torchrun rank r collects batches r, r+N, r+2N, ... (a shard depends only on its batch and seed).
+    Each shard `out/trajectories/batch_XXXX.safetensors` holds iterates (K+1, S+1, b, H, Da) float16, fixed_point
+    (S+1, b, H, Da) float32, noise (S, b, H, Da) and cond (b, To*Do); shards already on disk are kept. Under
+    torchrun rank r collects batches r, r+N, r+2N, ... (a shard depends only on its batch and seed).
+
+    Args:
+        policy: the base policy.
+        sampler: the Picard config (scheduler, steps, start) of the schedule the PCM is trained for.
+        observations: (N, To, Do) float32 in env units.
+        out: the run directory.
+        cfg: the `train_pcm` config (collect_batch, collect_tol, collect_max_iters, seed, observations).
+        fingerprint: the base weights' fingerprint, recorded in `trajectories/meta.json`.
+        ctx: this process's place in a torchrun job.
+
+    Returns:
+        The paths of all shards, in batch order.
+
+    Raises:
+        ConfigError: `trajectories/` was collected with other settings or another base.
     """
     traj_dir = out / "trajectories"
     meta = {"base_fingerprint": fingerprint, "scheduler": sampler.scheduler, "steps": sampler.steps,
@@ -126,7 +159,11 @@ def collect(policy, sampler: SamplerConfig, observations: torch.Tensor, out: Pat
 
 
 class TrajectorySet:
-    """All collected trajectories in memory: per trajectory its iterates, X*, noise and condition."""
+    """All collected trajectories in memory: per trajectory its iterates, X*, noise and condition.
+
+    Args:
+        shards: the files written by `collect`.
+    """
 
     def __init__(self, shards: list[Path]):
         from safetensors.torch import load_file
@@ -144,16 +181,26 @@ class TrajectorySet:
         return len(self.fixed)
 
     def alpha(self) -> torch.Tensor:
-        """alpha(k) = 1/sqrt(Var(k)), Var floored at 1e-6 Var(0) so nearly converged iterates do not dominate."""
+        """PCT's iterate weights alpha(k) = 1/sqrt(Var(k)) (see `iterate_variances`), float32 (K_max+1,).
+
+        Var is floored at 1e-6 Var(0) so nearly converged iterates do not dominate.
+        """
         var = iterate_variances([it[:, :, None] for it in self.iterates], [x[:, None] for x in self.fixed])
         var = var.clamp(min=float(var[0]) * 1e-6)
         return (1.0 / var.sqrt()).float()
 
     def batch(self, idx: torch.Tensor, generator: torch.Generator, device, max_k: int | None = None):
-        """Per-sample random k in [0, min(K_i, max_k) - 1]; returns (X^k, k, X*, noise, cond) batched on dim 1.
+        """A training batch with a random iterate k per trajectory, k uniform in [0, min(K_i, max_k) - 1].
 
-        `max_k` limits training to the first iterates: with a stiff switching schedule only the PCM steps taken
-        from the first iterates are ever used at inference.
+        Args:
+            idx: trajectory indices (b,) long.
+            generator: CPU RNG for the k draws.
+            device: where the batch goes.
+            max_k: limits training to the first iterates (with a stiff switching schedule only the PCM steps
+                taken from the first iterates are ever used at inference); None: all.
+
+        Returns:
+            (X^k (S+1, b, H, Da) float32, k (b,) long, X* (S+1, b, H, Da), noise (S, b, H, Da), cond (b, To*Do)).
         """
         ks, xk = [], []
         for i in idx.tolist():
@@ -172,11 +219,25 @@ class TrajectorySet:
 @torch.no_grad()
 def evaluate_iterations(policy, net, sampler: SamplerConfig, observations: torch.Tensor, tol: float, window,
                         stiffness, seed: int, accel: Mapping[str, Any] | None = None) -> dict[str, dict[str, float]]:
-    """Per held-out observation (batch 1): rounds and evaluations to converge, and the largest action deviation
-    from the sequential sample (normalized units), for Picard, PCM (output space) and, for a LoRA PCM, PCM-LoRA
-    (weight space); with `accel` (SamplerConfig keys such as accel/memory/damping) each again as a `+aa` row.
-    Returns {row name: {iterations_mean, evaluations_mean, max_abs_err_vs_sequential, abs_err_p99_vs_sequential,
-    observations}}.
+    """How many Picard rounds the PCM saves on held-out observations (batch 1, fresh noise per observation).
+
+    For Picard, PCM (output space) and, for a LoRA PCM, PCM-LoRA (weight space): rounds and evaluations to
+    converge, and the largest action deviation from the sequential sample (normalized units).
+
+    Args:
+        policy: the base policy.
+        net: the PCM network (full copy or LoRA).
+        sampler: the schedule (scheduler, steps, start) the PCM is trained for.
+        observations: (N, To, Do) float32 in env units.
+        tol: convergence tolerance of the Picard rows.
+        window: Picard window (None: all S steps).
+        stiffness: switching stiffness of the PCM rows (None: the samplers' default).
+        seed: noise seed of observation 0 (observation i uses seed + i).
+        accel: SamplerConfig keys (accel, memory, damping, ...): each row again as a `+aa` row.
+
+    Returns:
+        {row name: {iterations_mean, evaluations_mean, max_abs_err_vs_sequential, abs_err_p99_vs_sequential,
+        observations}}.
     """
     is_lora = any(".lora_A." in k for k in net.state_dict())
     common = dict(scheduler=sampler.scheduler, steps=sampler.steps, tol=tol, window=window, start=sampler.start)
@@ -208,7 +269,19 @@ def evaluate_iterations(policy, net, sampler: SamplerConfig, observations: torch
 
 # ---- training ----------------------------------------------------------------------------------------------
 def train_pcm(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Collect, train, evaluate; returns the metrics (on ranks other than 0 of a torchrun job: {"rank": r})."""
+    """`pcm train-pcm`: collect, train, evaluate (see the module docstring); resumes from `output_dir`.
+
+    Args:
+        cfg: the composed `train_pcm` config (base, output_dir, mode, scheduler, steps, epochs, lr, ...).
+
+    Returns:
+        The metrics also written to `output_dir/metrics.json` (iterations before/after, losses, timings in s);
+        on ranks other than 0 of a torchrun job {"rank": r}.
+
+    Raises:
+        ConfigError: no base, a batch size the processes cannot share, or collected data from other settings.
+        CheckpointError: an unusable base checkpoint, or `output_dir` holding a PCM for another base or mode.
+    """
     if not cfg.get("base"):
         raise ConfigError("base: no base checkpoint given (base=<run or checkpoint dir>)")
     device = resolve_device(cfg.get("device"))

@@ -30,10 +30,23 @@ class _RecordingAgent:
 
 def visited_observations(policy, env_id: str, max_steps: int, episodes: int, seed_start: int,
                          sampler: Mapping[str, Any], n_envs: int = 8, progress: bool = True) -> torch.Tensor:
-    """Roll `policy` out for `episodes` episodes (seeds seed_start..) with `sampler` and return the observation
-    histories it planned from, (N, To, Do) float32, in env units (N = number of chunks requested).
+    """The observation histories the base policy planned from in its own closed-loop rollouts.
 
-    Raises ConfigError when the policy's checkpoint names no env (it cannot be rolled out).
+    Args:
+        policy: the base `DiffusionPolicy`.
+        env_id: the env to roll out in (the base checkpoint's `env_id`).
+        max_steps: time limit per episode, in control steps.
+        episodes: number of episodes (reset seeds seed_start, seed_start+1, ...).
+        seed_start: the first reset seed (the default config uses 200000+, disjoint from the test seeds).
+        sampler: the `sampler=` config the rollouts use (a non-PCM sampler).
+        n_envs: vectorised envs.
+        progress: show a progress bar.
+
+    Returns:
+        (N, To, Do) float32 in env units: one history per env and chunk request, non-finite ones dropped.
+
+    Raises:
+        ConfigError: `env_id` is empty (the checkpoint names no env to roll out in), or an invalid sampler config.
     """
     from pcm_policy.evaluation import ChunkAgent, rollout_policy
 

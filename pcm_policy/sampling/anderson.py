@@ -12,14 +12,14 @@ dY = [Y^{k-p+1} - Y^{k-p}, ..., Y^k - Y^{k-1}], dR likewise, one damped Anderson
     gamma   = argmin_g || R^k - dR g ||^2
     Y^{k+1} = Y^k + beta R^k - (dY + beta dR) gamma.
 
-``triangular=True`` (ParaTAA): slot j of the trajectory depends only on earlier slots, so each slot j gets its
+`triangular=True` (ParaTAA): slot j of the trajectory depends only on earlier slots, so each slot j gets its
 own gamma_j, fitted on the residuals of the unconverged slots a'+1..j only (a' = the new anchor).
-``triangular=False``: one gamma for the whole unconverged suffix (plain AA).  Every trajectory of the batch
+`triangular=False`: one gamma for the whole unconverged suffix (plain AA).  Every trajectory of the batch
 has its own fit (they are independent fixed-point problems).
 
-How it composes with :func:`pcm_policy.sampling.picard.picard_loop` (which owns exactness): the loop records
-every base-phase iteration (:meth:`AndersonMixer.record`), sets the slots up to the new anchor a' from the
-Picard map exactly as plain Picard does, and asks :meth:`AndersonMixer.mix` for the slots after a' inside the
+How it composes with `pcm_policy.sampling.picard.picard_loop` (which owns exactness): the loop records
+every base-phase iteration (`AndersonMixer.record`), sets the slots up to the new anchor a' from the
+Picard map exactly as plain Picard does, and asks `AndersonMixer.mix` for the slots after a' inside the
 window only.  So the first k slots are exact after k base rounds (worst case S rounds), and the stop is decided
 by the base map's own convergence test alone.  A slot falls back to the plain Picard value when it has no usable
 history pair, when its fit is degenerate (zero or non-finite normal equations) or when the mixed value is not
@@ -40,9 +40,18 @@ import torch
 
 @dataclass(frozen=True)
 class AndersonConfig:
-    """memory m: history columns (differences; m+1 iterates kept), 1..10; damping beta in (0, 1];
-    triangular: ParaTAA's per-slot fit (else one fit over the unconverged suffix); ridge: Tikhonov term of the
-    normal equations relative to the mean diagonal of the Gram matrix (> 0 keeps them solvable)."""
+    """Settings of the Anderson step (module docstring: Walker & Ni 2011 eq. 2.1-2.3; ParaTAA section 4).
+
+    Attributes:
+        memory: m, history columns (differences; m+1 iterates kept), an integer in 1..10.
+        damping: beta in (0, 1].
+        triangular: ParaTAA's per-slot fit; False: one fit over the unconverged suffix.
+        ridge: Tikhonov term of the normal equations relative to the mean diagonal of the Gram matrix, in
+            (0, 1) (> 0 keeps them solvable).
+
+    Raises:
+        ValueError: a setting out of its range.
+    """
 
     memory: int = 5
     damping: float = 0.5
@@ -84,24 +93,47 @@ class _Entry:
 
 
 class AndersonMixer:
-    """History of (Y^k, R^k) over the slots each base iteration covered, and the Anderson step on a slot range."""
+    """History of (Y^k, R^k) over the slots each base iteration covered, and the Anderson step on a slot range.
+
+    Args:
+        config: the `AndersonConfig`; the last `config.memory + 1` iterates are kept.
+    """
 
     def __init__(self, config: AndersonConfig):
         self.config = config
         self._hist: deque[_Entry] = deque(maxlen=config.memory + 1)
 
     def reset(self) -> None:
+        """Forget the history (the loop calls it when the base phase starts)."""
         self._hist.clear()
 
     def record(self, lo: int, old: torch.Tensor, new: torch.Tensor) -> None:
-        """Store the iterate ``old`` (n, B, ...) on slots lo..lo+n-1 and its residual ``new - old``."""
+        """Store one base iteration (copied: `old` may be a view the loop overwrites).
+
+        Args:
+            lo: the trajectory slot of row 0.
+            old: the iterate Y^k on slots lo..lo+n-1, shape (n, B, H, Da).
+            new: Phi(Y^k) on the same slots, same shape; the residual R^k = new - old is stored.
+        """
         n, B = old.shape[:2]
         Y = old.reshape(n, B, -1).clone()  # old is a view of the trajectory, which the loop overwrites
         self._hist.append(_Entry(lo, Y, new.reshape(n, B, -1) - Y))
 
     def mix(self, s0: int, s1: int, picard: torch.Tensor) -> torch.Tensor:
-        """Anderson values for slots s0..s1 (inside the last recorded window); picard (n, B, ...) holds the
-        plain Picard values Phi(Y) there, the fallback.  Returns a tensor shaped like ``picard``."""
+        """The damped Anderson step on slots s0..s1 (module docstring), per trajectory and, if triangular, per slot.
+
+        Args:
+            s0: first slot to mix (inclusive), inside the last recorded window.
+            s1: last slot to mix (inclusive), inside the last recorded window.
+            picard: the plain Picard values Phi(Y) on those slots, shape (n, B, H, Da), n = s1 - s0 + 1; the
+                fallback wherever the fit is unusable, and the whole result with fewer than 2 history entries.
+
+        Returns:
+            The mixed values, shaped and typed like `picard` (the fit is solved in float64).
+
+        Raises:
+            AssertionError: s0..s1 is not inside the last recorded window.
+        """
         entries = list(self._hist)
         if len(entries) < 2:
             return picard
@@ -132,7 +164,7 @@ class AndersonMixer:
 
 
 def _solve_masked(gram, rhs, valid, ridge):
-    """Solve ``(G + ridge * tr(G)/p I) gamma = h`` over the valid columns only (invalid ones get gamma = 0).
+    """Solve `(G + ridge * tr(G)/p I) gamma = h` over the valid columns only (invalid ones get gamma = 0).
 
     gram (..., p, p), rhs (..., p), valid (..., p) bool (broadcast).  Returns gamma (..., p) and ok (...) bool:
     False where no column is valid, the Gram is zero or not finite, or the solve failed.

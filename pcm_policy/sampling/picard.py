@@ -1,4 +1,4 @@
-"""Parallel Picard iteration over the denoising trajectory (ParaDiGMS, Shih et al. 2023).
+"""Parallel Picard iteration over the denoising trajectory (ParaDiGMS, Shih et al. 2023, arXiv 2305.16317).
 
 Trajectory Y = (y_0 .. y_S), shape (S+1, B, H, Da), y_0 = x_T.  One iteration over the window of steps
 [a, a+w) makes ONE batched network call over those w steps and updates, by a prefix sum,
@@ -7,26 +7,26 @@ Trajectory Y = (y_0 .. y_S), shape (S+1, B, H, Da), y_0 = x_T.  One iteration ov
 
 Conventions of this implementation:
 
-* Initialisation X^0: ``start="x_T"`` every slot = x_T (as ParaDiGMS); ``"noise_sum"`` / ``"x0_chain"`` carry the
-  chunk's own DDPM noise (see :mod:`pcm_policy.sampling.start`).
-* Anderson acceleration (``anderson=AndersonConfig(...)``, base phase only): slots up to the new anchor take the
+* Initialisation X^0: `start="x_T"` every slot = x_T (as ParaDiGMS); `"noise_sum"` / `"x0_chain"` carry the
+  chunk's own DDPM noise (see `pcm_policy.sampling.start`).
+* Anderson acceleration (`anderson=AndersonConfig(...)`, base phase only): slots up to the new anchor take the
   Picard values as above, the slots after it inside the window the Anderson step of
-  :mod:`pcm_policy.sampling.anderson`; convergence, the anchor rule and the S-iteration bound are unchanged.
-* Convergence: output slot j+1 passes when ``max_b ||y_{j+1}^{new} - y_{j+1}^{old}||^2 / D <= tol^2 * var_j``
-  (``var_j = StepCoefficients.conv_var[j]``; at a zero-variance step the smallest positive variance of the
+  `pcm_policy.sampling.anderson`; convergence, the anchor rule and the S-iteration bound are unchanged.
+* Convergence: output slot j+1 passes when `max_b ||y_{j+1}^{new} - y_{j+1}^{old}||^2 / D <= tol^2 * var_j`
+  (`var_j = StepCoefficients.conv_var[j]`; at a zero-variance step the smallest positive variance of the
   schedule is used).  The anchor moves to the first failed slot (always >= a+1: that slot was computed from
   the exact anchor); if none failed the window moves by its full size.  The window keeps its size; slots the
   window has not reached yet always hold the latest value of the window's last slot ("new slots start from
-  the last state"), so ``Y[S]`` is the anytime estimate returned on ``should_stop``/``max_iters``.
+  the last state"), so `Y[S]` is the anytime estimate returned on `should_stop`/`max_iters`.
   Done when the anchor reaches S: at most S iterations.
-* Fixed shapes: with ``fixed_shape=True`` (default) every network call has exactly ``w * B`` rows; when the
+* Fixed shapes: with `fixed_shape=True` (default) every network call has exactly `w * B` rows; when the
   window runs past step S-1 the tail is padded by repeating the last step's row and the padded results are
-  discarded.  ``fixed_shape=False`` shrinks the call instead (cheaper on CPU, not CUDA-graph friendly).
-* Counting (:class:`SamplerStats`): ``iterations`` = batched rounds (sequential network latency);
-  ``evaluations`` = useful step evaluations per trajectory, i.e. real window slots summed over iterations and
+  discarded.  `fixed_shape=False` shrinks the call instead (cheaper on CPU, not CUDA-graph friendly).
+* Counting (`SamplerStats`): `iterations` = batched rounds (sequential network latency);
+  `evaluations` = useful step evaluations per trajectory, i.e. real window slots summed over iterations and
   models, padding excluded and independent of the batch size B (sequential sampling = S);
-  ``network_rows`` = rows actually passed to networks, padding and batch included (the compute cost).
-* Host syncs: one ``.item()`` per iteration (the slide/convergence decision), none when it is not needed.
+  `network_rows` = rows actually passed to networks, padding and batch included (the compute cost).
+* Host syncs: one `.item()` per iteration (the slide/convergence decision), none when it is not needed.
 """
 
 from __future__ import annotations
@@ -43,6 +43,17 @@ from .start import initial_trajectory
 
 @dataclass
 class SamplerStats:
+    """What one sampled chunk cost (see "Counting" in the module docstring).
+
+    Attributes:
+        iterations: batched rounds, i.e. network calls in sequence (sequential sampling: S).
+        evaluations: useful step evaluations per trajectory, window padding excluded, independent of B.
+        converged: the base-map convergence test passed on every slot (False when stopped early).
+        network_calls: calls to a network (two per round while output-space switching mixes two models).
+        network_rows: rows passed to networks, padding and batch included (the compute cost).
+        lambdas: the switching weight lambda(k) of every round (switching samplers only; else empty).
+    """
+
     iterations: int = 0
     evaluations: int = 0
     converged: bool = False
@@ -71,20 +82,39 @@ def picard_loop(
     anderson: AndersonConfig | None = None,
     start="x_T",
 ):
-    """Generic windowed Picard loop shared by all samplers.
+    """Generic windowed Picard loop shared by all samplers (ParaDiGMS, arXiv 2305.16317, Algorithm 1).
 
-    ``map_fn(X, idx_rows, t, lam)`` takes the window states X (w, B, H, Da), the step index and timestep of
-    every network row (w*B,) and the mixing weight, and returns
-    ``(M, rows_per_slot_models)``: the m-values (w, B, H, Da) and how many model evaluations each slot cost
-    (1 for a single model, 2 for output-space mixing).  ``lambda_fn(k)`` (switching) gives the mixing weight
-    of iteration k (0-based); while it is > 0 the iteration is not the base map: the window may slide by the
-    same rule (clamped so it stays inside the trajectory) but nothing is declared converged, and at the first
-    base iteration (lambda = 0) the anchor returns to 0 so the result is exactly base-model Picard.
-    ``callback(Y)`` sees the trajectory after initialisation and after every iteration.
-    ``anderson``: accelerate the base phase (lambda = 0) with (triangular) Anderson mixing of the slots after
-    the new anchor; its history starts with the base phase.  ``start``: X^0, a mode of
-    :data:`pcm_policy.sampling.start.START_MODES` or a trajectory tensor (S+1, B, H, Da).
-    Returns (Y, stats).  Raises ``ValueError`` for an unknown start or a non-``AndersonConfig`` ``anderson``.
+    The conventions (update, convergence test, sliding, padding, counting) are in the module docstring.
+
+    Args:
+        map_fn: `map_fn(X, idx_rows, t, lam) -> (M, models)`: X the window states (n, B, H, Da), idx_rows and
+            t the step index and timestep (long) of every network row (n*B,), lam the mixing weight; M the
+            m-values (n, B, H, Da) and `models` the model evaluations each slot cost (1 for a single model,
+            2 for output-space mixing).
+        coeffs: the schedule's `StepCoefficients` on x_T's device and dtype.
+        x_T: initial noise, shape (B, H, Da) float, normalized action units.
+        noise_terms: sigma_j z_j, shape (S, B, H, Da).
+        window: window size w in steps, clamped to [1, S]; None = S (full window).
+        tol: convergence tolerance (>= 0) in units of each step's noise std (module docstring); 0 gives the
+            sequential result exactly, still within S base rounds.
+        max_iters: cap on rounds (anytime output); None = no cap.
+        should_stop: checked before every round after the first; True stops with the current estimate.
+        fixed_shape: pad every network call to w*B rows (CUDA-graph friendly) instead of shrinking the last.
+        lambda_fn: model switching: the mixing weight of round k (0-based). While it is > 0 the map is not
+            the base map: the window may slide by the same rule (clamped inside the trajectory) but nothing is
+            declared converged; at the first round with lambda = 0 the anchor returns to 0, so the result is
+            exactly base-model Picard. None = base map throughout.
+        callback: `callback(Y)` sees the trajectory after initialisation and after every round.
+        anderson: accelerate the base phase (lambda = 0) with (triangular) Anderson mixing of the slots after
+            the new anchor (`pcm_policy.sampling.anderson`); its history starts with the base phase.
+        start: X^0, a mode of `pcm_policy.sampling.start.START_MODES` or a trajectory tensor (S+1, B, H, Da).
+
+    Returns:
+        (Y, stats): the final trajectory (S+1, B, H, Da), Y[S] the chunk (anytime estimate if stopped early),
+        and its `SamplerStats`.
+
+    Raises:
+        ValueError: an unknown start or a start tensor of another shape, or `anderson` not an `AndersonConfig`.
     """
     S = coeffs.num_steps
     B = x_T.shape[0]
@@ -170,12 +200,25 @@ def _rows(X: torch.Tensor) -> torch.Tensor:
 
 
 def _cond_rows(cond_rep, n_rows: int):
-    """``cond.repeat(w)`` holds w blocks of B rows; the first n_rows of them are ``cond.repeat(n)``."""
+    """`cond.repeat(w)` holds w blocks of B rows; the first n_rows of them are `cond.repeat(n)`."""
     return None if cond_rep is None else cond_rep[:n_rows]
 
 
 def model_m(denoiser, coeffs: StepCoefficients, X, idx_rows, t, cond_rows, *extra):
-    """m-values (same shape as X) of one batched network call over the window states X (n, B, ...)."""
+    """m-values of one batched network call over the window states.
+
+    Args:
+        denoiser: `eps = denoiser(x, t, cond, *extra)`, called once on all n*B rows.
+        coeffs: the step coefficients (the PCM's map passes `coeffs.unclipped()`).
+        X: window states, shape (n, B, H, Da).
+        idx_rows: step index of every row, long (n*B,), slot-major.
+        t: timestep of every row, long (n*B,).
+        cond_rows: the condition of every row, (n*B, C) or None.
+        *extra: passed on to the denoiser (the LoRA scale in weight-space switching).
+
+    Returns:
+        m(X, tau), the same shape and dtype as X.
+    """
     flat = _rows(X)
     eps = denoiser(flat, t, cond_rows, *extra)
     return coeffs.step_no_noise(flat, eps, idx_rows).reshape(X.shape)
@@ -191,8 +234,19 @@ def _single_model_map(denoiser, coeffs, cond_rep):
 def prepare(scheduler, x_T, noise, cond, coeffs: StepCoefficients | None = None):
     """Coefficients on x_T's device/dtype and the noise terms sigma_j z_j.
 
-    ``coeffs``: precomputed coefficients of the schedule (then ``scheduler`` is not read and may be None);
-    building them from the scheduler is a Python loop over all S steps, worth doing once per sampler.
+    Args:
+        scheduler: a diffusers DDPM/DDIM scheduler; not read (may be None) when `coeffs` is given. Building the
+            coefficients from it is a Python loop over all S steps, worth doing once per sampler.
+        x_T: initial noise (B, H, Da); sets the device and dtype.
+        noise: standard-normal draws z, shape (S, B, H, Da).
+        cond: the condition (B, C) or None; moved to x_T's device.
+        coeffs: precomputed `StepCoefficients` of the schedule.
+
+    Returns:
+        (coeffs, noise_terms (S, B, H, Da), cond), all on x_T's device.
+
+    Raises:
+        ValueError: `noise` has another number of steps than the schedule, or the scheduler is unsupported.
     """
     if coeffs is None:
         coeffs = StepCoefficients.from_scheduler(scheduler, x_T.device, x_T.dtype)
@@ -221,10 +275,25 @@ def sample_picard(
     start="x_T",
     coeffs: StepCoefficients | None = None,
 ):
-    """Picard-iteration sampler; returns (x0 (B, H, Da), SamplerStats). ``window=None``: all S steps.
+    """Picard-iteration sampler (ParaDiGMS, arXiv 2305.16317).
 
-    ``anderson``: Anderson-accelerated Picard (exact: see ``picard_loop``); ``start``: X^0 (``"x_T"``,
-    ``"noise_sum"``, ``"x0_chain"`` or a tensor); ``coeffs``: precomputed ``StepCoefficients`` of ``scheduler``.
+    As tol -> 0 its x0 equals `sample_sequential`'s (same noise) to float precision.
+
+    Args:
+        denoiser: `eps = denoiser(x, t, cond)`, x (N, H, Da) float, t (N,) long, cond (N, C) or None.
+        scheduler: the diffusers DDPM/DDIM scheduler (`set_timesteps` done); may be None when `coeffs` is given.
+        x_T: initial noise, shape (B, H, Da) float, normalized action units.
+        noise: the standard-normal draws z_j, shape (S, B, H, Da).
+        cond: the condition, (B, C) or None.
+        window, tol, max_iters, should_stop, fixed_shape, anderson, start: as in `picard_loop` (window None =
+            all S steps; anderson keeps the result exact).
+        coeffs: precomputed `StepCoefficients` of `scheduler` (moved to x_T's device/dtype if needed).
+
+    Returns:
+        (x0 (B, H, Da) in normalized action units, `SamplerStats`).
+
+    Raises:
+        ValueError: see `prepare` and `picard_loop`.
     """
     coeffs, nt, cond = prepare(scheduler, x_T, noise, cond, coeffs)
     S = coeffs.num_steps
@@ -238,11 +307,20 @@ def sample_picard(
 
 
 def picard_step(denoiser, coeffs: StepCoefficients, Y: torch.Tensor, noise_terms: torch.Tensor, cond=None):
-    """One differentiable full-window Picard map Phi(Y) (no ``no_grad``: gradients reach the network).
+    """One differentiable full-window Picard map Phi(Y) (no `no_grad`: gradients reach the network).
 
-    Y (S+1, B, H, Da) with Y[0] = x_T; noise_terms (S, B, H, Da) = ``coeffs.noise_terms(noise)``;
-    cond (B, C) or None.  Returns Phi(Y) (S+1, B, H, Da) with Phi(Y)[0] = Y[0] and
-    ``Phi(Y)[j+1] = Y[0] + sum_{i<=j} (m(Y[i], tau_i) - Y[i] + sigma_i z_i)``, from ONE network call.
+    `Phi(Y)[j+1] = Y[0] + sum_{i<=j} (m(Y[i], tau_i) - Y[i] + sigma_i z_i)`, from ONE network call over the S
+    slots (ParaDiGMS's Picard update over the full window; the step PCT trains, arXiv 2503.19731).
+
+    Args:
+        denoiser: `eps = denoiser(x, t, cond)` on S*B rows.
+        coeffs: the step coefficients (PCT passes `coeffs.unclipped()`).
+        Y: trajectory, shape (S+1, B, H, Da), Y[0] = x_T.
+        noise_terms: sigma_j z_j, shape (S, B, H, Da) (`coeffs.noise_terms(noise)`).
+        cond: the condition, (B, C) or None.
+
+    Returns:
+        Phi(Y), shape (S+1, B, H, Da), with Phi(Y)[0] = Y[0].
     """
     S = coeffs.num_steps
     X = Y[:S]

@@ -1,31 +1,31 @@
-"""Vectorised, noise-free scheduler step ``m(y, tau)`` with per-step coefficients precomputed once.
+"""Vectorised, noise-free scheduler step `m(y, tau)` with per-step coefficients precomputed once.
 
-Why not ``DDPMParallelScheduler.batch_step_no_noise``: it assumes evenly spaced "leading" timesteps
-(``prev_t = t - T // S``), DDIM's batched path forces ``alpha_prev = 1`` at the last step whatever
-``set_alpha_to_one`` says, and it moves tensors between devices on every call.  Instead
-:class:`StepCoefficients` reads the scheduler's ``alphas_cumprod``/``timesteps``/config once and
-reproduces diffusers' sequential ``step`` exactly:
+Why not `DDPMParallelScheduler.batch_step_no_noise`: it assumes evenly spaced "leading" timesteps
+(`prev_t = t - T // S`), DDIM's batched path forces `alpha_prev = 1` at the last step whatever
+`set_alpha_to_one` says, and it moves tensors between devices on every call.  Instead
+`StepCoefficients` reads the scheduler's `alphas_cumprod`/`timesteps`/config once and
+reproduces diffusers' sequential `step` exactly:
 
-* every coefficient is computed with the same float32 scalar arithmetic as ``step`` does, then cast
-  to the sample dtype (this is what torch's type promotion does inside ``step`` too), so a float64
+* every coefficient is computed with the same float32 scalar arithmetic as `step` does, then cast
+  to the sample dtype (this is what torch's type promotion does inside `step` too), so a float64
   trajectory matches diffusers to the last few ulps;
-* DDPM uses ``scheduler.previous_timestep`` semantics (next entry of ``timesteps``, -1 after the
-  last) and adds noise only where ``t > 0`` with std ``sqrt(_get_variance(t))`` (fixed_small);
-* DDIM uses ``prev_t = t - T // S`` and ``final_alpha_cumprod``, eta = 0 (no noise).
+* DDPM uses `scheduler.previous_timestep` semantics (next entry of `timesteps`, -1 after the
+  last) and adds noise only where `t > 0` with std `sqrt(_get_variance(t))` (fixed_small);
+* DDIM uses `prev_t = t - T // S` and `final_alpha_cumprod`, eta = 0 (no noise).
 
 Supported: prediction_type epsilon / sample / v_prediction, clip_sample (any range), DDPM
-variance_type fixed_small. Refused with ``ValueError``: thresholding, other variance types,
+variance_type fixed_small. Refused with `ValueError`: thresholding, other variance types,
 other scheduler classes.
 
-Convergence scale ``conv_var[j]`` (used by the Picard test ``||dy||^2 / D <= tol^2 conv_var[j]``):
-the DDPM posterior variance of step j computed from ``alphas_cumprod`` at (t_j, prev_t_j) (for DDIM
+Convergence scale `conv_var[j]` (used by the Picard test `||dy||^2 / D <= tol^2 conv_var[j]`):
+the DDPM posterior variance of step j computed from `alphas_cumprod` at (t_j, prev_t_j) (for DDIM
 too, as ParaDiGMS does).  Steps where it is 0 (the last step, where alpha_prev = 1) use the smallest
 positive variance of the schedule instead, so the final slot is held to the same (tightest) standard
 as the last noisy step rather than being exempt or impossible.
 
-The PCM's map: :meth:`StepCoefficients.unclipped` (the same step without ``clip_sample``).  A PCM has to
-move every slot of X^0 = (x_T, ..., x_T) onto the fixed point in one step, e.g. ``m(x_T, tau_last) =
-x_T + (y*_S - y*_{S-1})``, which lies outside the clipped range wherever |x_T| > 1: through a clipped step
+The PCM's map: `StepCoefficients.unclipped` (the same step without `clip_sample`).  A PCM has to
+move every slot of X^0 = (x_T, ..., x_T) onto the fixed point in one step, e.g. `m(x_T, tau_last) =
+x_T + (y*_S - y*_{S-1})`, which lies outside the clipped range wherever |x_T| > 1: through a clipped step
 that target is unreachable whatever the network outputs.  Only the base map (which decides convergence and
 the result) keeps the scheduler's clipping.
 """
@@ -42,13 +42,19 @@ _DDIM = (DDIMScheduler, DDIMParallelScheduler)
 
 
 def _view(c: torch.Tensor, ndim: int) -> torch.Tensor:
-    """Reshape a per-row coefficient (N,) to broadcast against an (N, ...) tensor of ``ndim`` dims."""
+    """Reshape a per-row coefficient (N,) to broadcast against an (N, ...) tensor of `ndim` dims."""
     return c.reshape(c.shape + (1,) * (ndim - c.ndim))
 
 
 @dataclass
 class StepCoefficients:
-    """Per-step tensors (all shape (S,), on one device) describing ``m`` and the noise of a schedule."""
+    """Per-step tensors describing the noise-free step `m` and the noise of one schedule.
+
+    Every tensor field has shape (S,) and lives on one device; `timesteps` is long, the others float (the
+    sampling dtype). The fields are described beside their declarations; build them with `from_scheduler`.
+    Sources: DDPM posterior mean (Ho et al. 2020, arXiv 2006.11239, eq. 6-7), DDIM with eta = 0 (Song et al.
+    2021, arXiv 2010.02502, eq. 12), as diffusers' `DDPMScheduler.step` / `DDIMScheduler.step` compute them.
+    """
 
     family: str  # "ddpm" or "ddim"
     prediction_type: str
@@ -64,10 +70,27 @@ class StepCoefficients:
 
     @property
     def num_steps(self) -> int:
+        """S, the number of sampling steps."""
         return int(self.timesteps.shape[0])
 
     @classmethod
     def from_scheduler(cls, scheduler, device=None, dtype=torch.float32) -> "StepCoefficients":
+        """Read a diffusers scheduler once (a Python loop over its S steps) and precompute every coefficient.
+
+        Args:
+            scheduler: a diffusers `DDPMScheduler`/`DDPMParallelScheduler` (variance_type fixed_small) or
+                `DDIMScheduler`/`DDIMParallelScheduler`, with `set_timesteps(S)` already called.
+            device: where the tensors go (None: the CPU).
+            dtype: float dtype of the coefficients (timesteps stay long).
+
+        Returns:
+            The coefficients; `conv_var` as described in the module docstring.
+
+        Raises:
+            ValueError: `set_timesteps` was not called, thresholding is on, the prediction type is not
+                epsilon/sample/v_prediction, a DDPM variance type other than fixed_small, or another scheduler
+                class.
+        """
         cfg = scheduler.config
         if getattr(scheduler, "num_inference_steps", None) is None:
             raise ValueError("call scheduler.set_timesteps(S) before sampling")
@@ -148,7 +171,15 @@ class StepCoefficients:
         )
 
     def to(self, device=None, dtype=None) -> "StepCoefficients":
-        """The same coefficients on another device / float dtype (timesteps stay long); self if nothing changes."""
+        """The same coefficients on another device and/or float dtype (timesteps stay long).
+
+        Args:
+            device: target device (None: keep).
+            dtype: target float dtype (None: keep).
+
+        Returns:
+            `self` when nothing changes, else a moved copy.
+        """
         ref = self.sqrt_abar
         if (device is None or torch.device(device) == ref.device) and (dtype is None or dtype == ref.dtype):
             return self
@@ -161,13 +192,32 @@ class StepCoefficients:
         return self if self.clip_range is None else replace(self, clip_range=None)
 
     def noise_terms(self, noise: torch.Tensor) -> torch.Tensor:
-        """``sigma_j * z_j`` for every step: noise (S, B, ...) -> (S, B, ...)."""
+        """The noise terms `sigma_j * z_j` the sampler adds after step j.
+
+        Args:
+            noise: standard-normal draws z, shape (S, B, ...), on the coefficients' device.
+
+        Returns:
+            sigma_j * z_j, shape (S, B, ...); zero where the step adds no noise (DDIM; DDPM at t = 0).
+
+        Raises:
+            ValueError: `noise` does not have S steps.
+        """
         if noise.shape[0] != self.num_steps:
             raise ValueError(f"noise has {noise.shape[0]} steps, the schedule has {self.num_steps}")
         return _view(self.noise_std, noise.ndim) * noise
 
     def step_no_noise(self, y: torch.Tensor, model_output: torch.Tensor, idx) -> torch.Tensor:
-        """``m(y, tau_idx)``: y and model_output (N, ...), idx an int or a long tensor (N,) of step indices."""
+        """The noise-free scheduler step `m(y, tau_idx)` (x0 clipped if the schedule clips).
+
+        Args:
+            y: states, shape (N, ...) (e.g. (N, H, Da) normalized actions).
+            model_output: the network's prediction for `y` (eps, x0 or v, per `prediction_type`), same shape.
+            idx: step index j in [0, S): an int for all rows, or a long tensor (N,) with one index per row.
+
+        Returns:
+            The previous-timestep sample without noise, same shape and dtype as `y`.
+        """
         if isinstance(idx, int):
             g = lambda c: c[idx]  # noqa: E731  (0-dim: broadcasts)
         else:

@@ -1,16 +1,16 @@
 """The Picard start X^0: the trajectory the iteration begins from (no network call).
 
-Modes (``y_0 = x_T`` always; ``n_i = sigma_i z_i`` the noise terms the Picard map adds explicitly):
+Modes (`y_0 = x_T` always; `n_i = sigma_i z_i` the noise terms the Picard map adds explicitly):
 
-* ``"x_T"``: every slot = x_T (ParaDiGMS).
-* ``"noise_sum"``: ``y_j = x_T + sum_{i<j} n_i``, the chunk's own noise carried along the trajectory.  For DDIM
-  (sigma = 0) it equals ``"x_T"``.  Why: the DDPM Picard map adds ``n_i`` explicitly and the fixed point keeps
+* `"x_T"`: every slot = x_T (ParaDiGMS).
+* `"noise_sum"`: `y_j = x_T + sum_{i<j} n_i`, the chunk's own noise carried along the trajectory.  For DDIM
+  (sigma = 0) it equals `"x_T"`.  Why: the DDPM Picard map adds `n_i` explicitly and the fixed point keeps
   it, so a start without it is off by a noise sum that grows along the trajectory (DESIGN.md section 7).
-* ``"x0_chain"``: the scheduler chain run from an x0 guess of zeros with the chunk's noise,
-  ``y_{j+1} = m(y_j, tau_j; x0 = 0) + n_j``, i.e. the sequential sampler with a denoiser that always predicts
+* `"x0_chain"`: the scheduler chain run from an x0 guess of zeros with the chunk's noise,
+  `y_{j+1} = m(y_j, tau_j; x0 = 0) + n_j`, i.e. the sequential sampler with a denoiser that always predicts
   x0 = 0 (an S-step loop of elementwise ops, no network).
 
-``start`` may also be a tensor (S+1, B, H, Da) used as given (copied), e.g. a warm start.
+`start` may also be a tensor (S+1, B, H, Da) used as given (copied), e.g. a warm start.
 """
 
 from __future__ import annotations
@@ -25,7 +25,14 @@ START_MODES = ("x_T", "noise_sum", "x0_chain")
 
 
 def check_start(start) -> None:
-    """Raise ``ValueError`` for an unknown start mode (tensors are checked by :func:`initial_trajectory`)."""
+    """Check a start mode before any work.
+
+    Args:
+        start: a mode of `START_MODES` or a trajectory tensor (its shape is checked by `initial_trajectory`).
+
+    Raises:
+        ValueError: `start` is neither a tensor nor one of `START_MODES`.
+    """
     if not isinstance(start, torch.Tensor) and start not in START_MODES:
         raise ValueError(f"start={start!r}: expected one of {', '.join(START_MODES)} or a trajectory tensor")
 
@@ -33,11 +40,20 @@ def check_start(start) -> None:
 def initial_trajectory(
     coeffs: StepCoefficients, x_T: torch.Tensor, noise_terms: torch.Tensor, start="x_T"
 ) -> torch.Tensor:
-    """X^0 of shape (S+1, B, H, Da) on x_T's device/dtype.
+    """The Picard start X^0 (no network call).
 
-    x_T (B, H, Da); noise_terms (S, B, H, Da) = ``coeffs.noise_terms(noise)``; start: a mode of
-    :data:`START_MODES` or a tensor (S+1, B, H, Da) whose slot 0 must equal x_T.  Raises ``ValueError`` for an
-    unknown mode or a tensor of the wrong shape.
+    Args:
+        coeffs: the schedule's `StepCoefficients` (S steps).
+        x_T: initial noise, shape (B, H, Da) float, normalized action units.
+        noise_terms: sigma_j z_j, shape (S, B, H, Da) (`coeffs.noise_terms(noise)`).
+        start: a mode of `START_MODES` (see the module docstring) or a trajectory tensor (S+1, B, H, Da),
+            copied, with its slot 0 replaced by x_T.
+
+    Returns:
+        X^0, shape (S+1, B, H, Da), on x_T's device and dtype; slot 0 is x_T.
+
+    Raises:
+        ValueError: an unknown mode, or a tensor of another shape.
     """
     check_start(start)
     S = coeffs.num_steps

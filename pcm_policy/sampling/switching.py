@@ -1,28 +1,28 @@
-"""Model switching: hand the Picard iteration from the PCM back to the base model.
+"""Model switching: hand the Picard iteration from the PCM back to the base model (PCM, arXiv 2503.19731).
 
-Schedule: ``lambda(k) = clip(1 - s * k / K, 0, 1)`` for iteration k = 0, 1, 2, ... (k = 0 is the first
+Schedule: `lambda(k) = clip(1 - s * k / K, 0, 1)` for iteration k = 0, 1, 2, ... (k = 0 is the first
 iteration, lambda = 1: a pure PCM step).  K is the number of sampling steps S (Picard's worst-case
-iteration count, the paper's horizon); the default stiffness ``s = S`` gives lambda = 1, 0, 0, ... for any S:
+iteration count, the paper's horizon); the default stiffness `s = S` gives lambda = 1, 0, 0, ... for any S:
 one pure PCM step from X^0, then base.  Measured on the PushT policy (DDIM-10, 32 held-out observations) a
 PCM trained for that one step needs 4.9 iterations with it and 6.2 with s = S/2 (lambda = 1, 0.5, 0): the
 half-mixed map lands further from the base fixed point than the PCM step alone.  Pass any stiffness to change it
-(``switch_lambda`` gives the exact values; ``stats.lambdas`` records them).
+(`switch_lambda` gives the exact values; `stats.lambdas` records them).
 
-* Output space (``sample_switched``): the Picard maps are mixed, ``Y <- lam Phi(Y; pcm) + (1-lam) Phi(Y; base)``,
+* Output space (`sample_switched`): the Picard maps are mixed, `Y <- lam Phi(Y; pcm) + (1-lam) Phi(Y; base)`,
   which (the map being affine in m) is implemented by mixing m-values, never eps (clip_sample makes m
   non-affine in eps).  While lambda > 0 both models are called (two calls per iteration, counted twice in
-  ``evaluations``/``network_calls``); at lambda = 0 only the base model.
-* Weight space (``sample_lora_switched``): one call per iteration to ``denoiser(x, t, cond, scale)`` with
-  the LoRA scale = lambda(k) (see ``pcm_policy.model.lora``).
+  `evaluations`/`network_calls`); at lambda = 0 only the base model.
+* Weight space (`sample_lora_switched`): one call per iteration to `denoiser(x, t, cond, scale)` with
+  the LoRA scale = lambda(k) (see `pcm_policy.model.lora`).
 
-The PCM's m-values come from the step WITHOUT x0 clipping (``StepCoefficients.unclipped``: from X^0 the
+The PCM's m-values come from the step WITHOUT x0 clipping (`StepCoefficients.unclipped`: from X^0 the
 one-step targets lie outside the clipped range); the base map keeps the scheduler's clipping, and only the
 base map decides convergence.
 
-Anderson acceleration (``anderson=``) applies to the base phase only; its history starts with that phase.
+Anderson acceleration (`anderson=`) applies to the base phase only; its history starts with that phase.
 
 Both stop only when lambda = 0 AND the base-map convergence test passes, and the base phase restarts the
-window anchor at y_0 = x_T (see ``picard_loop``), so with tol -> 0 the output is the base model's sequential
+window anchor at y_0 = x_T (see `picard_loop`), so with tol -> 0 the output is the base model's sequential
 sample whatever the PCM is.  Iterations are bounded by (number of lambda > 0 iterations) + S.
 """
 
@@ -38,7 +38,16 @@ from .schedule import StepCoefficients
 
 
 def switch_lambda(k: int, stiffness: float, horizon: int) -> float:
-    """lambda(k) = clip(1 - stiffness * k / horizon, 0, 1)."""
+    """The switching weight of round k: lambda(k) = clip(1 - stiffness * k / horizon, 0, 1) (PCM's schedule).
+
+    Args:
+        k: the Picard round, 0-based.
+        stiffness: s > 0; the samplers use s = S by default (lambda = 1, 0, 0, ...).
+        horizon: K, the samplers' S.
+
+    Returns:
+        lambda(k) in [0, 1] as a Python float (1 = pure PCM, 0 = pure base).
+    """
     return min(1.0, max(0.0, 1.0 - float(stiffness) * k / float(horizon)))
 
 
@@ -82,10 +91,28 @@ def sample_switched(
     start="x_T",
     coeffs: StepCoefficients | None = None,
 ):
-    """Output-space switching between a PCM and the base denoiser; returns (x0, SamplerStats).
+    """Output-space switching: `Y <- lam Phi(Y; pcm) + (1 - lam) Phi(Y; base)`, then plain base Picard.
 
-    ``anderson`` accelerates the base phase only; ``start`` is X^0, the state the PCM step starts from;
-    ``coeffs``: precomputed ``StepCoefficients`` of ``scheduler`` (see ``sample_picard``).
+    Exact: with tol -> 0 it returns the base model's sequential x0 for the same noise, whatever the PCM.
+
+    Args:
+        base: the base denoiser `eps = base(x, t, cond)`, x (N, H, Da) float, t (N,) long, cond (N, C) or None.
+        pcm: the PCM denoiser, same signature; its m-values use the unclipped step.
+        scheduler: the diffusers DDPM/DDIM scheduler (`set_timesteps` done); may be None when `coeffs` is given.
+        x_T: initial noise, shape (B, H, Da) float, normalized action units.
+        noise: the standard-normal draws z_j, shape (S, B, H, Da).
+        cond: the condition, (B, C) or None.
+        stiffness: s of `switch_lambda` (> 0); None = S (one pure PCM round, then base).
+        window, tol, max_iters, should_stop, fixed_shape: as in `picard_loop`.
+        anderson: Anderson acceleration of the base phase only.
+        start: X^0, the state the PCM step starts from (a mode of `START_MODES` or a tensor (S+1, B, H, Da)).
+        coeffs: precomputed `StepCoefficients` of `scheduler` (see `sample_picard`).
+
+    Returns:
+        (x0 (B, H, Da) in normalized action units, `SamplerStats` with the lambdas used).
+
+    Raises:
+        ValueError: stiffness <= 0, and the cases of `sample_picard`.
     """
 
     def make_map(coeffs, cond_rep):
@@ -125,9 +152,21 @@ def sample_lora_switched(
     start="x_T",
     coeffs: StepCoefficients | None = None,
 ):
-    """Weight-space switching: ``denoiser(x, t, cond, scale)`` with LoRA scale = lambda(k); one call per iteration.
+    """Weight-space switching: weights W0 + lambda(k) * DeltaW (LoRA scale = lambda(k)); one call per round.
 
-    ``anderson``, ``start``, ``coeffs``: as in ``sample_switched``.
+    Exact like `sample_switched`: once lambda = 0 the map is the base model's.
+
+    Args:
+        denoiser: `eps = denoiser(x, t, cond, scale)`: the base network with the LoRA delta at `scale`
+            (`pcm_policy.model.lora.scaled_denoiser`).
+        scheduler, x_T, noise, cond, stiffness, window, tol, max_iters, should_stop, fixed_shape, anderson,
+            start, coeffs: as in `sample_switched`.
+
+    Returns:
+        (x0 (B, H, Da) in normalized action units, `SamplerStats` with the lambdas used).
+
+    Raises:
+        ValueError: stiffness <= 0, and the cases of `sample_picard`.
     """
 
     def make_map(coeffs, cond_rep):
