@@ -11,6 +11,7 @@ robomimic: score = success rate.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,11 +55,28 @@ def make_env(env_id: str, max_steps: int, render: bool = False, video_prefix: Pa
     return wrap(env) if wrap is not None else env
 
 
+def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """95% (z = 1.96) Wilson score interval for a success rate of `successes` out of `n` trials.
+
+    Wilson (1927), JASA 22:209: (p + z^2/2n +- z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n), p = successes/n.
+    Unlike the normal approximation it stays within [0, 1] and is not empty at 0 or n successes. (0, 1) for n = 0.
+    """
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = p + z * z / (2 * n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, (centre - half) / denom), min(1.0, (centre + half) / denom)
+
+
 def summarize(results: list[EpisodeResult], task: str) -> dict[str, Any]:
     n = len(results)
+    successes = int(sum(r.success for r in results))
     out = {
         "episodes": n,
-        "success_rate": float(np.mean([r.success for r in results])) if n else 0.0,
+        "success_rate": successes / n if n else 0.0,
+        "success_ci95": list(wilson_interval(successes, n)),
         "score": float(np.mean([r.score(task) for r in results])) if n else 0.0,
         "steps": int(sum(r.steps for r in results)),
         "seed_range": [results[0].seed, results[-1].seed] if n else [],
@@ -181,6 +199,9 @@ def evaluate(cfg: Mapping[str, Any]) -> dict[str, Any]:
     from pcm_policy.runtime import resolve_device
     from pcm_policy.sampler_config import SamplerConfig
 
+    from pcm_policy.validation import validate_eval
+
+    validate_eval(cfg)  # every option, against the checkpoint, before any env starts
     task = cfg["task"]
     out = Path(cfg["output_dir"])
     video_dir = out / "videos" if cfg.get("videos", 0) > 0 else None
