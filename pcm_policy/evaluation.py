@@ -67,7 +67,8 @@ def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tup
     denom = 1 + z * z / n
     centre = p + z * z / (2 * n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, (centre - half) / denom), min(1.0, (centre + half) / denom)
+    # mathematically lo <= p <= hi (with equality at 0 and n successes); keep it so under rounding
+    return max(0.0, min(p, (centre - half) / denom)), min(1.0, max(p, (centre + half) / denom))
 
 
 def summarize(results: list[EpisodeResult], task: str) -> dict[str, Any]:
