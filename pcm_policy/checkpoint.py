@@ -184,7 +184,8 @@ def _check_export_target(src: Path, ckpt: Path, dst: Path) -> None:
     target = dst.resolve()
     for protected in {src.resolve(), ckpt.resolve()}:
         if target == protected or target in protected.parents:
-            raise ConfigError(f"output={dst}: would replace the checkpoint being exported ({src}); choose a new directory")
+            raise ConfigError(f"output={dst}: would replace the checkpoint being exported ({src}); "
+                              "choose a new directory")
     if dst.is_dir():
         if any(dst.iterdir()) and not ((dst / POLICY_WEIGHTS).is_file() and (dst / POLICY_CARD).is_file()):
             raise ConfigError(f"output={dst}: exists and is not a checkpoint directory (refusing to replace it)")

@@ -102,9 +102,10 @@ class DiffusionPolicy(nn.Module):
         low, high = self.normalized_action_range()
         lo, hi = float(low.min()), float(high.max())
         if lo < -r * (1 + 1e-4) or hi > r * (1 + 1e-4):
-            raise ConfigError(f"dataset.normalizer with policy.noise_scheduler.clip_sample=true: the normalizer maps the "
-                              f"training actions to [{lo:.3g}, {hi:.3g}] but clip_sample clips sampled actions to "
-                              f"[{-r:g}, {r:g}]; use dataset.normalizer=limits or policy.noise_scheduler.clip_sample=false")
+            raise ConfigError(f"dataset.normalizer with policy.noise_scheduler.clip_sample=true: the normalizer "
+                              f"maps the training actions to [{lo:.3g}, {hi:.3g}] but clip_sample clips sampled "
+                              f"actions to [{-r:g}, {r:g}]; use dataset.normalizer=limits or "
+                              "policy.noise_scheduler.clip_sample=false")
 
     @property
     def device(self) -> torch.device:

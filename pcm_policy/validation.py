@@ -51,8 +51,13 @@ def _show(value: Any) -> str:
 
 def integer(cfg, key: str, low: int | None = None, high: int | None = None, null: bool = False,
             why: str = "") -> int | None:
-    """An integer in [low, high] (bools and floats refused); None allowed when `null`."""
-    value = lookup(cfg, key, None if null else _MISSING)
+    """cfg's `key` as an integer in [low, high] (bools and floats refused); None allowed when `null`."""
+    return check_int(key, lookup(cfg, key, None if null else _MISSING), low, high, null, why)
+
+
+def check_int(key: str, value: Any, low: int | None = None, high: int | None = None, null: bool = False,
+              why: str = "") -> int | None:
+    """`value` (option `key`) as an integer in [low, high]; `why` is appended to the out-of-range message."""
     if value is None and null:
         return None
     limits = " and ".join(s for s in (f">= {low}" if low is not None else "", f"<= {high}" if high is not None else "")
@@ -176,7 +181,7 @@ def check_policy_options(pol: Mapping[str, Any], prefix: str = "policy") -> None
     if not isinstance(dims, Sequence) or isinstance(dims, str) or not dims:
         raise ConfigError(f"{key('down_dims')}={_show(dims)}: expected a non-empty list of channel counts")
     groups = integer(cfg, key("n_groups"), 1)
-    for i, d in enumerate(dims):
+    for d in dims:
         if not isinstance(d, numbers.Integral) or isinstance(d, bool) or d < 1:
             raise ConfigError(f"{key('down_dims')}={list(dims)}: entries must be positive integers")
         if d % groups:
@@ -248,7 +253,7 @@ def read_base_card(key: str, path) -> tuple[Path, dict[str, Any]]:
 
 def _expect_task(key: str, ckpt: Path, card: Mapping[str, Any], task: str) -> None:
     if card.get("task") != task:
-        raise CheckpointError(f"{ckpt}: checkpoint is for task {card.get('task')!r}, not task={task!r}")
+        raise CheckpointError(f"{key}={ckpt}: checkpoint is for task {card.get('task')!r}, not task={task!r}")
 
 
 def steps_for(label: str, steps: int, T: int, ckpt) -> None:
@@ -270,9 +275,6 @@ def check_sampler(cfg, T: int | None, ckpt=None, key: str = "sampler", pcm_key: 
     group = lookup(cfg, key)
     if not isinstance(group, Mapping):
         raise ConfigError(f"{key}: expected a sampler group (e.g. {key}=ddim)")
-    unknown = sorted(set(group) - {f.name for f in SamplerConfig.__dataclass_fields__.values()} - {"pcm_checkpoint"})
-    if unknown:
-        raise ConfigError(f"{key}.{unknown[0]}: unknown sampler key")
     name = choice(cfg, f"{key}.name", ALGORITHMS)
     scheduler = choice(cfg, f"{key}.scheduler", SCHEDULERS)
     steps = integer(cfg, f"{key}.steps", 1)
@@ -284,6 +286,7 @@ def check_sampler(cfg, T: int | None, ckpt=None, key: str = "sampler", pcm_key: 
     integer(cfg, f"{key}.max_iters", 1, null=True)
     if lookup(cfg, f"{key}.fixed_shape", None) is not None:
         flag(cfg, f"{key}.fixed_shape")
+    SamplerConfig.from_mapping(group)  # unknown keys, and the dataclass's own checks
     if name in ("pcm", "pcm_lora") and check_pcm:
         pcm_key = pcm_key or f"{key}.pcm_checkpoint"
         path = lookup(cfg, pcm_key, None)
@@ -307,17 +310,15 @@ def check_pcm_card(key: str, path, scheduler: str, steps: int, lora: bool) -> No
 
 def _bases(cfg, key: str, T: int | None, ckpt) -> list[str]:
     """A non-empty list of distinct schedule names (ddpm100, ddim10, ...) within the policy's T."""
-    import re
+    from pcm_policy.bench import parse_base
 
     bases = lookup(cfg, key)
     if not isinstance(bases, Sequence) or isinstance(bases, str) or not bases:
         raise ConfigError(f"{key}={_show(bases)}: expected a non-empty list such as [ddpm100,ddim10]")
     for b in bases:
-        m = re.fullmatch(r"(ddpm|ddim)(\d+)", str(b))
-        if not m or int(m.group(2)) < 1:
-            raise ConfigError(f"{key}: {b!r} is not a schedule name like ddpm100 or ddim10")
+        _, steps = parse_base(b)
         if T is not None:
-            steps_for(f"{key}: {b}", int(m.group(2)), T, ckpt)
+            steps_for(f"{key}: {b}", steps, T, ckpt)
     if len(set(bases)) != len(bases):
         raise ConfigError(f"{key}={list(bases)}: lists a schedule twice")
     return list(bases)
@@ -499,6 +500,8 @@ def validate_demo(cfg) -> None:
         for group in ("pcm", "pcm_lora"):
             _pcm_map(cfg, group, bases)
     sampler = lookup(cfg, "sampler")
+    if not isinstance(sampler, Mapping):
+        raise ConfigError("sampler: expected a sampler group (e.g. sampler=pcm_lora)")
     # demo attaches the LoRA PCM of the sampler's schedule (pcm_lora.<schedule>) whatever the switching space;
     # the stand-in base (no shipped checkpoint) gets stand-in PCMs, so only the sampler's own keys are checked.
     check_sampler(cfg, T, ckpt, pcm_key=f"pcm_lora.{sampler.get('scheduler')}{sampler.get('steps')}",

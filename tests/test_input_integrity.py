@@ -198,6 +198,25 @@ def _rewrite(path: Path, key: str, make) -> None:
         make(f, key, data)
 
 
+def _external(raw: Path):
+    """A `make` for _rewrite: the dataset's bytes stored in the external raw file `raw`."""
+    def make(f, k, data):
+        f.create_dataset(k, shape=data.shape, dtype=data.dtype, external=[(str(raw), 0, data.nbytes)])[...] = data
+    return make
+
+
+def _virtual(source: Path, rows: int | None = None):
+    """A `make` for _rewrite: a virtual dataset mapping the first `rows` rows (all) to dataset "a" of `source`."""
+    def make(f, k, data):
+        n = len(data) if rows is None else rows
+        with h5py.File(source, "w") as src:
+            src["a"] = data[:n]
+        layout = h5py.VirtualLayout(shape=data.shape, dtype=data.dtype)
+        layout[:n] = h5py.VirtualSource(str(source), "a", shape=(n, *data.shape[1:]))
+        f.create_virtual_dataset(k, layout, fillvalue=0)
+    return make
+
+
 @pytest.fixture
 def broken_hdf5s(tmp_path):
     """name -> (path, needles): robomimic files whose datasets' storage does not cover their shapes."""
@@ -215,42 +234,24 @@ def broken_hdf5s(tmp_path):
     _rewrite(p, key, lambda f, k, data: f.create_dataset(k, shape=data.shape, dtype=data.dtype))
     out["contiguous, never written"] = (p, [key, "no data stored"])
 
-    def external(f, k, data):
-        ds = f.create_dataset(k, shape=data.shape, dtype=data.dtype, external=[(str(tmp_path / "raw.bin"), 0, data.nbytes)])
-        ds[...] = data
     p = write_robomimic_fixture(tmp_path / "external.hdf5")
-    _rewrite(p, key, external)
+    _rewrite(p, key, _external(tmp_path / "raw.bin"))
     os.remove(tmp_path / "raw.bin")
     out["external file missing"] = (p, [key, "external data file", "raw.bin"])
 
-    def external_short(f, k, data):
-        ds = f.create_dataset(k, shape=data.shape, dtype=data.dtype, external=[(str(tmp_path / "short.bin"), 0, data.nbytes)])
-        ds[...] = data
     p = write_robomimic_fixture(tmp_path / "external_short.hdf5")
-    _rewrite(p, key, external_short)
+    _rewrite(p, key, _external(tmp_path / "short.bin"))
     with open(tmp_path / "short.bin", "r+b") as f:
         f.truncate(16)
     out["external file truncated"] = (p, [key, "short.bin", "truncated"])
 
-    def virtual(f, k, data):
-        with h5py.File(tmp_path / "source.h5", "w") as src:
-            src["a"] = data
-        layout = h5py.VirtualLayout(shape=data.shape, dtype=data.dtype)
-        layout[...] = h5py.VirtualSource(str(tmp_path / "source.h5"), "a", shape=data.shape)
-        f.create_virtual_dataset(k, layout, fillvalue=0)
     p = write_robomimic_fixture(tmp_path / "virtual.hdf5")
-    _rewrite(p, key, virtual)
+    _rewrite(p, key, _virtual(tmp_path / "source.h5"))
     os.remove(tmp_path / "source.h5")
     out["virtual source missing"] = (p, [key, "virtual source file", "source.h5"])
 
-    def virtual_half(f, k, data):
-        with h5py.File(tmp_path / "half.h5", "w") as src:
-            src["a"] = data[:4]
-        layout = h5py.VirtualLayout(shape=data.shape, dtype=data.dtype)
-        layout[:4] = h5py.VirtualSource(str(tmp_path / "half.h5"), "a", shape=(4, 7))
-        f.create_virtual_dataset(k, layout, fillvalue=0)
     p = write_robomimic_fixture(tmp_path / "virtual_half.hdf5")
-    _rewrite(p, key, virtual_half)
+    _rewrite(p, key, _virtual(tmp_path / "half.h5", rows=4))
     out["virtual mapping covers half"] = (p, [key, "cover 28 of 56 elements"])
 
     p = write_robomimic_fixture(tmp_path / "truncated.hdf5")
@@ -260,18 +261,13 @@ def broken_hdf5s(tmp_path):
     return out
 
 
-def test_complete_virtual_and_external_datasets_still_load(tmp_path):
+@pytest.mark.parametrize("storage", ["virtual", "external"])
+def test_complete_virtual_and_external_datasets_still_load(tmp_path, storage):
     p = write_robomimic_fixture(tmp_path / "v.hdf5")
-
-    def virtual(f, k, data):
-        with h5py.File(tmp_path / "source.h5", "w") as src:
-            src["a"] = data
-        layout = h5py.VirtualLayout(shape=data.shape, dtype=data.dtype)
-        layout[...] = h5py.VirtualSource(str(tmp_path / "source.h5"), "a", shape=data.shape)
-        f.create_virtual_dataset(k, layout, fillvalue=0)
     with h5py.File(p, "r") as f:
         expected = f["data/demo_0/actions"][()]
-    _rewrite(p, "data/demo_0/actions", virtual)
+    make = _virtual(tmp_path / "source.h5") if storage == "virtual" else _external(tmp_path / "raw.bin")
+    _rewrite(p, "data/demo_0/actions", make)
     with RobomimicFile(p) as rf:
         np.testing.assert_array_equal(rf.load_demo("demo_0")["actions"], expected)
 
@@ -575,8 +571,8 @@ def test_an_early_stopped_chunk_is_kept_in_the_training_range_not_in_minus_one_o
     np.testing.assert_allclose(low.numpy(), (p["min"] - p["mean"]).div(p["std"]).numpy(), rtol=1e-5)
     assert float(high.min()) > 1.5  # gaussian: the data's edge lies beyond 1 std
     policy.model = OracleDenoiser(torch.full((16, 2), 5.0), policy.noise_scheduler.alphas_cumprod)  # far outside
-    chunk = policy.predict_chunk(torch.zeros(1, 2, 4), SamplerConfig(name="picard", scheduler="ddim", steps=10,
-                                                                     max_iters=1), generator=torch.Generator().manual_seed(0))
+    one_round = SamplerConfig(name="picard", scheduler="ddim", steps=10, max_iters=1)
+    chunk = policy.predict_chunk(torch.zeros(1, 2, 4), one_round, generator=torch.Generator().manual_seed(0))
     assert not chunk.stats.converged
     raw = chunk.action_pred[0]
     assert float(raw.max()) <= PUSHT_HIGH + 1e-3 and float(raw.min()) >= PUSHT_LOW - 1e-3
@@ -586,8 +582,8 @@ def test_an_early_stopped_chunk_is_kept_in_the_training_range_not_in_minus_one_o
 def test_pcm_train_refuses_a_clip_range_that_misses_the_data_and_writes_nothing(capsys, tmp_path):
     data = write_pusht_zarr(tmp_path / "d.zarr", lengths=[30, 40, 25, 35, 28])
     assert_refused(capsys, tmp_path, "train", f"dataset.path={data}", f"output_dir={tmp_path / 'out'}", "device=cpu",
-                   "train.steps=2", *TINY, "dataset.normalizer=gaussian", "+policy.noise_scheduler.clip_sample_range=1.2",
-                   needles=["dataset.normalizer", "policy.noise_scheduler.clip_sample"])
+                   "train.steps=2", *TINY, "dataset.normalizer=gaussian",
+                   "+policy.noise_scheduler.clip_sample_range=1.2",                   needles=["dataset.normalizer", "policy.noise_scheduler.clip_sample"])
 
 
 # ==== 4. nothing written on refusal, also when training is refused after it started ========================

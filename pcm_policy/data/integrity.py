@@ -130,7 +130,8 @@ def _hdf5_file_candidates(name: str, h5_path: Path, env_prefix: str) -> list[Pat
     p = Path(name)
     if p.is_absolute():
         return [p]
-    prefixes = [s.replace("${ORIGIN}", str(h5_path.parent)) for s in os.environ.get(env_prefix, "").split(os.pathsep) if s]
+    prefixes = [s.replace("${ORIGIN}", str(h5_path.parent))
+                for s in os.environ.get(env_prefix, "").split(os.pathsep) if s]
     return [Path(d) / p for d in prefixes] + [h5_path.parent / p, Path.cwd() / p]
 
 
