@@ -344,6 +344,7 @@ def _pcm_map(cfg, key: str, bases: Sequence[str]) -> dict[str, str]:
 
 # ---- per command ----------------------------------------------------------------------------------------
 def validate_train(cfg) -> None:
+    from pcm_policy import distributed
     from pcm_policy.data.lowdim_dataset import KINDS
     from pcm_policy.data.normalizer import MODES
 
@@ -379,7 +380,7 @@ def validate_train(cfg) -> None:
         flag(cfg, "dataset.abs_action")
         text(cfg, "dataset.filter_key", null=True)
     integer(cfg, "train.steps", 1)
-    integer(cfg, "train.batch_size", 1)
+    distributed.require_divisible(integer(cfg, "train.batch_size", 1), "train.batch_size")
     number(cfg, "train.lr", 0, low_open=True)
     betas = lookup(cfg, "train.betas")
     if not isinstance(betas, Sequence) or isinstance(betas, str) or len(betas) != 2:
@@ -417,16 +418,18 @@ def validate_eval(cfg) -> None:
 def validate_train_pcm(cfg) -> None:
     from pcm_policy.config import resolve_path
 
+    from pcm_policy import distributed
+
     _runtime(cfg)
     output_dir(cfg)
-    ckpt, card = read_base_card("base", lookup(cfg, "base", None))
-    T = num_train_timesteps(card)
     choice(cfg, "mode", ("lora", "full"))
     integer(cfg, "lora_rank", 1)
     number(cfg, "lora_alpha", 0, low_open=True, null=True)
     choice(cfg, "scheduler", ("ddpm", "ddim"))
     steps = integer(cfg, "steps", 1)
-    steps_for(f"steps={steps}", steps, T, ckpt)
+    distributed.require_divisible(integer(cfg, "batch_size", 1), "batch_size")  # each process: an equal share
+    ckpt, card = read_base_card("base", lookup(cfg, "base", None))
+    steps_for(f"steps={steps}", steps, num_train_timesteps(card), ckpt)
     data = text(cfg, "dataset_path", null=True)
     if data is not None and not resolve_path(data).exists():
         raise ConfigError(f"dataset_path={data}: no such file or directory")
@@ -436,7 +439,6 @@ def validate_train_pcm(cfg) -> None:
     integer(cfg, "collect_max_iters", 1, null=True)
     integer(cfg, "max_k", 1, null=True)
     integer(cfg, "epochs", 1)
-    integer(cfg, "batch_size", 1)
     number(cfg, "lr", 0, low_open=True)
     number(cfg, "ema_decay", 0, 1)
     integer(cfg, "checkpoint_every", 1)
