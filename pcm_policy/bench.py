@@ -227,6 +227,9 @@ def run_bench(cfg: Mapping[str, Any]) -> dict[str, Any]:
         ConfigError: no checkpoint, a count out of range, or an invalid sampler setting.
         CheckpointError: an unusable base or PCM checkpoint (nothing is written then).
     """
+    from pcm_policy.validation import validate_bench
+
+    validate_bench(cfg)  # every option, against the checkpoint cards, before any work
     device = resolve_device(cfg.get("device"))
     threads = torch.get_num_threads()
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({threads} intra-op threads)"

@@ -159,15 +159,33 @@ def export_checkpoint(src: str | Path, dst: str | Path, dtype: str = "float16") 
     The exported weights are the policy from then on: PCMs must be trained against the exported copy (their
     base fingerprint is taken from the weights as loaded).
     """
+    from pcm_policy.errors import ConfigError
+
     ckpt = resolve_checkpoint(src)
     card = read_card(ckpt)
-    weights = read_weights(ckpt / POLICY_WEIGHTS)
     target = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(dtype)
     if target is None:
-        from pcm_policy.errors import ConfigError
-
         raise ConfigError(f"dtype={dtype!r}: expected float16, bfloat16 or float32")
+    _check_export_target(Path(src), ckpt, Path(dst))
+    weights = read_weights(ckpt / POLICY_WEIGHTS)
     weights = {k: (v if k.startswith("normalizer.") or not v.is_floating_point() else v.to(target)) for k, v in weights.items()}
     config = yaml.safe_load((ckpt / RUN_CONFIG).read_text()) if (ckpt / RUN_CONFIG).is_file() else None
     card = dict(card, exported_from=str(ckpt), weights_dtype=dtype)
     return save_checkpoint(dst, card, weights, config=config)
+
+
+def _check_export_target(src: Path, ckpt: Path, dst: Path) -> None:
+    """The output replaces at most an older checkpoint directory: never the source, a folder holding it, a file,
+    or a directory of something else (save_checkpoint swaps the whole directory)."""
+    from pcm_policy.errors import ConfigError
+    from pcm_policy.validation import output_dir
+
+    output_dir({"output": str(dst)}, "output")  # a directory, or creatable in a writable one
+    target = dst.resolve()
+    for protected in {src.resolve(), ckpt.resolve()}:
+        if target == protected or target in protected.parents:
+            raise ConfigError(f"output={dst}: would replace the checkpoint being exported ({src}); "
+                              "choose a new directory")
+    if dst.is_dir():
+        if any(dst.iterdir()) and not ((dst / POLICY_WEIGHTS).is_file() and (dst / POLICY_CARD).is_file()):
+            raise ConfigError(f"output={dst}: exists and is not a checkpoint directory (refusing to replace it)")

@@ -37,17 +37,25 @@ def _cmd_data_info(args: argparse.Namespace) -> int:
 
 def _compose(command: str, overrides: Sequence[str]) -> dict:
     from pcm_policy.config import compose, resolve_path
-    from pcm_policy.runtime import set_deterministic, set_threads
 
     cfg = compose(command, overrides)
-    set_deterministic(cfg.get("deterministic") or os.environ.get("PCM_DETERMINISTIC"))
-    if cfg.get("dataset", {}).get("path"):
-        cfg["dataset"]["path"] = str(resolve_path(cfg["dataset"]["path"]))
+    dataset_path = (cfg.get("dataset") or {}).get("path")
+    if isinstance(dataset_path, str) and dataset_path:
+        cfg["dataset"]["path"] = str(resolve_path(dataset_path))
     for key in ("checkpoint", "base"):  # shipped checkpoints resolve from the repository root too
-        if cfg.get(key):
+        if isinstance(cfg.get(key), str) and cfg[key]:
             cfg[key] = str(resolve_path(cfg[key]))
-    set_threads(cfg.get("threads"))
     return cfg
+
+
+def _start(command: str, cfg: dict) -> None:
+    """Check every option against the config and the checkpoint, then set up the process; nothing is written."""
+    from pcm_policy.runtime import set_deterministic, set_threads
+    from pcm_policy.validation import validate
+
+    validate(command, cfg)
+    set_deterministic(cfg.get("deterministic") or os.environ.get("PCM_DETERMINISTIC"))
+    set_threads(cfg.get("threads"))
 
 
 def _cmd_train(cfg: dict) -> int:
@@ -66,7 +74,9 @@ def _cmd_eval(cfg: dict) -> int:
 
     m = evaluate(cfg)
     cov = f", mean max coverage {m['mean_max_coverage']:.3f}" if "mean_max_coverage" in m else ""
-    print(f"{m['task']}: success {m['success_rate']:.2f}, score {m['score']:.3f} over {m['episodes']} episodes{cov}")
+    lo, hi = m["success_ci95"]
+    print(f"{m['task']}: success {m['success_rate']:.2f} (95% Wilson interval [{lo:.2f}, {hi:.2f}]), "
+          f"score {m['score']:.3f} over {m['episodes']} episodes{cov}")
     for video in m.get("videos", []):
         print(f"video: {video}")
     print(f"metrics: {os.path.join(cfg['output_dir'], 'metrics.json')}")
@@ -74,11 +84,7 @@ def _cmd_eval(cfg: dict) -> int:
 
 
 def _cmd_collect(cfg: dict) -> int:
-    from pcm_policy.errors import ConfigError
-
     task = cfg["task"]["name"]
-    if task not in ("pusht", "lift", "can"):
-        raise ConfigError(f"task={task!r}: pcm collect has scripted demonstrators for pusht, lift and can only")
     suffix = ".zarr" if cfg["dataset"]["kind"] == "pusht_zarr" else ".hdf5"
     path = os.path.join(cfg["output_dir"], cfg.get("output_name") or f"{task}_expert{suffix}")
     common = dict(seed=cfg["seed"], keep_failed=cfg["keep_failed"], max_steps=cfg["task"]["max_steps"],
@@ -152,6 +158,7 @@ def _run_composed(command: str, handler: Callable[[dict], int], args: argparse.N
     if args.print_config:
         print(json.dumps(cfg, indent=2))
         return 0
+    _start(command, cfg)
     return handler(cfg)
 
 

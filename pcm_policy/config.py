@@ -4,7 +4,6 @@ Unknown keys and unknown group options become one-line `ConfigError`s naming the
 """
 from __future__ import annotations
 
-import numbers
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -61,6 +60,6 @@ def resolve_path(path: str | os.PathLike | None) -> Path | None:
 
 def require_int(key: str, value: Any, low: int) -> int:
     """`value` as an int >= `low` (bools and non-integers refused), else a one-line ConfigError naming `key`."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
-        raise ConfigError(f"{key}={value!r}: expected an integer >= {low}")
-    return int(value)
+    from pcm_policy.validation import check_int
+
+    return check_int(key, value, low)

@@ -64,6 +64,9 @@ def run_demo(cfg: Mapping[str, Any]) -> dict[str, Any]:
     from pcm_policy.runtime import resolve_device
     from pcm_policy.sampler_config import SamplerConfig
 
+    from pcm_policy.validation import validate_demo
+
+    validate_demo(cfg)  # every option before any work (the CLI checks them too; library callers get the same)
     t0 = time.perf_counter()
     out = Path(cfg["output_dir"])
     task = cfg["task"]

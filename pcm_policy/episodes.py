@@ -5,6 +5,7 @@ episodes of clip(max coverage / 0.95, 0, 1); success = max coverage >= 0.95. rob
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -74,6 +75,25 @@ def make_env(env_id: str, max_steps: int, render: bool = False, video_prefix: Pa
     return wrap(env) if wrap is not None else env
 
 
+def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """95% (z = 1.96) Wilson score interval for a success rate of `successes` out of `n` trials.
+
+    Wilson (1927), JASA 22:209: (p + z^2/2n +- z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n), p = successes/n.
+    Unlike the normal approximation it stays within [0, 1] and is not empty at 0 or n successes.
+
+    Returns:
+        (low, high), both in [0, 1]; (0, 1) for n = 0.
+    """
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = p + z * z / (2 * n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    # mathematically lo <= p <= hi (with equality at 0 and n successes); keep it so under rounding
+    return max(0.0, min(p, (centre - half) / denom)), min(1.0, max(p, (centre + half) / denom))
+
+
 def summarize(results: list[EpisodeResult], task: str) -> dict[str, Any]:
     """Summary over episodes.
 
@@ -82,14 +102,17 @@ def summarize(results: list[EpisodeResult], task: str) -> dict[str, Any]:
         task: the task name (selects the score, see `EpisodeResult.score`).
 
     Returns:
-        {"episodes", "success_rate", "score" (means in [0, 1]), "steps" (total env steps), "seed_range"
+        {"episodes", "success_rate", "success_ci95" ([low, high], Wilson), "score" (means in [0, 1]),
+        "steps" (total env steps), "seed_range"
         ([first, last] seed)} and, when any episode has a coverage (PushT), "mean_max_coverage". An empty list
         gives zero rates and an empty seed range.
     """
     n = len(results)
+    successes = int(sum(r.success for r in results))
     out = {
         "episodes": n,
-        "success_rate": float(np.mean([r.success for r in results])) if n else 0.0,
+        "success_rate": successes / n if n else 0.0,
+        "success_ci95": list(wilson_interval(successes, n)),
         "score": float(np.mean([r.score(task) for r in results])) if n else 0.0,
         "steps": int(sum(r.steps for r in results)),
         "seed_range": [results[0].seed, results[-1].seed] if n else [],

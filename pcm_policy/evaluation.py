@@ -136,7 +136,9 @@ def evaluate(cfg: Mapping[str, Any]) -> dict[str, Any]:
     from pcm_policy.checkpoint import load_policy
     from pcm_policy.runtime import resolve_device
     from pcm_policy.sampler_config import SamplerConfig
+    from pcm_policy.validation import validate_eval
 
+    validate_eval(cfg)  # every option, against the checkpoint, before any env starts
     task = cfg["task"]
     out = Path(cfg["output_dir"])
     video_dir = out / "videos" if cfg.get("videos", 0) > 0 else None

@@ -15,7 +15,7 @@ from diffusers import DDPMScheduler
 from torch import nn
 
 from pcm_policy.data.normalizer import Normalizer
-from pcm_policy.errors import PcmError
+from pcm_policy.errors import ConfigError, PcmError
 from pcm_policy.model.unet import ConditionalUnet1D
 from pcm_policy.chunk_sampler import ChunkSampler
 from pcm_policy.sampler_config import SamplerConfig
@@ -120,6 +120,31 @@ class DiffusionPolicy(nn.Module):
         )
         self.noise_scheduler = DDPMScheduler(**config.noise_scheduler)
         self._samplers: dict[tuple[SamplerConfig, int | None, torch.device], ChunkSampler] = {}
+        self._check_clip_range()
+
+    def normalized_action_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-dim (low, high) of the training actions in normalized units, float32 (Da,) on the CPU
+        ([-1, 1], the limits normalizer's range, for a normalizer saved without min/max statistics)."""
+        p = self.normalizer.params["action"]
+        if "min" not in p or "max" not in p:
+            return -torch.ones_like(p["scale"]), torch.ones_like(p["scale"])
+        return (p["min"] * p["scale"] + p["offset"]), (p["max"] * p["scale"] + p["offset"])
+
+    def _check_clip_range(self) -> None:
+        """clip_sample clips every x0 estimate to [-r, r] in normalized units; unless that covers the training
+        actions it silently caps sampled actions (at mean +- r std with a gaussian normalizer, at +-r raw units
+        with identity), so the combination is refused. Raises ConfigError naming both keys."""
+        sched = self.noise_scheduler.config
+        if not sched.clip_sample or "action" not in self.normalizer:
+            return
+        r = float(sched.clip_sample_range)
+        low, high = self.normalized_action_range()
+        lo, hi = float(low.min()), float(high.max())
+        if lo < -r * (1 + 1e-4) or hi > r * (1 + 1e-4):
+            raise ConfigError(f"dataset.normalizer with policy.noise_scheduler.clip_sample=true: the normalizer "
+                              f"maps the training actions to [{lo:.3g}, {hi:.3g}] but clip_sample clips sampled "
+                              f"actions to [{-r:g}, {r:g}]; use dataset.normalizer=limits or "
+                              "policy.noise_scheduler.clip_sample=false")
 
     @property
     def device(self) -> torch.device:
@@ -302,7 +327,8 @@ class DiffusionPolicy(nn.Module):
         if not stats.converged:
             # An early-stopped Picard estimate can lie far outside the data (early iterates are partial sums);
             # keep it inside the normalized action range the policy was trained on.
-            naction = naction.clamp(-1.0, 1.0)
+            low, high = (t.to(naction) for t in self.normalized_action_range())
+            naction = torch.minimum(torch.maximum(naction, low), high)
         action_pred = self.normalizer.unnormalize("action", naction)
         start = self.config.n_obs_steps - 1
         action = action_pred[:, start:start + self.config.n_action_steps]
@@ -338,3 +364,4 @@ class DiffusionPolicy(nn.Module):
             raise PcmError(f"{source}: network weights do not match the configured policy shape "
                            f"({' '.join(first[1:2]).strip() or first[0]})") from None
         self.normalizer = Normalizer.from_state_dict({k: v for k, v in state.items() if k.startswith("normalizer.")})
+        self._check_clip_range()

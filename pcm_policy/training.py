@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from pcm_policy import checkpoint as ckpt_io
 from pcm_policy import distributed
 from pcm_policy.atomic import atomic_write_text
 from pcm_policy.data.windows import Windows, build_dataset
-from pcm_policy.errors import CheckpointError, ConfigError
+from pcm_policy.errors import CheckpointError, ConfigError, PcmError
 from pcm_policy.policy import DiffusionPolicy, PolicyConfig
 from pcm_policy.runtime import resolve_device, seed_everything
 
@@ -53,9 +54,14 @@ class _StopRequested(Exception):
 
 
 def train(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Train and return the run's metrics (on ranks other than 0 of a torchrun job: {"rank": r})."""
+    """Train and return the run's metrics (on ranks other than 0 of a torchrun job: {"rank": r}).
+
+    Every option is checked first (pcm_policy.validation); a refusal raises a PcmError and writes nothing.
+    """
+    from pcm_policy.validation import validate_train
+
+    validate_train(cfg)  # (with train.batch_size divisible by the torchrun processes)
     device = resolve_device(cfg.get("device"))
-    distributed.require_divisible(cfg["train"]["batch_size"], "train.batch_size")
     with distributed.session(device) as ctx:
         return _train(cfg, ctx)
 
@@ -91,6 +97,7 @@ def _train(cfg: Mapping[str, Any], ctx: distributed.Dist) -> dict[str, Any]:
             print(f"resuming from {latest} (step {start_step})")
 
     log_path = out / "log.jsonl"
+    created = not out.exists()  # a run refused before its first checkpoint removes the folder it made
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
     history: list[dict[str, Any]] = []
@@ -148,6 +155,10 @@ def _train(cfg: Mapping[str, Any], ctx: distributed.Dist) -> dict[str, Any]:
         if ctx.is_main:
             print(f"interrupted: checkpoint saved at step {step} in {out / 'checkpoints'}; re-run to resume")
         raise SystemExit(130)
+    except PcmError:  # e.g. the loss became NaN: nothing resumable was made, so leave no folder behind
+        if ctx.is_main and created and ckpt_io.latest_checkpoint(out) is None:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         bar.close()
         signal.signal(signal.SIGINT, previous_handler)

@@ -16,6 +16,7 @@ ROBOMIMIC_DEMO_IDS = (0, 2, 10)  # not contiguous, and "demo_10" < "demo_2" as s
 ROBOMIMIC_LENGTHS = (8, 6, 11)
 ROBOMIMIC_OBS_DIMS = {"object": 10, "robot0_eef_pos": 3, "robot0_eef_quat": 4, "robot0_gripper_qpos": 2,
                       "robot0_joint_pos": 7}  # the last one is an extra key the loaders must ignore
+ALL_CHUNKS = {"write_empty_chunks": True}  # as zarr 2 writes: all-zero chunks stored too (zarr 3 skips them)
 LIFT_ENV_ARGS = {
     "env_name": "Lift", "type": 1,
     "env_kwargs": {"robots": ["Panda"], "control_freq": 20, "has_renderer": False,
@@ -51,10 +52,10 @@ def write_pusht_zarr(path, lengths=PUSHT_EPISODE_LENGTHS, seed: int = 0, chunk_l
         blosc = numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)
         for key, arr in arrays.items():
             if key == "episode_ends":
-                root.create_array("meta/episode_ends", data=arr, chunks=arr.shape, compressors=None)
+                root.create_array("meta/episode_ends", data=arr, chunks=arr.shape, compressors=None, config=ALL_CHUNKS)
             else:
                 chunks = (min(chunk_length, len(arr)), *arr.shape[1:])
-                root.create_array(f"data/{key}", data=arr, chunks=chunks, compressors=blosc)
+                root.create_array(f"data/{key}", data=arr, chunks=chunks, compressors=blosc, config=ALL_CHUNKS)
     finally:
         store.close()
     return path

@@ -117,8 +117,10 @@ def test_demo_bad_input(runs, tmp_path):
     assert_user_error(pcm("demo", f"checkpoint={runs / 'base'}", "episodes=two", *common), "episodes")
     assert_user_error(pcm("demo", f"checkpoint={runs / 'base'}", "sampler=nope", *common), "sampler/nope")
     assert_user_error(pcm("demo", f"checkpoint={runs / 'base'}", "task=lift", *common), "task", "lift")
-    assert_user_error(pcm("demo", f"checkpoint={runs / 'other_base'}", f"pcm_lora.ddim10={runs / 'pcm'}", *common),
-                      "pcm", "another base")
+    assert_user_error(pcm("demo", f"checkpoint={runs / 'other_base'}", "sampler.steps=8", f"+pcm_lora.ddim8={runs / 'pcm'}",
+                          *common), "pcm", "another base")
+    assert_user_error(pcm("demo", f"checkpoint={runs / 'base'}", f"pcm_lora.ddim10={runs / 'pcm'}", *common),
+                      "pcm_lora.ddim10", "trained for ddim8", "ddim10")
     assert_user_error(pcm("demo", f"checkpoint={runs / 'base'}", "device=cuda", f"output_dir={out}"), "device")
     assert_nothing_written(out)
 

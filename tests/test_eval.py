@@ -46,3 +46,13 @@ def test_eval_refuses_checkpoint_of_other_task(tmp_path, tiny_checkpoint):
 def test_eval_pusht_expert(tmp_path):
     metrics = evaluate(compose("eval", ["policy=expert", "episodes=1", "videos=0", f"output_dir={tmp_path}"]))
     assert metrics["episodes"] == 1 and metrics["success_rate"] == 1.0 and metrics["score"] == 1.0
+    assert metrics["success_ci95"] == pytest.approx([0.2065, 1.0], abs=1e-4)  # Wilson, 1 of 1
+
+
+def test_eval_prints_and_saves_the_wilson_interval(tmp_path, capsys):
+    from pcm_policy.cli import main
+
+    assert main(["eval", "policy=expert", "episodes=2", "videos=0", f"output_dir={tmp_path}"]) == 0
+    assert "success 1.00 (95% Wilson interval [0.34, 1.00])" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["success_ci95"] == pytest.approx([0.3424, 1.0], abs=1e-4)

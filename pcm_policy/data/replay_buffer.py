@@ -17,10 +17,12 @@ import numpy as np
 import zarr
 
 from pcm_policy.atomic import atomic_path
+from pcm_policy.data.integrity import RawZarrStore, check_zarr_array
 from pcm_policy.errors import DatasetError
 
 ENDS_KEY = "meta/episode_ends"
 _CHUNK_BYTES = 1 << 20  # default chunk: about 1 MiB of rows, the scale Diffusion Policy's files use
+_ALL_CHUNKS = {"write_empty_chunks": True}
 
 
 def _one_line(err: BaseException) -> str:
@@ -69,7 +71,10 @@ def _read(path, arr: zarr.Array, name: str) -> np.ndarray:
 
 
 def inspect_group(root: zarr.Group, path) -> tuple[np.ndarray, dict[str, zarr.Array]]:
-    """Validate the replay-buffer layout -> (episode_ends, {key: lazy data array})."""
+    """Validate the replay-buffer layout -> (episode_ends, {key: lazy data array}).
+
+    The data arrays' chunks are not checked here: callers check those they read with `check_complete`.
+    """
     try:
         ends_arr = root.get(ENDS_KEY)
         data = root.get("data")
@@ -82,6 +87,7 @@ def inspect_group(root: zarr.Group, path) -> tuple[np.ndarray, dict[str, zarr.Ar
         raise DatasetError(f"{path}: missing group data/")
     if not members:
         raise DatasetError(f"{path}: group data/ holds no arrays")
+    check_complete(path, {ENDS_KEY: ends_arr})
     ends = _read(path, ends_arr, ENDS_KEY)
     if ends.ndim != 1 or not np.issubdtype(ends.dtype, np.integer):
         raise DatasetError(f"{path}: {ENDS_KEY} must be a 1-d integer array, got shape {ends.shape} {ends.dtype}")
@@ -101,10 +107,27 @@ def inspect_group(root: zarr.Group, path) -> tuple[np.ndarray, dict[str, zarr.Ar
     return ends, members
 
 
+def check_complete(path, arrays: Mapping[str, zarr.Array]) -> None:
+    """Every chunk of every array stored and whole (a missing chunk would silently read as the fill value)."""
+    try:
+        raw = RawZarrStore(path)
+    except (OSError, zipfile.BadZipFile) as e:
+        raise DatasetError(f"{path}: cannot list the store ({_one_line(e)})") from e
+    try:
+        for name, arr in arrays.items():
+            check_zarr_array(raw, arr, path, name)
+    finally:
+        raw.close()
+
+
 def describe_zarr(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, tuple[tuple[int, ...], np.dtype]]]:
-    """Validated episode_ends and {key: (shape, dtype)} without loading the data (for `pcm info`)."""
+    """Validated episode_ends and {key: (shape, dtype)} without loading the data (for `pcm info`).
+
+    Every array's chunks are checked present and whole (a missing chunk would read as the fill value).
+    """
     with open_zarr_group(path) as root:
         ends, members = inspect_group(root, path)
+        check_complete(path, {f"data/{k}": a for k, a in members.items()})
         return ends, {k: (tuple(a.shape), np.dtype(a.dtype)) for k, a in members.items()}
 
 
@@ -129,6 +152,7 @@ class ReplayBuffer:
             missing = [k for k in wanted if k not in members]
             if missing:
                 raise DatasetError(f"{path}: no array data/{missing[0]}; available: {', '.join(sorted(members))}")
+            check_complete(path, {f"data/{k}": members[k] for k in wanted})
             buf = cls()
             buf._ends = [int(e) for e in ends]
             buf._parts = {k: [_read(path, members[k], f"data/{k}")] for k in wanted}
@@ -213,8 +237,11 @@ class ReplayBuffer:
                     arr = self[key]
                     rows = chunk_length or max(1, _CHUNK_BYTES // max(1, arr[:1].nbytes))
                     chunks = (min(rows, len(arr)), *arr.shape[1:])
-                    root.create_array(f"data/{key}", data=arr, chunks=chunks, compressors=compressor)
+                    # Every chunk is written, even an all-zero one (zarr 3 skips those by default): readers
+                    # refuse a store with missing chunks, as Diffusion Policy's zarr 2 files never have any.
+                    root.create_array(f"data/{key}", data=arr, chunks=chunks, compressors=compressor,
+                                      config=_ALL_CHUNKS)
                 ends = self.episode_ends
-                root.create_array(ENDS_KEY, data=ends, chunks=ends.shape, compressors=None)
+                root.create_array(ENDS_KEY, data=ends, chunks=ends.shape, compressors=None, config=_ALL_CHUNKS)
             finally:
                 store.close()

@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 
 from pcm_policy.atomic import atomic_path
+from pcm_policy.data.integrity import check_hdf5_dataset
 from pcm_policy.data.rotation import abs_action_to_10d
 from pcm_policy.errors import DatasetError
 
@@ -33,7 +34,11 @@ def _decode(name) -> str:
 
 
 class RobomimicFile:
-    """Read-only view of a robomimic hdf5 file; use as a context manager or call `close()`."""
+    """Read-only view of a robomimic hdf5 file; use as a context manager or call `close()`.
+
+    Opening it checks that every dataset's storage covers its shape (pcm_policy.data.integrity): a chunk never
+    written or a missing external/virtual source would otherwise read as fill values without an error.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = str(path)
@@ -50,6 +55,21 @@ class RobomimicFile:
             self._f.close()
             raise DatasetError(f"{path}: missing group data/ (not a robomimic dataset)")
         self._data = data
+        try:
+            self._f.visititems(self._check_dataset)
+        except BaseException:
+            self._f.close()
+            raise
+
+    def _check_dataset(self, name: str, obj) -> None:
+        if not isinstance(obj, h5py.Dataset):
+            return
+        try:
+            check_hdf5_dataset(obj, self.path)
+        except DatasetError:
+            raise
+        except Exception as e:  # a damaged chunk index or layout message
+            raise DatasetError(f"{self.path}: {name}: cannot inspect its storage ({' '.join(str(e).split())})") from e
 
     def __enter__(self) -> "RobomimicFile":
         return self

@@ -282,6 +282,9 @@ def train_pcm(cfg: Mapping[str, Any]) -> dict[str, Any]:
         ConfigError: no base, a batch size the processes cannot share, or collected data from other settings.
         CheckpointError: an unusable base checkpoint, or `output_dir` holding a PCM for another base or mode.
     """
+    from pcm_policy.validation import validate_train_pcm
+
+    validate_train_pcm(cfg)  # every option, against the base checkpoint, before any work
     if not cfg.get("base"):
         raise ConfigError("base: no base checkpoint given (base=<run or checkpoint dir>)")
     device = resolve_device(cfg.get("device"))
