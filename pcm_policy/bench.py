@@ -61,13 +61,15 @@ class Row:
 
 
 def graphed_rows(policy, rows: list[Row]) -> list[Row]:
-    """CUDA-graph variants of the Picard rows: fixed-shape windows, each denoiser captured per shape."""
+    """CUDA-graph variants of every row, each denoiser captured once per input shape and replayed.
+
+    The sequential rows are the honest baseline: their batch-1 calls have one fixed shape, so a graphed sequential
+    sampler replays one graph per step; the Picard rows use fixed-shape (padded) windows.
+    """
     from pcm_policy.sampling.cuda_graph import GraphedDenoiser
 
     out = []
     for row in rows:
-        if row.sampler.name == "sequential":
-            continue
         sampler = dataclasses.replace(row.sampler, fixed_shape=True)
         out.append(Row(sampler, row.base, GraphedDenoiser(row.pcm) if row.pcm else None, row.pcm_path,
                        denoiser=GraphedDenoiser(policy.denoiser), graph=True))

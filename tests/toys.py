@@ -20,7 +20,7 @@ class Toy(nn.Module):
 
     def forward(self, x, t, cond=None):
         n = x.shape[0]
-        ang = t.double()[:, None] / 1000.0 * (torch.arange(4, dtype=torch.float64) + 1) * math.pi
-        c = cond if cond is not None else torch.zeros(n, C, dtype=torch.float64)
+        ang = t.double()[:, None] / 1000.0 * (torch.arange(4, dtype=torch.float64, device=x.device) + 1) * math.pi
+        c = cond if cond is not None else torch.zeros(n, C, dtype=torch.float64, device=x.device)
         h = torch.tanh(self.l1(torch.cat([x.reshape(n, -1), torch.sin(ang), torch.cos(ang), c], 1)))
         return self.gain * torch.tanh(self.l2(h)).reshape(x.shape)
