@@ -58,7 +58,7 @@ else
   OBS=$ROOT/.whl/pusht_bench_observations.safetensors
   BENCH_SIZES=(--budget-s 110 --min-chunks 20 --max-chunks 1000)
   BENCH_OVERRIDES=()
-  T_TESTS=150; T_BENCH=180; T_REPORT=60
+  T_TESTS=180; T_BENCH=170; T_REPORT=45
 fi
 
 log() { echo "[$(date +%T)] $*" | tee -a "$LOG"; }
@@ -106,7 +106,7 @@ fi
 
 TEST_ARGS=(-m gpu --noconftest -p no:cacheprovider -rA tests/test_gpu.py)
 if "$PY" -c "import pytest_timeout" 2>/dev/null; then
-  TEST_ARGS=(-p pytest_timeout --timeout 120 "${TEST_ARGS[@]}")
+  TEST_ARGS=(-p pytest_timeout --timeout 150 "${TEST_ARGS[@]}")
 fi
 run_step tests "$T_TESTS" "$TESTS_LOG" env PCM_GPU_TEST_DEVICE=$DEVICE "$PY" -m pytest "${TEST_ARGS[@]}"
 

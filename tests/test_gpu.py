@@ -3,8 +3,9 @@
 Tests marked `gpu` are left out of the default set; scripts/gpu_check.sh runs them on the GPU machine
 (`pytest -m gpu`), and they are skipped where CUDA is absent. With PCM_GPU_TEST_DEVICE=cpu they run on a CPU
 instead, graphs then running eagerly through the same static buffers (`GraphedDenoiser(capture=False)`): that is
-how `gpu_check.sh --dry-run` rehearses them. The first test is in the default set: the bench's CUDA-graph rows,
-the sequential baseline included, give the eager rows' outputs on a CPU.
+how `gpu_check.sh --dry-run` rehearses them. Two tests are in the default set: the bench's CUDA-graph rows, the
+sequential baseline included, give the eager rows' outputs on a CPU; and the prefix sum that deterministic CUDA
+runs use instead of cumsum equals cumsum.
 
 Only packages the GPU machine has or that travel there as wheels are imported (no zarr, no simulators):
 gpu_check.sh runs this file without the conftest, whose dataset writers need zarr.
@@ -157,14 +158,34 @@ def _train(out: Path) -> list[float]:
     return [r["loss"] for r in records if "loss" in r]
 
 
+def _train_pcm(base: Path, out: Path) -> dict:
+    """Two epochs of `pcm train-pcm deterministic=true` (Picard collection, PCT loss through the prefix sum)."""
+    _cli("train-pcm", f"base={base}", f"device={DEVICE}", "deterministic=true", "scheduler=ddim", "steps=4",
+         "trajectories=4", "collect_batch=4", "epochs=2", "batch_size=4", "eval_observations=1", "eval_tol=0",
+         "lora_rank=2", f"output_dir={out}")
+    return json.loads((out / "metrics.json").read_text())
+
+
 @on_device
-def test_train_on_device_is_deterministic_and_feeds_train_pcm(tmp_path):
-    """`pcm train device=... deterministic=true` twice: identical losses; then `pcm train-pcm` on the result."""
+def test_train_and_train_pcm_on_device_are_deterministic(tmp_path):
+    """`pcm train` and `pcm train-pcm` with device=... deterministic=true, each twice: identical losses."""
     first, second = _train(tmp_path / "a"), _train(tmp_path / "b")
     assert len(first) == 6 and all(math.isfinite(v) for v in first)
     assert first == second
-    _cli("train-pcm", f"base={tmp_path / 'a'}", f"device={DEVICE}", "scheduler=ddim", "steps=4", "trajectories=4",
-         "collect_batch=4", "epochs=1", "batch_size=4", "eval_observations=1", "eval_tol=0", "lora_rank=2",
-         f"output_dir={tmp_path / 'pcm'}")
-    metrics = json.loads((tmp_path / "pcm" / "metrics.json").read_text())
-    assert metrics["after"]["pcm_lora"]["max_abs_err_vs_sequential"] < 1e-4  # tol 0: exactly the base model's output
+    pcm_first, pcm_second = _train_pcm(tmp_path / "a", tmp_path / "pcm_a"), _train_pcm(tmp_path / "a", tmp_path / "pcm_b")
+    assert len(pcm_first["loss_per_epoch"]) == 2 and pcm_first["loss_per_epoch"] == pcm_second["loss_per_epoch"]
+    assert pcm_first["device"].startswith(DEVICE)
+    assert pcm_first["after"]["pcm_lora"]["max_abs_err_vs_sequential"] < 1e-4  # tol 0: exactly the base's output
+
+
+def test_prefix_sum_by_matmul_equals_cumsum():
+    """The deterministic-CUDA prefix sum of the Picard update (a triangular product) is cumsum, values and gradients."""
+    from pcm_policy.sampling.picard import _prefix_sum_matmul
+
+    delta = torch.randn(7, 2, H, DA, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(7, 2, H, DA, dtype=torch.float64)
+    a = _prefix_sum_matmul(delta)
+    torch.testing.assert_close(a, torch.cumsum(delta, dim=0), rtol=0, atol=1e-12)
+    (grad_a,) = torch.autograd.grad((a * weights).sum(), delta)
+    (grad_b,) = torch.autograd.grad((torch.cumsum(delta, dim=0) * weights).sum(), delta)
+    torch.testing.assert_close(grad_a, grad_b, rtol=0, atol=1e-12)

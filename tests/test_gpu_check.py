@@ -75,5 +75,5 @@ def test_dry_run_writes_the_device_files(tmp_path):
     assert {(r["sampler"], r["base"]) for r in report["rows"]} == {(s, b) for s in SAMPLERS
                                                                    for b in ("ddim10", "ddpm100")}
     assert all(s["status"] == "ok" for s in report["steps"]), report["steps"]
-    assert re.fullmatch(r"\d+ passed, 1 deselected", report["tests"]), report["tests"]  # none failed or skipped
+    assert re.fullmatch(r"\d+ passed, \d+ deselected", report["tests"]), report["tests"]  # none failed or skipped
     assert "| pcm_lora | ddim10 |" in (tmp_path / "gpu_bench.md").read_text()
