@@ -13,8 +13,9 @@
 #                                        the packages the GPU machine lacks (about 3 minutes here)
 #
 # Every step runs under `timeout`, so a hang costs that step only and the report covers whatever finished. Expected on
-# an H200: about 5 minutes (tests ~1.5, each bench ~2: its chunks are sized to ~110 s of timed sampling); at most
-# ~9.5 minutes with every step at its limit, inside the device's 10-minute command limit.
+# an H200: about 5 minutes (wheels ~10 s, tests ~1.5 min, each bench ~1.7 min: its chunks are sized to ~80 s of timed
+# sampling, 120 s if CUDA graphs bought nothing); at most 9.7 minutes with every step at its limit, inside the
+# device's 10-minute command limit.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -49,16 +50,16 @@ if [ "$DRY" = 1 ]; then
   OBS=$WORK/pusht_bench_observations.safetensors
   BENCH_SIZES=(--budget-s 4 --min-chunks 1 --max-chunks 2)
   BENCH_OVERRIDES=(warmup=1)
-  T_TESTS=420; T_BENCH=240; T_REPORT=120
+  T_TESTS=420; T_BENCH=240; T_REPORT=120; T_WHEELS=120
   export OMP_NUM_THREADS=1  # this machine's cores are shared
 else
   DEVICE=cuda
   PY=${PCM_PYTHON:-python3}
   LABEL="bash scripts/gpu_check.sh"
   OBS=$ROOT/.whl/pusht_bench_observations.safetensors
-  BENCH_SIZES=(--budget-s 110 --min-chunks 20 --max-chunks 1000)
+  BENCH_SIZES=(--budget-s 120 --min-chunks 20 --max-chunks 1000)
   BENCH_OVERRIDES=()
-  T_TESTS=180; T_BENCH=170; T_REPORT=45
+  T_TESTS=170; T_BENCH=160; T_REPORT=40; T_WHEELS=40
 fi
 
 log() { echo "[$(date +%T)] $*" | tee -a "$LOG"; }
@@ -81,8 +82,8 @@ run_step() {
 
 log "$LABEL: output in $OUT_DIR"
 {
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "nvidia-smi: none"
-  "$PY" -c 'import platform, torch; print("python", platform.python_version(), "torch", torch.__version__,
+  timeout 30 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "nvidia-smi: none"
+  timeout 60 "$PY" -c 'import platform, torch; print("python", platform.python_version(), "torch", torch.__version__,
 "cuda", torch.version.cuda, "available", torch.cuda.is_available())'
   git rev-parse HEAD 2>/dev/null || true
 } >> "$LOG" 2>&1
@@ -90,7 +91,7 @@ log "$LABEL: output in $OUT_DIR"
 # The wheels for what the image lacks (diffusers, hydra-core, omegaconf, antlr4), in a temporary site folder.
 SITE=$WORK/site
 if compgen -G ".whl/*.whl" > /dev/null; then
-  run_step wheels 120 "$LOG" "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+  run_step wheels "$T_WHEELS" "$LOG" "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
     --target "$SITE" .whl/*.whl
 elif [ "$DRY" = 0 ]; then
   log "no wheels in .whl/: run 'make gpu-wheels' here and carry .whl"; FAILED=1
