@@ -1,24 +1,29 @@
-"""Dataset layer: replay buffers and robomimic files -> padded windows -> normalized tensors."""
-from pcm_policy.data.info import dataset_info, detect_format
-from pcm_policy.data.lowdim_dataset import LowDimDataset
-from pcm_policy.data.normalizer import Normalizer
-from pcm_policy.data.replay_buffer import ReplayBuffer
-from pcm_policy.data.robomimic import DEFAULT_OBS_KEYS, RobomimicFile, write_robomimic_hdf5
-from pcm_policy.data.rotation import (
-    abs_action_from_10d,
-    abs_action_to_10d,
-    axis_angle_to_matrix,
-    axis_angle_to_rot6d,
-    matrix_to_axis_angle,
-    matrix_to_rot6d,
-    rot6d_to_axis_angle,
-    rot6d_to_matrix,
-)
-from pcm_policy.data.sequence import SequenceSampler, split_episodes
+"""Dataset layer: replay buffers and robomimic files -> padded windows -> normalized tensors.
 
-__all__ = [
-    "DEFAULT_OBS_KEYS", "LowDimDataset", "Normalizer", "ReplayBuffer", "RobomimicFile", "SequenceSampler",
-    "abs_action_from_10d", "abs_action_to_10d", "axis_angle_to_matrix", "axis_angle_to_rot6d",
-    "dataset_info", "detect_format", "matrix_to_axis_angle", "matrix_to_rot6d", "rot6d_to_axis_angle",
-    "rot6d_to_matrix", "split_episodes", "write_robomimic_hdf5",
-]
+The public names load on first use (PEP 562), so importing one submodule (the normalizer, for a policy) does not
+pull in zarr/numcodecs: the GPU machine runs the samplers and the benchmark without them.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "dataset_info": "info", "detect_format": "info",
+    "LowDimDataset": "lowdim_dataset",
+    "Normalizer": "normalizer",
+    "ReplayBuffer": "replay_buffer",
+    "DEFAULT_OBS_KEYS": "robomimic", "RobomimicFile": "robomimic", "write_robomimic_hdf5": "robomimic",
+    "abs_action_from_10d": "rotation", "abs_action_to_10d": "rotation", "axis_angle_to_matrix": "rotation",
+    "axis_angle_to_rot6d": "rotation", "matrix_to_axis_angle": "rotation", "matrix_to_rot6d": "rotation",
+    "rot6d_to_axis_angle": "rotation", "rot6d_to_matrix": "rotation",
+    "SequenceSampler": "sequence", "split_episodes": "sequence",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value

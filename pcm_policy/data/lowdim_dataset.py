@@ -16,7 +16,6 @@ import torch
 from torch.utils.data import Dataset
 
 from pcm_policy.data.normalizer import Normalizer
-from pcm_policy.data.replay_buffer import ReplayBuffer
 from pcm_policy.data.robomimic import DEFAULT_OBS_KEYS, RobomimicFile
 from pcm_policy.data.sequence import SequenceSampler, split_episodes
 from pcm_policy.errors import ConfigError, DatasetError
@@ -33,6 +32,8 @@ def _check_finite(path, ends: np.ndarray, arr: np.ndarray, key: str) -> None:
 
 
 def _load_pusht(path) -> dict:
+    from pcm_policy.data.replay_buffer import ReplayBuffer  # zarr only where a PushT buffer is read
+
     rb = ReplayBuffer.open(path, keys=["keypoint", "state", "action"])
     ends = rb.episode_ends
     for key in ("keypoint", "state", "action"):

@@ -62,6 +62,24 @@ class SamplerStats:
     lambdas: list[float] = field(default_factory=list)
 
 
+def prefix_sum(delta: torch.Tensor) -> torch.Tensor:
+    """Cumulative sum over dim 0 (the Picard update's sum over slots), differentiable.
+
+    Under `deterministic=true` torch.cumsum refuses floating-point CUDA tensors (its kernel is not deterministic),
+    so there the same sum is one product with a lower-triangular matrix of ones, which cuBLAS computes
+    deterministically (CUBLAS_WORKSPACE_CONFIG is set with the flag); it agrees with cumsum to float rounding.
+    """
+    if delta.is_cuda and torch.are_deterministic_algorithms_enabled():
+        return _prefix_sum_matmul(delta)
+    return torch.cumsum(delta, dim=0)
+
+
+def _prefix_sum_matmul(delta: torch.Tensor) -> torch.Tensor:
+    n = delta.shape[0]
+    ones = torch.ones(n, n, device=delta.device, dtype=delta.dtype).tril_()
+    return (ones @ delta.reshape(n, -1)).reshape(delta.shape)
+
+
 def _tile_cond(cond, reps: int):
     return None if cond is None else cond.repeat(reps, *([1] * (cond.ndim - 1)))
 
@@ -158,7 +176,7 @@ def picard_loop(
         idx_rows = idx.repeat_interleave(B)
         M, models = map_fn(X, idx_rows, coeffs.timesteps[idx_rows], lam)
         delta = M - X + noise_terms[idx]
-        new = Y[a] + torch.cumsum(delta, dim=0)  # outputs for slots a+1 .. a+n_rows
+        new = Y[a] + prefix_sum(delta)  # outputs for slots a+1 .. a+n_rows
         new = new[:n_valid]
         old = Y[a + 1 : a + 1 + n_valid]
         need_decision = base_phase or w < S
@@ -328,4 +346,4 @@ def picard_step(denoiser, coeffs: StepCoefficients, Y: torch.Tensor, noise_terms
     idx_rows = torch.arange(S, device=Y.device).repeat_interleave(B)
     M = model_m(denoiser, coeffs, X, idx_rows, coeffs.timesteps[idx_rows], _tile_cond(cond, S))
     delta = M - X + noise_terms
-    return torch.cat([Y[:1], Y[:1] + torch.cumsum(delta, dim=0)], dim=0)
+    return torch.cat([Y[:1], Y[:1] + prefix_sum(delta)], dim=0)
