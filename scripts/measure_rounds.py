@@ -36,6 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--base", default="data/pusht/base")
     p.add_argument("--pcm", default="data/pusht/pcm_lora_ddim10", help="LoRA PCM for DDIM-10 rows ('' to skip)")
     p.add_argument("--obs", type=int, default=32, help="observations (validation windows first)")
+    p.add_argument("--offset", type=int, default=0, help="skip this many observations (a second, disjoint set)")
     p.add_argument("--tols", type=float, nargs="+", default=[0.1])
     p.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=list(SCHEDULES))
     p.add_argument("--memory", type=int, nargs="+", default=[2, 3, 5])
@@ -48,8 +49,10 @@ def parse_args(argv=None):
 
 
 def variants(args, schedule):
-    """(label, start, AndersonConfig | None, uses_pcm) for one schedule; DDIM has no noise, so one start only."""
-    starts = args.starts if SCHEDULES[schedule][0] == "ddpm" else args.starts[:1]
+    """(label, start, AndersonConfig | None, uses_pcm) for one schedule.  DDIM has no noise: its noise_sum start is
+    x_T, so it is measured once.  The PCM rows use the start the shipped PCM was trained from (x_T)."""
+    starts = list(dict.fromkeys("x_T" if s == "noise_sum" and SCHEDULES[schedule][0] == "ddim" else s
+                                for s in args.starts))
     aa = [AndersonConfig(memory=m, damping=b, triangular=bool(t))
           for t, m, b in itertools.product(args.triangular, args.memory, args.damping)]
     out = []
@@ -69,7 +72,7 @@ def main(argv=None):
     torch.set_num_threads(1)
     policy, _ = load_policy(args.base, "cpu")
     train_obs, val_obs = checkpoint_observations(Path(args.base))
-    obs = torch.cat([val_obs, train_obs])[: args.obs]
+    obs = torch.cat([val_obs, train_obs])[args.offset : args.offset + args.obs]
     pcm = None
     if args.pcm and "ddim10" in args.schedules:
         from pcm_policy.pcm.attach import load_pcm, pcm_denoiser
@@ -87,7 +90,7 @@ def main(argv=None):
         res = {(v[0], v[1], tol): {"rounds": [], "evals": [], "conv": [], "dev": []} for v in vs for tol in args.tols}
         for i in range(len(obs)):
             cond = policy.global_cond(obs[i : i + 1])
-            x_T, noise = policy.make_noise(1, cfg, torch.Generator().manual_seed(i))
+            x_T, noise = policy.make_noise(1, cfg, torch.Generator().manual_seed(args.offset + i))
             with torch.no_grad():
                 ref = sample_sequential(policy.denoiser, sch, x_T, noise, cond)
             for (label, start, aa, uses_pcm), tol in itertools.product(vs, args.tols):
