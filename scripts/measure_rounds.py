@@ -35,6 +35,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", default="data/pusht/base")
     p.add_argument("--pcm", default="data/pusht/pcm_lora_ddim10", help="LoRA PCM for DDIM-10 rows ('' to skip)")
+    p.add_argument("--pcm-ddpm", default="", help="LoRA PCM for DDPM-100 rows ('' to skip)")
     p.add_argument("--obs", type=int, default=32, help="observations (validation windows first)")
     p.add_argument("--offset", type=int, default=0, help="skip this many observations (a second, disjoint set)")
     p.add_argument("--tols", type=float, nargs="+", default=[0.1])
@@ -46,6 +47,10 @@ def parse_args(argv=None):
     p.add_argument("--no-picard", action="store_true", help="skip the plain Picard rows")
     p.add_argument("--json", type=Path, default=None, help="also write all rows here")
     return p.parse_args(argv)
+
+
+def pcm_path(args, schedule) -> str:
+    return args.pcm if schedule == "ddim10" else args.pcm_ddpm
 
 
 def variants(args, schedule):
@@ -60,7 +65,7 @@ def variants(args, schedule):
         if not args.no_picard:
             out.append(("picard", start, None, False))
         out += [(f"aa m={c.memory} b={c.damping} {'tri' if c.triangular else 'plain'}", start, c, False) for c in aa]
-    if schedule == "ddim10" and args.pcm:
+    if pcm_path(args, schedule):
         out.append(("pcm_lora", "x_T", None, True))
         out += [(f"pcm_lora + aa m={c.memory} b={c.damping} {'tri' if c.triangular else 'plain'}", "x_T", c, True)
                 for c in aa]
@@ -73,12 +78,13 @@ def main(argv=None):
     policy, _ = load_policy(args.base, "cpu")
     train_obs, val_obs = checkpoint_observations(Path(args.base))
     obs = torch.cat([val_obs, train_obs])[args.offset : args.offset + args.obs]
-    pcm = None
-    if args.pcm and "ddim10" in args.schedules:
-        from pcm_policy.pcm.attach import load_pcm, pcm_denoiser
+    pcms = {}
+    for schedule in args.schedules:
+        if pcm_path(args, schedule):
+            from pcm_policy.pcm.attach import load_pcm, pcm_denoiser
 
-        net, _ = load_pcm(Path(args.pcm), policy, "cpu")
-        pcm = pcm_denoiser(net, "pcm_lora")
+            net, _ = load_pcm(Path(pcm_path(args, schedule)), policy, "cpu")
+            pcms[schedule] = pcm_denoiser(net, "pcm_lora")
     rows = []
     t0 = time.time()
     for schedule in args.schedules:
@@ -96,7 +102,7 @@ def main(argv=None):
             for (label, start, aa, uses_pcm), tol in itertools.product(vs, args.tols):
                 kw = dict(tol=tol, anderson=aa, start=start, coeffs=coeffs, fixed_shape=False)
                 if uses_pcm:
-                    out, st = sample_lora_switched(pcm, sch, x_T, noise, cond, **kw)
+                    out, st = sample_lora_switched(pcms[schedule], sch, x_T, noise, cond, **kw)
                 else:
                     out, st = sample_picard(policy.denoiser, sch, x_T, noise, cond, **kw)
                 r = res[(label, start, tol)]

@@ -113,7 +113,7 @@ class AndersonMixer:
         dY, dR = Ys[1:] - Ys[:-1], Rs[1:] - Rs[:-1]  # (p, n, B, D)
         pair = cover[1:] & cover[:-1]  # (p, n): both entries of column c cover slot j
         if cfg.triangular:  # slot j may use column c only if the pair covers every slot s0..j it is fitted on
-            valid = torch.cummin(pair.to(torch.int8), dim=1).values.bool()
+            valid = torch.cumprod(pair.to(torch.int32), dim=1).bool()
         else:
             valid = pair.all(dim=1, keepdim=True).expand_as(pair)
         valid = valid.transpose(0, 1)  # (n, p)
