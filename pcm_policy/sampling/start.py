@@ -10,6 +10,9 @@ Modes (``y_0 = x_T`` always; ``n_i = sigma_i z_i`` the noise terms the Picard ma
   ``y_{j+1} = m(y_j, tau_j; x0 = 0) + n_j``, i.e. the sequential sampler with a denoiser that always predicts
   x0 = 0 (one small matrix product, no network).
 
+Measured (PushT base DDPM-100, tol 0.1, 32 observations): Picard needs 24.1 / 24.0 / 18.4 rounds from x_T /
+noise_sum / x0_chain, triangular Anderson (m=2, beta=0.5) 13.0 / 12.3 / 8.6.  On DDIM-10 x0_chain does not help.
+
 ``start`` may also be a tensor (S+1, B, H, Da) used as given (copied), e.g. a warm start.
 """
 
