@@ -35,7 +35,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", default="data/pusht/base")
     p.add_argument("--pcm", default="data/pusht/pcm_lora_ddim10", help="LoRA PCM for DDIM-10 rows ('' to skip)")
+    p.add_argument("--pcm-ddpm", default="", help="LoRA PCM for DDPM-100 rows ('' to skip)")
     p.add_argument("--obs", type=int, default=32, help="observations (validation windows first)")
+    p.add_argument("--offset", type=int, default=0, help="skip this many observations (a second, disjoint set)")
     p.add_argument("--tols", type=float, nargs="+", default=[0.1])
     p.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=list(SCHEDULES))
     p.add_argument("--memory", type=int, nargs="+", default=[2, 3, 5])
@@ -47,9 +49,15 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def pcm_path(args, schedule) -> str:
+    return args.pcm if schedule == "ddim10" else args.pcm_ddpm
+
+
 def variants(args, schedule):
-    """(label, start, AndersonConfig | None, uses_pcm) for one schedule; DDIM has no noise, so one start only."""
-    starts = args.starts if SCHEDULES[schedule][0] == "ddpm" else args.starts[:1]
+    """(label, start, AndersonConfig | None, uses_pcm) for one schedule.  DDIM has no noise: its noise_sum start is
+    x_T, so it is measured once.  The PCM rows use the start the shipped PCM was trained from (x_T)."""
+    starts = list(dict.fromkeys("x_T" if s == "noise_sum" and SCHEDULES[schedule][0] == "ddim" else s
+                                for s in args.starts))
     aa = [AndersonConfig(memory=m, damping=b, triangular=bool(t))
           for t, m, b in itertools.product(args.triangular, args.memory, args.damping)]
     out = []
@@ -57,7 +65,7 @@ def variants(args, schedule):
         if not args.no_picard:
             out.append(("picard", start, None, False))
         out += [(f"aa m={c.memory} b={c.damping} {'tri' if c.triangular else 'plain'}", start, c, False) for c in aa]
-    if schedule == "ddim10" and args.pcm:
+    if pcm_path(args, schedule):
         out.append(("pcm_lora", "x_T", None, True))
         out += [(f"pcm_lora + aa m={c.memory} b={c.damping} {'tri' if c.triangular else 'plain'}", "x_T", c, True)
                 for c in aa]
@@ -69,13 +77,14 @@ def main(argv=None):
     torch.set_num_threads(1)
     policy, _ = load_policy(args.base, "cpu")
     train_obs, val_obs = checkpoint_observations(Path(args.base))
-    obs = torch.cat([val_obs, train_obs])[: args.obs]
-    pcm = None
-    if args.pcm and "ddim10" in args.schedules:
-        from pcm_policy.pcm.attach import load_pcm, pcm_denoiser
+    obs = torch.cat([val_obs, train_obs])[args.offset : args.offset + args.obs]
+    pcms = {}
+    for schedule in args.schedules:
+        if pcm_path(args, schedule):
+            from pcm_policy.pcm.attach import load_pcm, pcm_denoiser
 
-        net, _ = load_pcm(Path(args.pcm), policy, "cpu")
-        pcm = pcm_denoiser(net, "pcm_lora")
+            net, _ = load_pcm(Path(pcm_path(args, schedule)), policy, "cpu")
+            pcms[schedule] = pcm_denoiser(net, "pcm_lora")
     rows = []
     t0 = time.time()
     for schedule in args.schedules:
@@ -87,13 +96,13 @@ def main(argv=None):
         res = {(v[0], v[1], tol): {"rounds": [], "evals": [], "conv": [], "dev": []} for v in vs for tol in args.tols}
         for i in range(len(obs)):
             cond = policy.global_cond(obs[i : i + 1])
-            x_T, noise = policy.make_noise(1, cfg, torch.Generator().manual_seed(i))
+            x_T, noise = policy.make_noise(1, cfg, torch.Generator().manual_seed(args.offset + i))
             with torch.no_grad():
                 ref = sample_sequential(policy.denoiser, sch, x_T, noise, cond)
             for (label, start, aa, uses_pcm), tol in itertools.product(vs, args.tols):
                 kw = dict(tol=tol, anderson=aa, start=start, coeffs=coeffs, fixed_shape=False)
                 if uses_pcm:
-                    out, st = sample_lora_switched(pcm, sch, x_T, noise, cond, **kw)
+                    out, st = sample_lora_switched(pcms[schedule], sch, x_T, noise, cond, **kw)
                 else:
                     out, st = sample_picard(policy.denoiser, sch, x_T, noise, cond, **kw)
                 r = res[(label, start, tol)]

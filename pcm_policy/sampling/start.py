@@ -8,7 +8,10 @@ Modes (`y_0 = x_T` always; `n_i = sigma_i z_i` the noise terms the Picard map ad
   it, so a start without it is off by a noise sum that grows along the trajectory (DESIGN.md section 7).
 * `"x0_chain"`: the scheduler chain run from an x0 guess of zeros with the chunk's noise,
   `y_{j+1} = m(y_j, tau_j; x0 = 0) + n_j`, i.e. the sequential sampler with a denoiser that always predicts
-  x0 = 0 (an S-step loop of elementwise ops, no network).
+  x0 = 0 (one small matrix product, no network).
+
+Measured (PushT base DDPM-100, tol 0.1, 32 observations): Picard needs 24.1 / 24.0 / 18.4 rounds from x_T /
+noise_sum / x0_chain, triangular Anderson (m=2, beta=0.5) 13.0 / 12.3 / 8.6.  On DDIM-10 x0_chain does not help.
 
 `start` may also be a tensor (S+1, B, H, Da) used as given (copied), e.g. a warm start.
 """
@@ -67,11 +70,15 @@ def initial_trajectory(
         return x_T.unsqueeze(0).repeat(S + 1, *([1] * x_T.ndim))
     if start == "noise_sum":
         return torch.cat([x_T.unsqueeze(0), x_T.unsqueeze(0) + torch.cumsum(noise_terms, dim=0)], dim=0)
-    # x0_chain: "sample" prediction with model output x0 = 0 gives m(y, tau; x0 = 0) for every schedule,
-    # including DDIM's eps implied by (y, x0) and clipping (0 is inside any clip range).
+    # x0_chain.  "sample" prediction with model output x0 = 0 gives m(y, tau_j; x0 = 0) for every schedule (DDIM's
+    # eps implied by (y, x0) included; 0 is inside any clip range).  That map is linear, m = c_j y, so the chain
+    # is one matrix product: y_j = sum_i K[j, i] u_i, u = (x_T, n_0 .. n_{S-1}), K[j, i] = c_i c_{i+1} .. c_{j-1}.
     m_from_x0 = replace(coeffs, prediction_type="sample").step_no_noise
-    zeros = torch.zeros_like(x_T)
-    Y = [x_T]
-    for j in range(S):
-        Y.append(m_from_x0(Y[-1], zeros, j) + noise_terms[j])
-    return torch.stack(Y)
+    ones = torch.ones(S, device=x_T.device, dtype=x_T.dtype)
+    c = m_from_x0(ones, torch.zeros_like(ones), torch.arange(S, device=x_T.device))  # (S,)
+    j = torch.arange(S + 1, device=x_T.device)
+    later = j[:, None] > j[None, :]  # row r > column i: factor c_{r-1} enters K[j, i] for r = i+1 .. j
+    C = torch.where(later[1:], c[:, None], torch.ones((), device=x_T.device, dtype=x_T.dtype))
+    K = torch.cumprod(torch.cat([torch.ones_like(C[:1]), C]), dim=0).tril()  # (S+1, S+1)
+    u = torch.cat([x_T.unsqueeze(0), noise_terms], dim=0)
+    return (K @ u.reshape(S + 1, -1)).reshape(u.shape)
