@@ -3,8 +3,9 @@
 A `SamplerConfig` names an algorithm (`sequential`, `picard`, `pcm` for output-space switching, `pcm_lora`
 for weight-space switching) over a base scheduler (`ddpm` with all training steps, or `ddim` with fewer), how the
 Picard rounds are accelerated (`accel`: `none`, or `anderson` = (triangular) Anderson acceleration of the base
-phase, ParaTAA) and where the trajectory starts (`start`: `x_T` in every slot, or `noise_sum` =
-x_T + sum_{i<j} sigma_i z_i, which carries the chunk's own DDPM noise). `pcm_policy.chunk_sampler.ChunkSampler`
+phase, ParaTAA) and where the trajectory starts (`start`: `x_T` in every slot, `noise_sum` =
+x_T + sum_{i<j} sigma_i z_i, or `x0_chain` = the scheduler chain from an x0 guess of 0; the last two carry the
+chunk's own DDPM noise, see `pcm_policy.sampling.start`). `pcm_policy.chunk_sampler.ChunkSampler`
 binds a config to a policy's denoisers once and runs it.
 """
 from __future__ import annotations
@@ -47,10 +48,10 @@ class SamplerConfig:
     # a shrinking last window is cheaper.
     fixed_shape: bool | None = None
     accel: str = "none"  # none | anderson: Anderson acceleration of the base-model Picard rounds
-    memory: int = 3  # Anderson history length m (pairs of iterates kept)
-    damping: float = 1.0  # Anderson mixing beta in (0, 1]
+    memory: int = 2  # Anderson history length m (differences of iterates kept)
+    damping: float = 0.5  # Anderson mixing beta in (0, 1] (measured best: 0.5 for DDPM-100, 1.0 for DDIM)
     triangular: bool = True  # one set of mixing coefficients per slot (ParaTAA) instead of one for the suffix
-    start: str = "x_T"  # x_T | noise_sum: the Picard trajectory's initial state X^0
+    start: str = "x_T"  # x_T | noise_sum | x0_chain: the Picard trajectory's initial state X^0
 
     def __post_init__(self):
         if self.name not in ALGORITHMS:
