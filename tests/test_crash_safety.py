@@ -16,9 +16,8 @@ import torch
 
 from pcm_policy import checkpoint as ckpt_io
 from pcm_policy.data.replay_buffer import ReplayBuffer
-from tests.fixtures import write_pusht_zarr
+from tests.fixtures import train_tiny_base, write_pusht_zarr
 
-TINY = ["policy.down_dims=[16,32]", "policy.diffusion_step_embed_dim=32", "policy.n_groups=4"]
 
 
 def _cmd(data, out, steps=60):
@@ -230,13 +229,8 @@ def test_collect_resume_logic_at_function_level(tmp_path, monkeypatch):
 # ---- pcm train-pcm --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pct_base(tmp_path_factory):
-    from pcm_policy.config import compose
-    from pcm_policy.training import train
-
     root = tmp_path_factory.mktemp("pct_crash")
-    data = write_pusht_zarr(root / "d.zarr", lengths=[30, 40, 25, 35, 28])
-    train(compose("train", [f"dataset.path={data}", f"output_dir={root / 'base'}", "device=cpu", "train.steps=10",
-                            "train.batch_size=16", "train.checkpoint_every=10", "train.warmup_steps=0", *TINY]))
+    train_tiny_base(root)
     return root
 
 

@@ -8,18 +8,13 @@ from pcm_policy.config import compose
 from pcm_policy.pcm import visited
 from pcm_policy.pcm.training import train_pcm
 from pcm_policy.sampling import StepCoefficients
-from pcm_policy.training import train
-from tests.fixtures import write_pusht_zarr
-
-TINY = ["policy.down_dims=[16,32]", "policy.diffusion_step_embed_dim=32", "policy.n_groups=4"]
+from tests.fixtures import train_tiny_base
 
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("pct_cl")
-    data = write_pusht_zarr(root / "d.zarr", lengths=[30, 40, 25, 35, 28])
-    train(compose("train", [f"dataset.path={data}", f"output_dir={root / 'base'}", "device=cpu", "train.steps=10",
-                            "train.batch_size=16", "train.checkpoint_every=10", "train.warmup_steps=0", *TINY]))
+    train_tiny_base(root)
     return root
 
 
