@@ -19,7 +19,6 @@ from pcm_policy.data.replay_buffer import ReplayBuffer
 from tests.fixtures import train_tiny_base, write_pusht_zarr
 
 
-
 def _cmd(data, out, steps=60):
     return [sys.executable, "-m", "pcm_policy.cli", "train", f"dataset.path={data}", f"output_dir={out}", "device=cpu",
             f"train.steps={steps}", "train.checkpoint_every=5", "train.batch_size=8", "train.warmup_steps=0",
