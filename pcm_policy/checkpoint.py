@@ -30,6 +30,7 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 def step_dir(run_dir: str | Path, step: int) -> Path:
+    """`<run_dir>/checkpoints/step_<step, 7 digits>`, the directory of the checkpoint saved at training step `step`."""
     return Path(run_dir) / "checkpoints" / f"step_{step:07d}"
 
 
@@ -41,7 +42,23 @@ def save_checkpoint(
     train_state: Mapping[str, Any] | None = None,
     extra_weights: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> Path:
-    """Write a checkpoint directory atomically (a crash leaves either the old directory or the new one)."""
+    """Write a checkpoint directory atomically (a crash leaves either the old directory or the new one).
+
+    Args:
+        final_dir: the checkpoint directory; an existing one is replaced.
+        card: what the weights are (task, policy shape, kind), written as `policy.yaml`.
+        weights: the evaluation weights (and `normalizer.*` statistics), any dtype/device, written to
+            `policy.safetensors` from the CPU.
+        config: the resolved run config (`config.yaml`); None writes none.
+        train_state: what resuming needs (`train_state.pt`, `torch.save`); None writes none.
+        extra_weights: further safetensors files, file name -> tensors.
+
+    Returns:
+        `final_dir` as a Path.
+
+    Raises:
+        OSError: the directory cannot be written (nothing is left behind).
+    """
     final_dir = Path(final_dir)
     with atomic_path(final_dir) as tmp:
         tmp.mkdir()
@@ -57,7 +74,12 @@ def save_checkpoint(
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run, oldest first (temporary directories of an interrupted save are ignored)."""
+    """Complete checkpoints of a run, oldest first (temporary directories of an interrupted save are ignored).
+
+    Returns:
+        (step, directory) of every `checkpoints/step_*` holding both `policy.safetensors` and `policy.yaml`;
+        empty when there is no `checkpoints/`.
+    """
     ckpt_root = Path(run_dir) / "checkpoints"
     if not ckpt_root.is_dir():
         return []
@@ -70,11 +92,16 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The complete checkpoint of `run_dir` with the highest step (`list_checkpoints`), or None."""
     ckpts = list_checkpoints(run_dir)
     return ckpts[-1][1] if ckpts else None
 
 
 def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints of `run_dir`; `keep` <= 0 deletes nothing.
+
+    Removal errors are ignored (a checkpoint that cannot be removed stays).
+    """
     import shutil
 
     for _, path in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
@@ -82,7 +109,12 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or a run directory holding checkpoints/ (latest wins)."""
+    """The checkpoint directory `path` names: itself when it holds `policy.safetensors`, else the latest checkpoint
+    of the run directory it is.
+
+    Raises:
+        CheckpointError: `path` does not exist, or is neither a checkpoint nor a run holding one.
+    """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found")
@@ -95,6 +127,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def read_card(ckpt: Path) -> dict[str, Any]:
+    """The card (`policy.yaml`) of checkpoint directory `ckpt`, as a dict with at least a `policy` section.
+
+    Raises:
+        CheckpointError: the card is missing, unreadable, not YAML, or has no `policy` section.
+    """
     try:
         card = yaml.safe_load((ckpt / POLICY_CARD).read_text())
     except (OSError, yaml.YAMLError) as e:
@@ -105,6 +142,11 @@ def read_card(ckpt: Path) -> dict[str, Any]:
 
 
 def read_weights(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, in their stored dtypes, on `device`.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable or corrupt.
+    """
     try:
         return load_file(str(path), device=str(device))
     except (OSError, SafetensorError, ValueError) as e:
@@ -112,6 +154,12 @@ def read_weights(path: Path, device: str | torch.device = "cpu") -> dict[str, to
 
 
 def read_train_state(ckpt: Path) -> dict[str, Any] | None:
+    """The resume state (`train_state.pt`) of checkpoint directory `ckpt`, loaded on the CPU with
+    `weights_only=True`; None when the checkpoint has none.
+
+    Raises:
+        CheckpointError: the file is corrupt or unreadable.
+    """
     path = ckpt / TRAIN_STATE
     if not path.is_file():
         return None
@@ -122,7 +170,23 @@ def read_train_state(ckpt: Path) -> dict[str, Any] | None:
 
 
 def load_policy(path: str | Path, device: str | torch.device = "cpu", expect_task: str | None = None):
-    """Rebuild a DiffusionPolicy (EMA weights) from a checkpoint or run directory; returns (policy, card)."""
+    """Rebuild a DiffusionPolicy (EMA weights) from a checkpoint or run directory.
+
+    Args:
+        path: a checkpoint directory, or a run directory (its latest checkpoint).
+        device: where the policy is moved.
+        expect_task: refuse a checkpoint whose card names another task; None accepts any.
+
+    Returns:
+        (policy in eval mode, float32 weights whatever the stored dtype; its card as a dict).
+
+    Raises:
+        CheckpointError: no checkpoint, an unreadable card or weights file, a card for another task, or an
+            invalid `policy` section.
+        PcmError: an inconsistent policy shape in the card, or weights that do not fit it.
+        ConfigError: the normalizer and the card's sample clipping disagree.
+        ValueError: malformed normalizer entries in the weights file.
+    """
     from pcm_policy.data.normalizer import Normalizer
     from pcm_policy.policy import DiffusionPolicy, PolicyConfig
 
@@ -143,7 +207,11 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu", expect_tas
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of a network's weights (fp32 values), to tie a PCM to the exact base it was trained from."""
+    """A short hash of a network's weights (fp32 values), to tie a PCM to the exact base it was trained from.
+
+    Returns:
+        The first 16 hex digits of the SHA-256 of every state-dict entry (name, then fp32 bytes), sorted by name.
+    """
     import hashlib
 
     digest = hashlib.sha256()
@@ -154,10 +222,23 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 
 
 def export_checkpoint(src: str | Path, dst: str | Path, dtype: str = "float16") -> Path:
-    """A compact copy for shipping: weights in `dtype` (normalizer kept in float32), no training state.
+    """A compact copy for shipping: weights in `dtype` (normalizer and integer tensors kept), no training state.
 
     The exported weights are the policy from then on: PCMs must be trained against the exported copy (their
-    base fingerprint is taken from the weights as loaded).
+    base fingerprint is taken from the weights as loaded). The card gains `exported_from` and `weights_dtype`.
+
+    Args:
+        src: a checkpoint or run directory (its latest checkpoint).
+        dst: the output checkpoint directory; it may replace an older checkpoint directory only.
+        dtype: `float16`, `bfloat16` or `float32`.
+
+    Returns:
+        `dst` as a Path.
+
+    Raises:
+        CheckpointError: `src` holds no readable checkpoint.
+        ConfigError: an unknown `dtype`, or `dst` is the source, a folder holding it, a file, an unwritable
+            place, or a non-empty directory that is not a checkpoint.
     """
     from pcm_policy.errors import ConfigError
 

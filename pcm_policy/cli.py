@@ -163,6 +163,8 @@ def _run_composed(command: str, handler: Callable[[dict], int], args: argparse.N
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `pcm` argument parser: `data info`, `export`, and the Hydra-override commands (`train`, `eval`,
+    `collect`, `train-pcm`, `bench`, `demo`); each subparser's `func` runs its command on the parsed args."""
     parser = argparse.ArgumentParser(prog="pcm", description="Fast, exact diffusion-policy control (Picard Consistency Models).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -212,6 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one `pcm` command (the console-script entry point).
+
+    Args:
+        argv: the arguments after the program name; None reads `sys.argv`.
+
+    Returns:
+        The exit status: 0 on success, 2 (`EXIT_USER_ERROR`) after a `PcmError` (one line on stderr), 130 on
+        Ctrl-C, 1 after any other exception (one line on stderr; `PCM_DEBUG=1` re-raises it instead).
+
+    Raises:
+        SystemExit: from argparse, status 2 for a usage error and 0 for `--help`.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -15,6 +15,19 @@ CONFIG_DIR = Path(os.environ.get("PCM_CONFIG_DIR", REPO_ROOT / "configs"))
 
 
 def compose(command: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Compose `configs/<command>.yaml` (under `CONFIG_DIR`, `$PCM_CONFIG_DIR` if set) with Hydra overrides.
+
+    Args:
+        command: the config name, e.g. `train`, `train_pcm`.
+        overrides: Hydra overrides, each `key=value` (or `+key=value`, `~key`; group options like `task=pusht`).
+
+    Returns:
+        The composed config as plain nested dicts/lists, interpolations resolved.
+
+    Raises:
+        ConfigError: an override without `=`, an unknown key or group option, or any other Hydra/OmegaConf
+            error, as one line naming the key where one can be found.
+    """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
@@ -48,7 +61,16 @@ def _one_line(error: Exception, overrides: Sequence[str]) -> str:
 
 
 def resolve_path(path: str | os.PathLike | None) -> Path | None:
-    """Relative paths are taken from the working directory, falling back to the repository root (shipped data)."""
+    """A user path: `~` expanded; a relative path is taken from the working directory, else from the repository
+    root (shipped data under `data/`).
+
+    Args:
+        path: the path, or None.
+
+    Returns:
+        `path` when absolute or present under the working directory, else the repository-root path when that
+        exists, else `path` unchanged (its reader reports it); None for None.
+    """
     if path is None:
         return None
     p = Path(path).expanduser()
@@ -59,7 +81,16 @@ def resolve_path(path: str | os.PathLike | None) -> Path | None:
 
 
 def require_int(key: str, value: Any, low: int) -> int:
-    """`value` as an int >= `low` (bools and non-integers refused), else a one-line ConfigError naming `key`."""
+    """`value` as an int >= `low` (`pcm_policy.validation.check_int`).
+
+    Args:
+        key: the config key, for the message.
+        value: the option's value; bools and non-integers are refused.
+        low: the smallest allowed value.
+
+    Raises:
+        ConfigError: one line naming `key`.
+    """
     from pcm_policy.validation import check_int
 
     return check_int(key, value, low)

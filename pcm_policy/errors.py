@@ -1,4 +1,5 @@
-"""User-facing errors: the CLI prints them as one line and exits non-zero, without a traceback."""
+"""User-facing errors: `pcm_policy.cli.main` prints them as one line on stderr and exits with status 2, without a
+traceback."""
 
 
 class PcmError(Exception):

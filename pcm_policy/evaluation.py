@@ -35,7 +35,23 @@ def _latency_summary(latencies_ms: list[float], iterations: list[int], evaluatio
 
 
 class ChunkAgent:
-    """Batched policy calls: (N, To, Do) observation histories -> (N, Ta, Da) actions, with timing."""
+    """Batched policy calls: (N, To, Do) observation histories -> (N, Ta, Da) actions, with timing.
+
+    `agent(obs)` takes a float array (N, To, Do) in env units and returns float32 actions (N, Ta, Da) in env
+    units (`DiffusionPolicy.predict_chunk`, which raises PcmError for a non-finite observation), recording each
+    call's statistics.
+
+    Args:
+        policy: the `DiffusionPolicy`.
+        sampler: what `predict_chunk` samples with (a `ChunkSampler` or a sampler config).
+        seed: seeds the CPU generator the chunks' noise is drawn from.
+
+    Attributes:
+        latencies_ms: wall time of each call in ms (sampling, normalization and host copies included).
+        iterations: `SamplerStats.iterations` of each call.
+        evaluations: `SamplerStats.evaluations` of each call.
+        exact: whether each call's chunk converged.
+    """
 
     def __init__(self, policy, sampler, seed: int):
         self.policy = policy
@@ -60,6 +76,34 @@ def rollout_policy(agent: Callable[[np.ndarray], np.ndarray], env_id: str, episo
                    n_obs_steps: int, n_action_steps: int, max_steps: int, seed_start: int = 100000,
                    vector: str = "sync", video_dir: Path | None = None, n_videos: int = 0, fps: int = 10,
                    progress: bool = True) -> list[EpisodeResult]:
+    """Run `episodes` closed-loop episodes of a chunking agent on a vector of `n_envs` envs, in waves.
+
+    Episode i is reset with seed `seed_start + i`; an env stops counting at termination, truncation (the time
+    limit) or its first success.
+
+    Args:
+        agent: `agent(obs)` maps observation histories (n, n_obs_steps, Do) in env units to actions
+            (n, n_action_steps, Da) in env units (e.g. a `ChunkAgent`); called once per control chunk with the
+            still-running envs' rows.
+        env_id: a gymnasium id registered by `envs`.
+        episodes: number of episodes.
+        n_envs: envs run in parallel, clamped to [1, episodes].
+        n_obs_steps: To, the observation history the MultiStepWrapper returns.
+        n_action_steps: Ta, the actions executed per chunk.
+        max_steps: time limit in env (control) steps.
+        seed_start: seed of episode 0 (Diffusion Policy's test seeds start at 100000).
+        vector: `sync` (one process) or `async` (a process per env).
+        video_dir: where videos go; None records none.
+        n_videos: the first episode of each of the first `n_videos` envs is recorded.
+        fps: video frame rate in Hz (the control frequency).
+        progress: show a tqdm bar.
+
+    Returns:
+        One `EpisodeResult` per episode, in episode order.
+
+    Raises:
+        ConfigError: `vector` is neither `sync` nor `async`.
+    """
     from envs.multistep import MultiStepWrapper
 
     n_envs = max(1, min(n_envs, episodes))
@@ -107,6 +151,22 @@ def rollout_policy(agent: Callable[[np.ndarray], np.ndarray], env_id: str, episo
 
 def rollout_expert(task: str, env_id: str, episodes: int, max_steps: int, seed_start: int = 100000,
                    video_dir: Path | None = None, n_videos: int = 0, fps: int = 10, progress: bool = True) -> list[EpisodeResult]:
+    """Run the scripted expert of `task` (acting from simulator state) for `episodes` episodes, one env at a time.
+
+    Args:
+        task: `pusht`, `lift` or `can` (`envs.experts.make_expert`).
+        env_id: a gymnasium id registered by `envs`.
+        episodes: number of episodes; episode i is reset with seed `seed_start + i`.
+        max_steps: time limit in env (control) steps.
+        seed_start: seed of episode 0.
+        video_dir: where videos go; None records none.
+        n_videos: the first `n_videos` episodes are recorded.
+        fps: video frame rate in Hz.
+        progress: show a tqdm bar.
+
+    Returns:
+        One `EpisodeResult` per episode, in order (an episode ends at termination, truncation or success).
+    """
     from envs.experts import make_expert
 
     results = []
@@ -133,6 +193,25 @@ def rollout_expert(task: str, env_id: str, episodes: int, max_steps: int, seed_s
 
 
 def evaluate(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """`pcm eval`: closed-loop evaluation of a checkpoint with a sampler (or of the scripted expert).
+
+    Every option is checked first (`validate_eval`), before any env starts. Writes `metrics.json` and
+    `episodes.jsonl` (one `EpisodeResult` per line) under `output_dir`, and videos under `output_dir/videos`.
+
+    Args:
+        cfg: the composed `eval` config.
+
+    Returns:
+        The metrics: `summarize`'s keys (success rate, Wilson interval, score, ...), `task`, `wall_s` (s), the
+        policy and, for a checkpoint, the sampler label, device, threads, and per-chunk statistics: `chunks`,
+        `latency_ms_p50`/`_p99`/`_mean` (ms), `iterations_mean`, `evaluations_mean`, `exact_fraction`; `videos`
+        lists the mp4 files.
+
+    Raises:
+        ConfigError: an invalid option, or no checkpoint for `policy=checkpoint`.
+        CheckpointError: the checkpoint (or the sampler's PCM) is missing, corrupt, for another task or does
+            not fit.
+    """
     from pcm_policy.checkpoint import load_policy
     from pcm_policy.runtime import resolve_device
     from pcm_policy.sampler_config import SamplerConfig

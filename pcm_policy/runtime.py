@@ -18,7 +18,18 @@ from pcm_policy.errors import ConfigError
 
 
 def resolve_device(name: str | None) -> torch.device:
-    """`auto` -> cuda when present else cpu; an explicit device that is not present is a config error."""
+    """The torch device a `device=` option names.
+
+    Args:
+        name: `auto` (or None/empty: cuda when present, else cpu), `cpu`, `cuda` or `cuda:N`.
+
+    Returns:
+        The `torch.device`.
+
+    Raises:
+        ConfigError: not a valid torch device, a device type other than cpu/cuda, CUDA requested but absent,
+            or `cuda:N` with N >= the number of CUDA devices.
+    """
     name = (name or "auto").strip()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -37,13 +48,25 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's `random`, NumPy's global RNG (with `seed % 2**32`) and torch's RNGs (CPU and every CUDA device).
+
+    Args:
+        seed: any int.
+    """
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
 def set_threads(threads: int | None) -> int:
-    """Set torch's intra-op thread count (None/0 = leave torch's default); returns the count in force."""
+    """Set torch's intra-op thread count.
+
+    Args:
+        threads: the count; None or 0 leaves torch's default.
+
+    Returns:
+        The count in force afterwards.
+    """
     if threads:
         torch.set_num_threads(int(threads))
     return torch.get_num_threads()
@@ -51,10 +74,16 @@ def set_threads(threads: int | None) -> int:
 
 
 def set_deterministic(enabled) -> bool:
-    """Deterministic GPU kernels when `enabled` (a bool, or a string such as "1"/"true"); returns the flag in force.
+    """Switch on deterministic GPU kernels (see the module docstring); a false flag changes nothing.
 
-    CPU results do not depend on it. An op without a deterministic CUDA implementation then raises a
+    CPU results do not depend on it. Once on, an op without a deterministic CUDA implementation raises a
     RuntimeError naming it instead of silently varying.
+
+    Args:
+        enabled: a bool or None, or a string: "1"/"true"/"yes"/"on" (any case) mean on, any other string off.
+
+    Returns:
+        Whether this call switched determinism on (False leaves an earlier call's setting in force).
     """
     if isinstance(enabled, str):
         enabled = enabled.strip().lower() in ("1", "true", "yes", "on")

@@ -34,7 +34,18 @@ from pcm_policy.runtime import resolve_device, seed_everything
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
-    """Indices of the global batch for `step`: epochs are seeded permutations, the last partial batch dropped."""
+    """Indices of the global batch for `step`: epochs are seeded permutations, the last partial batch dropped.
+
+    Args:
+        n: number of training windows.
+        batch_size: global batch size.
+        seed: the run's seed; epoch e uses the permutation seeded with `seed * 1_000_003 + e`.
+        step: 0-based optimizer step.
+
+    Returns:
+        int64 indices into the windows, shape (batch_size,); with n < batch_size the epoch's permutation is
+        repeated to fill the batch.
+    """
     per_epoch = max(n // batch_size, 1)
     epoch, offset = divmod(step, per_epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
@@ -44,6 +55,16 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor
 
 
 def policy_card(cfg: Mapping[str, Any], policy_config: PolicyConfig, kind: str = "base") -> dict[str, Any]:
+    """The card (`policy.yaml`) of a checkpoint trained with `cfg`.
+
+    Args:
+        cfg: the composed run config (reads `task.name`, `task.env_id`, `dataset.path`, `dataset.abs_action`).
+        policy_config: the network shape and noise schedule, stored as the card's `policy` section.
+        kind: `base` (a Diffusion Policy) or `pcm`.
+
+    Returns:
+        {"kind", "task", "env_id", "dataset", "abs_action", "policy"}.
+    """
     task = cfg["task"]
     return {"kind": kind, "task": task["name"], "env_id": task.get("env_id"), "dataset": cfg["dataset"].get("path"),
             "abs_action": bool(cfg["dataset"].get("abs_action", False)), "policy": policy_config.to_dict()}
@@ -54,9 +75,30 @@ class _StopRequested(Exception):
 
 
 def train(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Train and return the run's metrics (on ranks other than 0 of a torchrun job: {"rank": r}).
+    """Train a DiffusionPolicy as `cfg` (`configs/train.yaml`) says, resuming from the latest checkpoint in
+    `output_dir` if there is one.
 
-    Every option is checked first (pcm_policy.validation); a refusal raises a PcmError and writes nothing.
+    Every option is checked first (`pcm_policy.validation`); a refusal raises a PcmError and writes nothing.
+    Writes under `output_dir`: `checkpoints/step_*` (every `train.checkpoint_every` steps, at the end and on
+    SIGINT; the newest `train.keep_checkpoints` kept), `log.jsonl` (train loss every `train.log_every` steps,
+    EMA validation loss at each checkpoint), `loss.png` and `metrics.json`.
+
+    Args:
+        cfg: the composed `train` config.
+
+    Returns:
+        The run's metrics (`metrics.json`): command, task, steps, resumed_from, final_loss and val_loss (the
+        diffusion objective's MSE in normalized units; None without logged steps / validation windows),
+        train_windows, episodes, wall_s (s), checkpoint, device, processes; on ranks other than 0 of a torchrun
+        job only {"rank": r}.
+
+    Raises:
+        ConfigError: an invalid option, or a non-finite training loss (an output folder this run created is
+            removed when it holds no checkpoint).
+        DatasetError: the dataset is missing, corrupt or incomplete.
+        CheckpointError: `output_dir` holds a checkpoint of another task or policy shape, or one without a
+            train state.
+        SystemExit: status 130 after SIGINT, once the current step's checkpoint is saved.
     """
     from pcm_policy.validation import validate_train
 

@@ -28,7 +28,16 @@ EXPERT_TASKS = ("pusht", "lift", "can")
 
 # ---- primitives: each reads one dotted key and raises a ConfigError naming it -------------------------------
 def lookup(cfg: Mapping[str, Any], key: str, default: Any = _MISSING) -> Any:
-    """cfg["a"]["b"] for key "a.b" (a digit indexes a list); `default`, or a ConfigError, when absent."""
+    """`cfg["a"]["b"]` for key `a.b` (a digit part indexes a list).
+
+    Args:
+        cfg: the composed config (nested mappings and lists).
+        key: the dotted key.
+        default: returned when the key is absent; without it an absent key is an error.
+
+    Raises:
+        ConfigError: the key is absent and no `default` was given.
+    """
     node: Any = cfg
     for part in key.split("."):
         if isinstance(node, Sequence) and not isinstance(node, str) and part.isdigit() and int(part) < len(node):
@@ -51,13 +60,22 @@ def _show(value: Any) -> str:
 
 def integer(cfg, key: str, low: int | None = None, high: int | None = None, null: bool = False,
             why: str = "") -> int | None:
-    """cfg's `key` as an integer in [low, high] (bools and floats refused); None allowed when `null`."""
+    """cfg's `key` as an integer in [low, high] (bools and floats refused); None allowed when `null`.
+
+    Raises:
+        ConfigError: absent (unless `null`), not an integer, or out of range; `why` ends the range message.
+    """
     return check_int(key, lookup(cfg, key, None if null else _MISSING), low, high, null, why)
 
 
 def check_int(key: str, value: Any, low: int | None = None, high: int | None = None, null: bool = False,
               why: str = "") -> int | None:
-    """`value` (option `key`) as an integer in [low, high]; `why` is appended to the out-of-range message."""
+    """`value` (option `key`) as an integer in [low, high] (None = unbounded side); None allowed when `null`.
+
+    Raises:
+        ConfigError: `value` is a bool or not an integer, or out of range; `why` is appended to the
+            out-of-range message.
+    """
     if value is None and null:
         return None
     limits = " and ".join(s for s in (f">= {low}" if low is not None else "", f"<= {high}" if high is not None else "")
@@ -72,7 +90,12 @@ def check_int(key: str, value: Any, low: int | None = None, high: int | None = N
 
 def number(cfg, key: str, low: float | None = None, high: float | None = None, low_open: bool = False,
            high_open: bool = False, null: bool = False) -> float | None:
-    """A finite real number in the interval given by low/high (open ends when *_open); None when `null`."""
+    """cfg's `key` as a finite real number (float) in the interval given by low/high (open ends when `*_open`);
+    None allowed when `null`.
+
+    Raises:
+        ConfigError: absent (unless `null`), a bool, not a number, NaN/inf, or outside the interval.
+    """
     value = lookup(cfg, key, None if null else _MISSING)
     if value is None and null:
         return None
@@ -90,6 +113,11 @@ def number(cfg, key: str, low: float | None = None, high: float | None = None, l
 
 
 def choice(cfg, key: str, options: Sequence[str], null: bool = False) -> str | None:
+    """cfg's `key`, which must be one of `options`; None allowed when `null`.
+
+    Raises:
+        ConfigError: absent (unless `null`) or not one of `options` (the message lists them).
+    """
     value = lookup(cfg, key, None if null else _MISSING)
     if value is None and null:
         return None
@@ -99,6 +127,11 @@ def choice(cfg, key: str, options: Sequence[str], null: bool = False) -> str | N
 
 
 def flag(cfg, key: str) -> bool:
+    """cfg's `key` as a YAML boolean (true/false; 0/1 and strings refused).
+
+    Raises:
+        ConfigError: absent or not a bool.
+    """
     value = lookup(cfg, key)
     if not isinstance(value, bool):
         raise ConfigError(f"{key}={_show(value)}: expected true or false")
@@ -106,6 +139,11 @@ def flag(cfg, key: str) -> bool:
 
 
 def text(cfg, key: str, null: bool = False) -> str | None:
+    """cfg's `key` as a non-empty string; None allowed when `null`.
+
+    Raises:
+        ConfigError: absent (unless `null`), not a string, or empty.
+    """
     value = lookup(cfg, key, None if null else _MISSING)
     if value is None and null:
         return None
@@ -115,7 +153,15 @@ def text(cfg, key: str, null: bool = False) -> str | None:
 
 
 def output_dir(cfg, key: str = "output_dir") -> Path:
-    """A directory that exists or can be created: its nearest existing ancestor is a writable directory."""
+    """cfg's `key` as a directory that exists or can be created (nothing is created here).
+
+    Returns:
+        The path, `~` expanded.
+
+    Raises:
+        ConfigError: not a non-empty string, an existing non-directory, a dangling symbolic link on the way,
+            or its nearest existing ancestor is a file or not writable.
+    """
     path = Path(text(cfg, key)).expanduser()
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{key}={path}: exists and is not a directory")
@@ -165,7 +211,18 @@ def _task(cfg, env: bool) -> None:
 
 
 def check_policy_options(pol: Mapping[str, Any], prefix: str = "policy") -> None:
-    """The network shape and noise schedule a policy is built from (configs/policy/unet_*.yaml)."""
+    """The network shape and noise schedule a policy is built from (`configs/policy/unet_*.yaml`).
+
+    Args:
+        pol: the `policy` group.
+        prefix: the group's key, for messages.
+
+    Raises:
+        ConfigError: a non-network policy (`checkpoint`/`expert`), a key of the wrong type or range, or shapes
+            the UNet cannot take: n_obs_steps - 1 + n_action_steps > horizon, n_groups not dividing every
+            down_dims entry, horizon not divisible by 2^(len(down_dims) - 1), an odd step-embedding size, an
+            even kernel size, or a noise-scheduler key or value the samplers do not reproduce.
+    """
     def key(k):
         return f"{prefix}.{k}"
 
@@ -224,12 +281,18 @@ def check_policy_options(pol: Mapping[str, Any], prefix: str = "policy") -> None
 
 
 def num_train_timesteps(card: Mapping[str, Any]) -> int:
-    """Training timesteps T of the policy a card describes (PolicyConfig's default when absent)."""
+    """Training timesteps T of the policy a card (`policy.yaml` as a dict) describes (100, PolicyConfig's default,
+    when absent)."""
     return int((card.get("policy") or {}).get("noise_scheduler", {}).get("num_train_timesteps", 100))
 
 
 def read_checkpoint_card(key: str, path) -> tuple[Path, dict[str, Any]]:
-    """(checkpoint dir, card) of the checkpoint option `key` names; errors are prefixed with the key."""
+    """(checkpoint dir, card) of the checkpoint option `key` names (a run or checkpoint directory).
+
+    Raises:
+        ConfigError: no path given.
+        CheckpointError: no checkpoint or an unreadable card there; the message starts with `key`.
+    """
     from pcm_policy.checkpoint import read_card, resolve_checkpoint
     from pcm_policy.config import resolve_path
 
@@ -243,7 +306,12 @@ def read_checkpoint_card(key: str, path) -> tuple[Path, dict[str, Any]]:
 
 
 def read_base_card(key: str, path) -> tuple[Path, dict[str, Any]]:
-    """(checkpoint dir, card) of a base policy named by option `key`; a PCM or a missing one is refused."""
+    """(checkpoint dir, card) of a base policy named by option `key` (`read_checkpoint_card`).
+
+    Raises:
+        ConfigError: no path given.
+        CheckpointError: no readable checkpoint there, or it is a PCM checkpoint.
+    """
     ckpt, card = read_checkpoint_card(key, path)
     if card.get("kind") == "pcm":
         raise CheckpointError(f"{key}={path}: is a PCM checkpoint; give the base policy it was trained for "
@@ -257,7 +325,17 @@ def _expect_task(key: str, ckpt: Path, card: Mapping[str, Any], task: str) -> No
 
 
 def steps_for(label: str, steps: int, T: int, ckpt) -> None:
-    """A sampler cannot take more steps than the policy's training timesteps (diffusers' set_timesteps)."""
+    """A sampler cannot take more steps than the policy's training timesteps (diffusers' `set_timesteps`).
+
+    Args:
+        label: the option as the message names it, e.g. `sampler.steps=200`.
+        steps: the sampler's S.
+        T: the policy's training timesteps.
+        ckpt: the checkpoint the policy comes from, for the message.
+
+    Raises:
+        ConfigError: `steps` > `T`.
+    """
     if steps > T:
         raise ConfigError(f"{label}: {steps} sampling steps exceed the {T} diffusion timesteps the policy in {ckpt} "
                           f"was trained with (policy.noise_scheduler.num_train_timesteps); use at most {T}")
@@ -265,10 +343,15 @@ def steps_for(label: str, steps: int, T: int, ckpt) -> None:
 
 def check_sampler(cfg, T: int | None, ckpt=None, key: str = "sampler", pcm_key: str | None = None,
                   check_pcm: bool = True) -> None:
-    """A `sampler` group (configs/sampler/*.yaml) against the policy's T training timesteps (None: unknown).
+    """A `sampler` group (`configs/sampler/*.yaml`) against the policy's T training timesteps (None: unknown).
 
     `pcm_key` names where the PCM checkpoint comes from (default `<key>.pcm_checkpoint`); with `check_pcm` its
     card must be a PCM trained for this sampler's schedule (and a LoRA one for pcm_lora).
+
+    Raises:
+        ConfigError: a missing group, a key of the wrong type or range (steps > T, window > steps, ...), an
+            unknown key, a PCM sampler without a PCM checkpoint, or a PCM for another schedule.
+        CheckpointError: the PCM checkpoint is unreadable or not a PCM.
     """
     from pcm_policy.sampler_config import ALGORITHMS, SCHEDULERS, SamplerConfig
 
@@ -314,7 +397,19 @@ def _acceleration(cfg, key: str) -> None:
 
 
 def check_pcm_card(key: str, path, scheduler: str, steps: int, lora: bool) -> None:
-    """The PCM at `path` (option `key`) was trained for this schedule (and is a LoRA one when `lora`)."""
+    """The PCM at `path` (option `key`) was trained for this schedule (and is a LoRA one when `lora`).
+
+    Args:
+        key: the option naming the PCM checkpoint.
+        path: a run or checkpoint directory.
+        scheduler: `ddpm` or `ddim`.
+        steps: the sampler's S.
+        lora: weight-space switching needs a LoRA PCM.
+
+    Raises:
+        ConfigError: no path, or a PCM trained for another (scheduler, steps), or a full PCM when `lora`.
+        CheckpointError: an unreadable checkpoint, or not a PCM.
+    """
     _, card = read_checkpoint_card(key, path)
     if card.get("kind") != "pcm":
         raise CheckpointError(f"{key}={path}: not a PCM checkpoint (kind={card.get('kind')!r})")
@@ -361,6 +456,13 @@ def _pcm_map(cfg, key: str, bases: Sequence[str]) -> dict[str, str]:
 
 # ---- per command ----------------------------------------------------------------------------------------
 def validate_train(cfg) -> None:
+    """The options of `pcm train` (`configs/train.yaml`): runtime, task, output dir, policy, dataset, optimiser.
+
+    Raises:
+        ConfigError: a key of the wrong type or range, no `dataset.path`, a robomimic-only dataset key on a
+            zarr dataset, a non-`limits` normalizer with `clip_sample` on, or a batch size the processes do not
+            divide.
+    """
     from pcm_policy import distributed
     from pcm_policy.data.lowdim_dataset import KINDS
     from pcm_policy.data.normalizer import MODES
@@ -415,6 +517,14 @@ def validate_train(cfg) -> None:
 
 
 def validate_eval(cfg) -> None:
+    """The options of `pcm eval`: runtime, a registered env, episodes, the policy and, for a checkpoint policy,
+    its card (task) and the sampler against it.
+
+    Raises:
+        ConfigError: a key of the wrong type or range, an unregistered env, an expert for a task without one,
+            or a sampler the checkpoint cannot run.
+        CheckpointError: an unreadable or PCM checkpoint, or one trained for another task.
+    """
     _runtime(cfg)
     _task(cfg, env=True)
     output_dir(cfg)
@@ -433,6 +543,14 @@ def validate_eval(cfg) -> None:
 
 
 def validate_train_pcm(cfg) -> None:
+    """The options of `pcm train-pcm`: runtime, LoRA/full mode, the schedule against the base's card, the
+    observation source (dataset or closed-loop rollouts), training and evaluation keys.
+
+    Raises:
+        ConfigError: a key of the wrong type or range, `steps` > the base's T, a missing `dataset_path`,
+            closed-loop observations for a base without an env, or a rollout sampler that needs a PCM.
+        CheckpointError: `base` is unreadable or a PCM.
+    """
     from pcm_policy.config import resolve_path
 
     from pcm_policy import distributed
@@ -487,6 +605,15 @@ def validate_train_pcm(cfg) -> None:
 
 
 def validate_bench(cfg) -> None:
+    """The options of `pcm bench`: runtime, the env when episodes run, the checkpoint, the schedules (`bases`),
+    chunk counts, the sampler settings, the PCM maps and the `accelerated` settings.
+
+    Raises:
+        ConfigError: a key of the wrong type or range, a schedule beyond the policy's T or listed twice, or an
+            unknown `accelerated` key.
+        CheckpointError: an unreadable checkpoint, a PCM as the base, a base for another task, or a non-PCM in
+            a PCM map.
+    """
     _runtime(cfg)
     episodes = integer(cfg, "episodes", 0)
     early_stop = flag(cfg, "early_stop")
@@ -531,6 +658,13 @@ def validate_bench(cfg) -> None:
 
 
 def validate_demo(cfg) -> None:
+    """The options of `pcm demo`; the shipped base may be absent (demo then trains a stand-in), otherwise the
+    checkpoint, its PCM maps and the sampler's PCM are checked as for `pcm bench`.
+
+    Raises:
+        ConfigError: a key of the wrong type or range, no checkpoint given, or a sampler the checkpoint cannot run.
+        CheckpointError: an unreadable checkpoint, a PCM as the base, or a base for another task.
+    """
     from pcm_policy.config import resolve_path
 
     _runtime(cfg)
@@ -567,6 +701,12 @@ def _is_shipped_base(path) -> bool:
 
 
 def validate_collect(cfg) -> None:
+    """The options of `pcm collect`: output dir, an expert task, episodes, seed, flags, the output file name.
+
+    Raises:
+        ConfigError: a key of the wrong type or range, `images=true` for a robomimic task, or an `output_name`
+            that is a path rather than a file name.
+    """
     output_dir(cfg)
     task = choice(cfg, "task.name", EXPERT_TASKS)
     integer(cfg, "task.max_steps", 1)
@@ -588,5 +728,16 @@ VALIDATORS: dict[str, Callable[[Mapping[str, Any]], None]] = {
 
 
 def validate(command: str, cfg: Mapping[str, Any]) -> None:
-    """Check every option of `command` (a configs/<command>.yaml name); raises ConfigError/CheckpointError."""
+    """Check every option of `command` before any work starts (the CLI calls it right after composing).
+
+    Args:
+        command: a key of `VALIDATORS` (a `configs/<command>.yaml` name: train, eval, train_pcm, bench, demo,
+            collect).
+        cfg: the composed config.
+
+    Raises:
+        ConfigError: an option of the wrong type, range or combination, as one line naming the key.
+        CheckpointError: a checkpoint the options name is missing, unreadable or of the wrong kind/task.
+        KeyError: `command` has no validator (a programming error, not a user one).
+    """
     VALIDATORS[command](cfg)

@@ -14,7 +14,17 @@ from pcm_policy.errors import DatasetError
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """'zarr' (directory or zip) or 'robomimic' (HDF5), by content rather than by name."""
+    """The format of a dataset file, by content rather than by name.
+
+    Args:
+        path: a zarr directory, a `.zarr.zip`, or a robomimic hdf5 file.
+
+    Returns:
+        `zarr` (a directory holding `.zgroup` or `zarr.json`, or a zip file) or `robomimic` (an HDF5 file).
+
+    Raises:
+        DatasetError: the path does not exist, is a directory that is not a zarr store, or is neither HDF5 nor zip.
+    """
     p = Path(path)
     if not p.exists():
         raise DatasetError(f"{path}: no such file or directory")
@@ -30,6 +40,24 @@ def detect_format(path: str | os.PathLike) -> str:
 
 
 def dataset_info(path: str | os.PathLike) -> dict:
+    """What a dataset file holds, read from metadata (no data arrays are loaded); backs `pcm data info`.
+
+    The storage of every array is checked first (`pcm_policy.data.integrity`).
+
+    Args:
+        path: a PushT zarr replay buffer (directory or `.zarr.zip`) or a robomimic low-dim hdf5 file.
+
+    Returns:
+        {"format", "path", "episodes", "steps", "arrays" (name -> shape as a list, first dim = steps),
+        "episode_length" ({"min", "max", "mean"} in steps)}; a zarr adds "dtypes" (name -> dtype string) and
+        names arrays `data/<key>`; a robomimic file names `actions` and `obs/<key>` and adds "env_name" (None
+        without `env_args`) and "masks" (filter name -> number of demos).
+
+    Raises:
+        DatasetError: a missing or unknown file, a broken replay-buffer layout (`meta/episode_ends`, row
+            counts), an array whose storage does not cover its shape, no demos, a demo without actions, or
+            demos whose arrays differ in names, step counts or per-step shapes.
+    """
     fmt = detect_format(path)
     return _zarr_info(path) if fmt == "zarr" else _robomimic_info(path)
 

@@ -33,7 +33,17 @@ def _plain(value):
 
 # ---- zarr ------------------------------------------------------------------------------------------------
 class RawZarrStore:
-    """Key listing, sizes and leading bytes of the objects of a zarr directory or zip, without decoding."""
+    """Key listing, sizes and leading bytes of the objects of a zarr directory or zip, without decoding.
+
+    Keys are store-relative POSIX paths (e.g. `data/action/0.0`); `key in store` tests presence.
+
+    Args:
+        path: a zarr directory, or a zip file (kept open until `close`).
+
+    Raises:
+        OSError: the directory or file cannot be read.
+        zipfile.BadZipFile: `path` is a file but not a valid zip.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -48,6 +58,7 @@ class RawZarrStore:
                     self._sizes[f if rel == "." else f"{rel}/{f}"] = None  # sized lazily: os.stat per chunk
 
     def close(self) -> None:
+        """Close the zip file (nothing to do for a directory)."""
         if self._zip is not None:
             self._zip.close()
 
@@ -55,11 +66,24 @@ class RawZarrStore:
         return key in self._sizes
 
     def size(self, key: str) -> int:
+        """Stored size of object `key` in bytes (for a zip: uncompressed member size).
+
+        Raises:
+            KeyError: a zip has no member `key`.
+            OSError: a directory has no file `key`.
+        """
         if self._zip is not None:
             return self._sizes[key]
         return (self.path / key).stat().st_size
 
     def head(self, key: str, n: int) -> bytes:
+        """The first `n` bytes of object `key` (fewer when it is shorter).
+
+        Raises:
+            KeyError: a zip has no member `key`.
+            OSError: the object cannot be read.
+            zipfile.BadZipFile: a zip member fails its CRC check.
+        """
         if self._zip is not None:
             with self._zip.open(key) as f:
                 return f.read(n)
@@ -87,7 +111,19 @@ def _chunk_codec(arr: zarr.Array) -> str | None:
 def check_zarr_array(raw: RawZarrStore, arr: zarr.Array, where: str | os.PathLike, name: str) -> None:
     """Every stored object (chunk, or shard) of `arr` is present under the metadata's key encoding and whole.
 
-    Raises DatasetError "<where>: <name>: 9 of 10 chunks present (...)" or naming a truncated chunk file.
+    Whole: an uncompressed chunk holds exactly prod(chunks) * itemsize bytes; a Blosc chunk's 16-byte header
+    declares its file size and that decoded size. Chunks of other codecs are only checked present (their
+    decoders report truncation).
+
+    Args:
+        raw: the raw listing of the store `arr` lives in.
+        arr: the zarr array (v2 or v3 metadata).
+        where: the dataset path, for messages.
+        name: the array's name, for messages (e.g. `data/action`).
+
+    Raises:
+        DatasetError: "<where>: <name>: 9 of 10 chunks present (...)", or naming a chunk file that is
+            unreadable, truncated or of the wrong decoded size.
     """
     grid_step = arr.shards or arr.chunks
     grid = [range(math.ceil(s / c)) if c else range(0) for s, c in zip(arr.shape, grid_step)]
@@ -140,11 +176,20 @@ def _first_existing(paths: list[Path]) -> Path | None:
 
 
 def check_hdf5_dataset(ds: h5py.Dataset, where: str | os.PathLike) -> h5py.Dataset:
-    """`ds` itself when its storage covers its shape; else a DatasetError naming the file and the dataset.
+    """`ds` itself when its storage covers its shape (an empty dataset always does).
 
     Chunked: every chunk of the grid allocated (h5py `id.get_num_chunks()`); contiguous: storage allocated;
-    external: every raw file present and long enough; virtual: every source file and dataset present, and
-    the mappings cover the whole dataset.
+    external: every raw file present and long enough; virtual: every source file and dataset present (each
+    checked in turn), and the mappings cover the whole dataset. Relative external and virtual-source files are
+    looked up as HDF5 does: `$HDF5_EXTFILE_PREFIX` / `$HDF5_VDS_PREFIX`, the file's folder, the working directory.
+
+    Args:
+        ds: an open h5py dataset.
+        where: the file path, for messages.
+
+    Raises:
+        DatasetError: naming the file and the dataset, for any storage that would read as the fill value, or a
+            virtual source file that is unreadable.
     """
     name = ds.name.lstrip("/")
     if ds.size == 0:

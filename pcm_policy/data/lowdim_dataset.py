@@ -76,7 +76,37 @@ def _load_robomimic(path, obs_keys: Sequence[str], abs_action: bool, filter_key:
 
 
 class LowDimDataset(Dataset):
-    """Windows {"obs": (n_obs_steps, obs_dim), "action": (horizon, action_dim)} float32 tensors."""
+    """Training windows of one split: item i is {"obs": (To, Do), "action": (H, Da)} float32 tensors, in env units.
+
+    Windows come from `SequenceSampler` with pad_before = To - 1 and pad_after = Ta - 1 over the split's
+    episodes. Usually built by `from_config`.
+
+    Args:
+        obs: per-step observations (N, Do) float32, in env units (PushT: 9 keypoints and the agent position in
+            px, Do = 20; robomimic: the concatenated obs keys).
+        action: per-step actions (N, Da) float32, in env units (PushT: target position in px, Da = 2;
+            robomimic: 7-d, or 10-d with rot6d for abs actions).
+        episode_ends: exclusive cumulative episode ends (E,) int.
+        horizon: H, frames per window (the action chunk length).
+        n_obs_steps: To, frames of observation history per window.
+        n_action_steps: Ta, actions executed per chunk.
+        train_mask: (E,) bool, the training episodes.
+        val_mask: (E,) bool, the validation episodes.
+        path: the source file, for messages.
+        split: `train` or `val`: which mask the windows are drawn from.
+
+    Attributes:
+        path, obs, action, episode_ends, horizon, n_obs_steps, n_action_steps, train_mask, val_mask, split:
+            the arguments (`episode_ends` as int64).
+        sampler: the `SequenceSampler` of this split.
+        env_args: robomimic `env_args` (dict), or None.
+        demo_names: robomimic demo names in episode order, or None.
+        abs_action: the actions are 10-d absolute ones.
+
+    Raises:
+        ConfigError: not 1 <= To <= H, Ta < 1, or To - 1 + Ta > H.
+        DatasetError: no training episode, or (train split) no window: every episode is too short.
+    """
 
     def __init__(self, obs: np.ndarray, action: np.ndarray, episode_ends: np.ndarray, horizon: int,
                  n_obs_steps: int, n_action_steps: int, train_mask: np.ndarray, val_mask: np.ndarray,
@@ -106,6 +136,30 @@ class LowDimDataset(Dataset):
                     n_action_steps: int, val_ratio: float = 0.02, seed: int = 42,
                     max_train_episodes: int | None = None, obs_keys: Sequence[str] | None = None,
                     abs_action: bool = False, filter_key: str | None = None) -> "LowDimDataset":
+        """Load a dataset file and split its episodes (seeded) into training and validation; the training split.
+
+        Args:
+            kind: `pusht_zarr` (obs = 9 block keypoints flattened + agent xy = 20, action = data/action) or
+                `robomimic_hdf5`.
+            path: the dataset file.
+            horizon, n_obs_steps, n_action_steps: H, To, Ta (see the class).
+            val_ratio: fraction of episodes held out for validation, in [0, 1) (`split_episodes`).
+            seed: seed of the episode split.
+            max_train_episodes: keep a seeded subset of this many training episodes; None keeps all.
+            obs_keys: robomimic obs keys, concatenated in this order; None = `DEFAULT_OBS_KEYS`.
+            abs_action: robomimic: convert stored [pos3, axisangle3, gripper] actions to 10-d [pos3, rot6d,
+                gripper].
+            filter_key: robomimic: read only the demos of `mask/<filter_key>`; None reads all.
+
+        Returns:
+            The training split; `get_validation_dataset` gives the other.
+
+        Raises:
+            ConfigError: an unknown `kind`, or a window shape the class refuses.
+            DatasetError: a missing, corrupt or incomplete file, a wrong array shape, NaN/inf in an
+                episode (naming it), an empty demo, no demos, an unknown filter key, or no training window.
+            ValueError: `val_ratio` outside [0, 1) or `max_train_episodes` < 1.
+        """
         if kind == "pusht_zarr":
             src = _load_pusht(path)
         elif kind == "robomimic_hdf5":
@@ -120,6 +174,7 @@ class LowDimDataset(Dataset):
         return ds
 
     def get_validation_dataset(self) -> "LowDimDataset":
+        """The validation split: a shallow copy sharing the arrays, drawing windows from `val_mask` (may be empty)."""
         val = copy.copy(self)
         val.split = "val"
         val.sampler = SequenceSampler(self.episode_ends, self.horizon, pad_before=self.n_obs_steps - 1,
@@ -127,17 +182,26 @@ class LowDimDataset(Dataset):
         return val
 
     def get_normalizer(self, mode: str = "limits") -> Normalizer:
-        """Fit obs and action on the training episodes' steps (never on validation data)."""
+        """Fit obs and action on the training episodes' steps (never on validation data).
+
+        Args:
+            mode: a `Normalizer` mode: `limits` (to [-1, 1]), `gaussian` or `identity`.
+
+        Raises:
+            ValueError: an unknown mode.
+        """
         lengths = np.diff(self.episode_ends, prepend=0)
         rows = np.repeat(self.train_mask, lengths)
         return Normalizer.fit({"obs": self.obs[rows], "action": self.action[rows]}, mode=mode)
 
     @property
     def obs_dim(self) -> int:
+        """Do, the width of one observation frame."""
         return self.obs.shape[1]
 
     @property
     def action_dim(self) -> int:
+        """Da, the width of one action."""
         return self.action.shape[1]
 
     @property
@@ -147,6 +211,7 @@ class LowDimDataset(Dataset):
 
     @property
     def n_total_episodes(self) -> int:
+        """Episodes loaded (both splits and those `max_train_episodes` left out; robomimic: those of the filter)."""
         return len(self.episode_ends)
 
     def __len__(self) -> int:

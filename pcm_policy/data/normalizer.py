@@ -17,6 +17,14 @@ _STAT_NAMES = ("scale", "offset", "min", "max", "mean", "std")
 
 
 class Normalizer:
+    """Named fields, each with a per-dim affine map y = x * scale + offset; empty until fitted or loaded.
+
+    Attributes:
+        params: field name -> {"scale", "offset", "min", "max", "mean", "std"}, float32 CPU tensors (D,);
+            min/max/mean/std are the raw statistics of the fitted data (a loaded state may hold only
+            scale/offset).
+    """
+
     def __init__(self):
         # name -> {"scale", "offset", "min", "max", "mean", "std"}: float32 CPU tensors of shape (D,)
         self.params: dict[str, dict[str, torch.Tensor]] = {}
@@ -28,7 +36,16 @@ class Normalizer:
             output_min: float = -1.0, output_max: float = 1.0) -> "Normalizer":
         """Fit every field of `data` (arrays (..., D), statistics over all leading dims).
 
-        `mode` is one mode for all fields or a dict name -> mode.
+        Args:
+            data: field name -> array (..., D), any real dtype (fitted in float64).
+            mode: one mode of `MODES` for all fields, or a dict name -> mode (missing names: `limits`).
+            output_min, output_max: the `limits` target range.
+
+        Returns:
+            The fitted normalizer.
+
+        Raises:
+            ValueError: see `fit_field`.
         """
         norm = cls()
         for name, arr in data.items():
@@ -38,6 +55,21 @@ class Normalizer:
 
     def fit_field(self, name: str, arr, mode: str = "limits", output_min: float = -1.0,
                   output_max: float = 1.0) -> None:
+        """Fit (or refit) one field on `arr` (..., D); statistics are per last-dim entry over all leading dims.
+
+        Modes: `limits` maps [min, max] of each dim to [output_min, output_max] (Diffusion Policy's min/max
+        normalizer; a dim whose range is below 1e-4 gets scale 1 and is shifted to the middle of the range);
+        `gaussian` maps to zero mean and unit std (std below 1e-4 counts as 1); `identity` leaves values as they are.
+
+        Args:
+            name: the field name (no '.', which separates the parts of state-dict keys).
+            arr: the data, array-like (..., D); a scalar counts as (1, 1).
+            mode: one of `MODES`.
+            output_min, output_max: the `limits` target range.
+
+        Raises:
+            ValueError: an unknown mode, a '.' in `name`, output_max <= output_min, an empty array, or NaN/inf.
+        """
         if mode not in MODES:
             raise ValueError(f"unknown normalizer mode {mode!r}; expected one of {MODES}")
         if "." in name:
@@ -81,13 +113,26 @@ class Normalizer:
         return scale, offset
 
     def normalize(self, name: str, x):
-        """x (..., D) torch tensor (or numpy array, returned as numpy) -> normalized, same device/dtype."""
+        """x (..., D) torch tensor (or numpy array, returned as numpy) -> normalized, same device/dtype.
+
+        A non-float numpy array is taken as float32.
+
+        Raises:
+            KeyError: no field `name`.
+            ValueError: the last dim of `x` is not the field's D.
+        """
         t, to_np = _as_tensor(x)
         scale, offset = self._affine(name, t)
         y = t * scale + offset
         return y.numpy() if to_np else y
 
     def unnormalize(self, name: str, x):
+        """The inverse of `normalize`: (x - offset) / scale, same shape, device and dtype (numpy in, numpy out).
+
+        Raises:
+            KeyError: no field `name`.
+            ValueError: the last dim of `x` is not the field's D.
+        """
         t, to_np = _as_tensor(x)
         scale, offset = self._affine(name, t)
         y = (t - offset) / scale
@@ -97,6 +142,7 @@ class Normalizer:
         return name in self.params
 
     def keys(self):
+        """The fitted field names (a dict view)."""
         return self.params.keys()
 
     # ---- saving --------------------------------------------------------------------------------------
@@ -105,7 +151,14 @@ class Normalizer:
         return {f"{prefix}{name}.{k}": v.contiguous().clone() for name, p in self.params.items() for k, v in p.items()}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor], prefix: str = _PREFIX) -> None:
-        """Replace all fields with those under `prefix` in `state` (other keys, e.g. model weights, are ignored)."""
+        """Replace all fields with those under `prefix` in `state` (other keys, e.g. model weights, are ignored).
+
+        Values are copied to float32 CPU tensors.
+
+        Raises:
+            ValueError: a key under `prefix` that is not `<field>.<stat>` with a known stat, or a field without
+                scale and offset (the normalizer is then unchanged).
+        """
         params: dict[str, dict[str, torch.Tensor]] = {}
         for key, val in state.items():
             if not key.startswith(prefix):
@@ -122,6 +175,11 @@ class Normalizer:
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, torch.Tensor], prefix: str = _PREFIX) -> "Normalizer":
+        """A normalizer loaded from `state` (`load_state_dict`).
+
+        Raises:
+            ValueError: malformed entries (see `load_state_dict`).
+        """
         norm = cls()
         norm.load_state_dict(state, prefix)
         return norm

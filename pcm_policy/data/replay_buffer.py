@@ -32,7 +32,12 @@ def _one_line(err: BaseException) -> str:
 
 @contextlib.contextmanager
 def open_zarr_group(path: str | os.PathLike) -> Iterator[zarr.Group]:
-    """Open a zarr directory or zip read-only; every failure becomes a DatasetError naming the path."""
+    """Open a zarr directory or zip read-only, as a context manager yielding the root group (zip closed on exit).
+
+    Raises:
+        DatasetError: naming the path: it does not exist, is a file that is not a valid zip, or is not a
+            readable zarr group.
+    """
     p = Path(path)
     if not p.exists():
         raise DatasetError(f"{path}: no such file or directory")
@@ -71,9 +76,18 @@ def _read(path, arr: zarr.Array, name: str) -> np.ndarray:
 
 
 def inspect_group(root: zarr.Group, path) -> tuple[np.ndarray, dict[str, zarr.Array]]:
-    """Validate the replay-buffer layout -> (episode_ends, {key: lazy data array}).
+    """Validate the replay-buffer layout -> (episode_ends (E,) int64, {key: lazy data array}, keys sorted).
 
     The data arrays' chunks are not checked here: callers check those they read with `check_complete`.
+
+    Args:
+        root: the opened root group.
+        path: the store path, for messages.
+
+    Raises:
+        DatasetError: unreadable metadata, no `meta/episode_ends` or `data/` (or no array in it), episode
+            ends that are not a non-empty 1-d integer array of positive, strictly increasing values, ends
+            stored incompletely, or a data array whose first dim is not episode_ends[-1].
     """
     try:
         ends_arr = root.get(ENDS_KEY)
@@ -108,7 +122,16 @@ def inspect_group(root: zarr.Group, path) -> tuple[np.ndarray, dict[str, zarr.Ar
 
 
 def check_complete(path, arrays: Mapping[str, zarr.Array]) -> None:
-    """Every chunk of every array stored and whole (a missing chunk would silently read as the fill value)."""
+    """Every chunk of every array stored and whole (a missing chunk would silently read as the fill value).
+
+    Args:
+        path: the store (directory or zip) the arrays live in.
+        arrays: name (for messages) -> array.
+
+    Raises:
+        DatasetError: the store cannot be listed, or a chunk is missing or truncated
+            (`pcm_policy.data.integrity.check_zarr_array`).
+    """
     try:
         raw = RawZarrStore(path)
     except (OSError, zipfile.BadZipFile) as e:
@@ -121,9 +144,12 @@ def check_complete(path, arrays: Mapping[str, zarr.Array]) -> None:
 
 
 def describe_zarr(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, tuple[tuple[int, ...], np.dtype]]]:
-    """Validated episode_ends and {key: (shape, dtype)} without loading the data (for `pcm info`).
+    """Validated episode_ends (E,) int64 and {key: (shape, dtype)} without loading the data (for `pcm info`).
 
     Every array's chunks are checked present and whole (a missing chunk would read as the fill value).
+
+    Raises:
+        DatasetError: as `open_zarr_group`, `inspect_group` and `check_complete`.
     """
     with open_zarr_group(path) as root:
         ends, members = inspect_group(root, path)
@@ -132,11 +158,18 @@ def describe_zarr(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, tuple[
 
 
 def default_compressor() -> numcodecs.Blosc:
+    """The Blosc codec `ReplayBuffer.save` writes data arrays with: zstd, level 5, bit-shuffle."""
     return numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE)
 
 
 class ReplayBuffer:
-    """In-memory episodes of equal-keyed per-step arrays; `open` loads a file, `save` writes one."""
+    """In-memory episodes of equal-keyed per-step arrays; `open` loads a file, `save` writes one.
+
+    `buffer[key]` is the whole array (N, ...) of every episode back to back (KeyError for an unknown key);
+    `key in buffer` tests a key. Diffusion Policy's PushT file holds `action` (N, 2) float32 (target agent
+    position, px), `state` (N, 5) float32 (agent xy, block xy in px, block angle in rad), `keypoint` (N, 9, 2)
+    float32 (px), `img` (N, 96, 96, 3) and `n_contacts` (N, 1).
+    """
 
     def __init__(self):
         self._parts: dict[str, list[np.ndarray]] = {}  # appended episodes, concatenated lazily
@@ -145,7 +178,14 @@ class ReplayBuffer:
     # ---- reading -------------------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | os.PathLike, keys: Iterable[str] | None = None) -> "ReplayBuffer":
-        """Load a zarr replay buffer into numpy. `keys` limits which data arrays are read (e.g. skip images)."""
+        """Load a zarr replay buffer into numpy. `keys` limits which data arrays are read (e.g. skip images).
+
+        Arrays keep their stored dtypes; the layout and the chunks of the arrays read are checked first.
+
+        Raises:
+            DatasetError: a missing or unreadable store, a broken layout (`inspect_group`), a requested key
+                that is not in `data/`, or a missing, truncated or undecodable chunk.
+        """
         with open_zarr_group(path) as root:
             ends, members = inspect_group(root, path)
             wanted = list(members) if keys is None else list(keys)
@@ -160,7 +200,12 @@ class ReplayBuffer:
 
     # ---- building ------------------------------------------------------------------------------------
     def add_episode(self, episode: Mapping[str, np.ndarray]) -> None:
-        """Append one episode: every array shares its first dim (the episode length, >= 1)."""
+        """Append one episode (copied): every array shares its first dim (the episode length, >= 1).
+
+        Raises:
+            ValueError: no arrays, other keys than earlier episodes, unequal or zero lengths, a 0-d array, or a
+                per-step shape that differs from the buffer's.
+        """
         if not episode:
             raise ValueError("episode has no arrays")
         arrays = {k: np.asarray(v) for k, v in episode.items()}
@@ -182,21 +227,26 @@ class ReplayBuffer:
     # ---- access --------------------------------------------------------------------------------------
     @property
     def episode_ends(self) -> np.ndarray:
+        """(E,) int64 exclusive cumulative ends: episode i is rows [ends[i-1], ends[i])."""
         return np.asarray(self._ends, dtype=np.int64)
 
     @property
     def episode_lengths(self) -> np.ndarray:
+        """(E,) int64 steps per episode."""
         return np.diff(self.episode_ends, prepend=0)
 
     @property
     def n_episodes(self) -> int:
+        """E, the number of episodes."""
         return len(self._ends)
 
     @property
     def n_steps(self) -> int:
+        """N, the steps of all episodes together (0 when empty)."""
         return self._ends[-1] if self._ends else 0
 
     def keys(self) -> list[str]:
+        """The data array names, in insertion order (an opened file: sorted, or the order of its `keys`)."""
         return list(self._parts)
 
     def __contains__(self, key: str) -> bool:
@@ -209,6 +259,11 @@ class ReplayBuffer:
         return parts[0]
 
     def get_episode(self, i: int) -> dict[str, np.ndarray]:
+        """Every array's rows of episode `i` (negative counts from the end), as views (T_i, ...).
+
+        Raises:
+            IndexError: `i` out of range.
+        """
         n = self.n_episodes
         if not -n <= i < n:
             raise IndexError(f"episode {i} out of range ({n} episodes)")
@@ -221,7 +276,17 @@ class ReplayBuffer:
         """Write zarr v2 atomically: a directory, or a zip file when `path` ends with `.zip`.
 
         Data arrays are chunked along time (`chunk_length` rows, default about 1 MiB per chunk) and
-        Blosc-compressed; meta/episode_ends is stored uncompressed, as Diffusion Policy's files are.
+        Blosc-compressed; meta/episode_ends is stored uncompressed, as Diffusion Policy's files are. Every
+        chunk is written, even an all-zero one.
+
+        Args:
+            path: the output directory, or a `.zip` file; an existing one is replaced.
+            chunk_length: rows per chunk; None = about 1 MiB of rows.
+            compressor: a numcodecs codec; None = `default_compressor()`.
+
+        Raises:
+            ValueError: the buffer is empty, or chunk_length < 1.
+            OSError: the output cannot be written (nothing is left behind).
         """
         if not self._ends:
             raise ValueError("cannot save an empty ReplayBuffer (a replay buffer file needs one episode)")

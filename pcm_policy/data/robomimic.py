@@ -25,6 +25,7 @@ _DEMO_RE = re.compile(r"^demo_(\d+)$")
 
 
 def demo_sort_key(name: str) -> tuple:
+    """Sort key ordering `demo_<k>` names by k (demo_2 before demo_10), any other name after them, alphabetically."""
     m = _DEMO_RE.match(name)
     return (0, int(m.group(1)), name) if m else (1, 0, name)  # odd names last, alphabetically
 
@@ -38,6 +39,16 @@ class RobomimicFile:
 
     Opening it checks that every dataset's storage covers its shape (pcm_policy.data.integrity): a chunk never
     written or a missing external/virtual source would otherwise read as fill values without an error.
+
+    Args:
+        path: the hdf5 file.
+
+    Attributes:
+        path: the file path as a string.
+
+    Raises:
+        DatasetError: the file does not exist, is not HDF5 or cannot be opened, has no `data` group, or a
+            dataset's storage does not cover its shape (or cannot be inspected).
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -78,15 +89,24 @@ class RobomimicFile:
         self.close()
 
     def close(self) -> None:
+        """Close the file."""
         self._f.close()
 
     # ---- index ---------------------------------------------------------------------------------------
     def mask_names(self) -> list[str]:
+        """The filter names under `mask/` (e.g. train, valid), sorted; empty without a `mask` group."""
         masks = self._f.get("mask")
         return sorted(masks.keys()) if isinstance(masks, h5py.Group) else []
 
     def demo_names(self, filter_key: str | None = None) -> list[str]:
-        """Demo names sorted numerically (demo_2 before demo_10); from `mask/<filter_key>` when given."""
+        """Demo names sorted numerically (demo_2 before demo_10); from `mask/<filter_key>` when given.
+
+        Args:
+            filter_key: a name of `mask_names()`; None lists every group under `data`.
+
+        Raises:
+            DatasetError: an unknown filter key, or a mask naming a demo that does not exist.
+        """
         if filter_key is None:
             names = [n for n, g in self._data.items() if isinstance(g, h5py.Group)]
         else:
@@ -103,10 +123,17 @@ class RobomimicFile:
 
     @property
     def has_env_args(self) -> bool:
+        """`data` carries the `env_args` attribute (needed to build an eval env, not for training)."""
         return "env_args" in self._data.attrs
 
     @property
     def env_args(self) -> dict:
+        """The decoded `data.attrs["env_args"]` JSON: env_name, env_type, env_kwargs (controller configs,
+        control_freq 20 Hz, ...).
+
+        Raises:
+            DatasetError: the attribute is missing or not valid JSON.
+        """
         raw = self._data.attrs.get("env_args")
         if raw is None:
             raise DatasetError(f"{self.path}: data/ has no env_args attribute")
@@ -116,17 +143,31 @@ class RobomimicFile:
             raise DatasetError(f"{self.path}: data.attrs['env_args'] is not valid JSON ({e})") from e
 
     def demo_group(self, name: str) -> h5py.Group:
+        """The group `data/<name>` (valid while the file is open).
+
+        Raises:
+            DatasetError: there is no such group.
+        """
         g = self._data.get(name)
         if not isinstance(g, h5py.Group):
             raise DatasetError(f"{self.path}: no demo data/{name}")
         return g
 
     def obs_keys(self, demo: str) -> list[str]:
+        """The names under `data/<demo>/obs`, sorted; empty without an `obs` group.
+
+        Raises:
+            DatasetError: no demo `demo`.
+        """
         obs = self.demo_group(demo).get("obs")
         return sorted(obs.keys()) if isinstance(obs, h5py.Group) else []
 
     def obs_dims(self, demo: str, obs_keys: Sequence[str]) -> list[int]:
-        """Per-step width of each obs key (a key stored as (T,) counts as 1)."""
+        """Per-step width of each obs key, product of the dims after T (a key stored as (T,) counts as 1).
+
+        Raises:
+            DatasetError: no demo `demo`, or it lacks one of the keys (the message lists those it has).
+        """
         g = self.demo_group(demo)
         dims = []
         for k in obs_keys:
@@ -138,6 +179,11 @@ class RobomimicFile:
         return dims
 
     def num_samples(self, demo: str) -> int:
+        """T, the steps of `demo`: its `num_samples` attribute, else the length of its actions.
+
+        Raises:
+            DatasetError: no demo `demo`, or neither the attribute nor `actions`.
+        """
         g = self.demo_group(demo)
         if "num_samples" in g.attrs:
             return int(g.attrs["num_samples"])
@@ -148,9 +194,20 @@ class RobomimicFile:
     # ---- loading -------------------------------------------------------------------------------------
     def load_demo(self, name: str, obs_keys: Sequence[str] = DEFAULT_OBS_KEYS,
                   abs_action: bool = False) -> dict[str, np.ndarray]:
-        """-> {"obs": (T, sum dims) float32 in `obs_keys` order, "actions": (T, 7) or (T, 10), "states"?}.
+        """One demo's arrays, in env units.
 
-        With `abs_action` the stored [pos3, axisangle3, gripper] becomes [pos3, rot6d, gripper].
+        Args:
+            name: the demo, e.g. `demo_0`.
+            obs_keys: obs keys concatenated in this order (each flattened per step).
+            abs_action: convert the stored [pos3, axisangle3 (rad), gripper] to [pos3, rot6d, gripper] float32.
+
+        Returns:
+            {"obs": (T, sum of widths) float32, "actions": (T, A) (stored dtype; (T, 10) float32 with
+            `abs_action`), and "states": (T, S) MuJoCo flat states when stored}.
+
+        Raises:
+            DatasetError: no such demo, no or non-2-d actions, a missing obs key, an obs key with another step
+                count than the actions, `abs_action` with actions that are not 7-d, or unreadable data.
         """
         g = self.demo_group(name)
         where = f"{self.path}: data/{name}"
@@ -197,7 +254,21 @@ def write_robomimic_hdf5(path: str | os.PathLike, demos: Sequence[Mapping], env_
 
     Each demo: {"obs": {key: (T, d)}, "next_obs": {key: (T, d)}, "actions": (T, A), "rewards": (T,),
     "dones": (T,), "states": (T, S)}; only "actions" is required. Demos are named demo_0, demo_1, ... unless
-    `demo_names` is given; `masks` maps a filter name (e.g. "train", "valid") to demo names.
+    `demo_names` is given; `masks` maps a filter name (e.g. "train", "valid") to demo names. Arrays are
+    stored as given (dtype kept); `data.attrs` gets `total` (all steps) and `env_args` (JSON), each demo
+    `num_samples`.
+
+    Args:
+        path: the output file; an existing one is replaced.
+        demos: the demos, as above.
+        env_args: robomimic's env description (env_name, env_type, env_kwargs); numpy values are converted.
+        masks: filter name -> demo names; None writes no `mask` group.
+        demo_names: one distinct name per demo; None = demo_0, demo_1, ...
+
+    Raises:
+        ValueError: names not distinct or not one per demo, a mask naming an unknown demo, or an array whose
+            step count differs from its demo's actions (nothing is written).
+        TypeError: `env_args` holds a value JSON cannot encode.
     """
     names = list(demo_names) if demo_names is not None else [f"demo_{i}" for i in range(len(demos))]
     if len(names) != len(demos) or len(set(names)) != len(names):

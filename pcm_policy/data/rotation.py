@@ -2,7 +2,10 @@
 
 robomimic abs actions carry the orientation as an axis-angle vector, which is discontinuous (at angle pi the
 vector flips sign), so Diffusion Policy trains on the continuous 6-d representation instead: the first two
-ROWS of the rotation matrix, decoded back by Gram-Schmidt. All functions take any leading batch dims.
+ROWS of the rotation matrix, decoded back by Gram-Schmidt (Zhou et al., "On the Continuity of Rotation
+Representations in Neural Networks", CVPR 2019, arXiv 1812.07035; rows rather than the paper's columns, as
+Diffusion Policy (pytorch3d's convention) stores it). All functions take any leading batch dims; rotation
+vectors are in rad.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ def _skew(v: np.ndarray) -> np.ndarray:
 
 
 def axis_angle_to_matrix(aa: np.ndarray) -> np.ndarray:
-    """(..., 3) rotation vector -> (..., 3, 3) matrix (Rodrigues)."""
+    """(..., 3) rotation vector (axis * angle, rad) -> (..., 3, 3) float64 matrix (Rodrigues' formula)."""
     aa = np.asarray(aa, dtype=np.float64)
     theta = np.linalg.norm(aa, axis=-1)[..., None, None]
     small = theta < _SMALL
@@ -32,10 +35,11 @@ def axis_angle_to_matrix(aa: np.ndarray) -> np.ndarray:
 
 
 def matrix_to_quaternion(m: np.ndarray) -> np.ndarray:
-    """(..., 3, 3) -> (..., 4) unit quaternion (w, x, y, z) with w >= 0.
+    """(..., 3, 3) rotation matrix -> (..., 4) float64 unit quaternion (w, x, y, z) with w >= 0.
 
-    Shepperd's method: build the quaternion from whichever of the four diagonal combinations is largest,
-    so no branch divides by a number near zero (the naive trace formula fails near angle pi).
+    Shepperd's method (S. W. Shepperd, "Quaternion from rotation matrix", J. Guidance and Control 1(3), 1978):
+    build the quaternion from whichever of the four diagonal combinations is largest, so no branch divides by a
+    number near zero (the naive trace formula fails near angle pi).
     """
     m = np.asarray(m, dtype=np.float64)
     m00, m11, m22 = m[..., 0, 0], m[..., 1, 1], m[..., 2, 2]
@@ -52,7 +56,7 @@ def matrix_to_quaternion(m: np.ndarray) -> np.ndarray:
 
 
 def matrix_to_axis_angle(m: np.ndarray) -> np.ndarray:
-    """(..., 3, 3) -> (..., 3) rotation vector with angle in [0, pi]."""
+    """(..., 3, 3) rotation matrix -> (..., 3) float64 rotation vector (axis * angle) with angle in [0, pi] rad."""
     q = matrix_to_quaternion(m)
     w, v = q[..., 0], q[..., 1:]
     s = np.linalg.norm(v, axis=-1)
@@ -64,13 +68,16 @@ def matrix_to_axis_angle(m: np.ndarray) -> np.ndarray:
 
 
 def matrix_to_rot6d(m: np.ndarray) -> np.ndarray:
-    """(..., 3, 3) -> (..., 6): the first two rows, row-major."""
+    """(..., 3, 3) -> (..., 6): the first two rows, row-major, in the input's dtype."""
     m = np.asarray(m)
     return m[..., :2, :].reshape(*m.shape[:-2], 6)
 
 
 def rot6d_to_matrix(d6: np.ndarray) -> np.ndarray:
-    """(..., 6) -> (..., 3, 3) by Gram-Schmidt; the input rows need not be orthonormal."""
+    """(..., 6) -> (..., 3, 3) float64 rotation matrix by Gram-Schmidt on the two rows (rows b1, b2, b1 x b2).
+
+    The rows need not be orthonormal; a zero or parallel pair has no rotation and gives NaN.
+    """
     d6 = np.asarray(d6, dtype=np.float64)
     a1, a2 = d6[..., :3], d6[..., 3:]
     b1 = a1 / np.linalg.norm(a1, axis=-1, keepdims=True)
@@ -81,15 +88,22 @@ def rot6d_to_matrix(d6: np.ndarray) -> np.ndarray:
 
 
 def axis_angle_to_rot6d(aa: np.ndarray) -> np.ndarray:
+    """(..., 3) rotation vector (rad) -> (..., 6) float64 rot6d (the matrix's first two rows)."""
     return matrix_to_rot6d(axis_angle_to_matrix(aa))
 
 
 def rot6d_to_axis_angle(d6: np.ndarray) -> np.ndarray:
+    """(..., 6) rot6d -> (..., 3) float64 rotation vector, angle in [0, pi] rad (Gram-Schmidt first)."""
     return matrix_to_axis_angle(rot6d_to_matrix(d6))
 
 
 def abs_action_to_10d(a7: np.ndarray) -> np.ndarray:
-    """[pos3, axisangle3, gripper] (..., 7) -> [pos3, rot6d, gripper] (..., 10), same dtype as the input."""
+    """[pos3, axisangle3, gripper] (..., 7) -> [pos3, rot6d, gripper] (..., 10), same dtype as a float input
+    (float64 for another dtype); position and gripper pass through unchanged.
+
+    Raises:
+        ValueError: the last dim is not 7.
+    """
     a7 = np.asarray(a7)
     if a7.shape[-1] != 7:
         raise ValueError(f"abs action must have 7 values in the last dim, got shape {a7.shape}")
@@ -98,7 +112,12 @@ def abs_action_to_10d(a7: np.ndarray) -> np.ndarray:
 
 
 def abs_action_from_10d(a10: np.ndarray) -> np.ndarray:
-    """[pos3, rot6d, gripper] (..., 10) -> [pos3, axisangle3, gripper] (..., 7), for stepping the env."""
+    """[pos3, rot6d, gripper] (..., 10) -> [pos3, axisangle3, gripper] (..., 7), for stepping the env; same
+    dtype as a float input (float64 for another dtype).
+
+    Raises:
+        ValueError: the last dim is not 10.
+    """
     a10 = np.asarray(a10)
     if a10.shape[-1] != 10:
         raise ValueError(f"10-d action must have 10 values in the last dim, got shape {a10.shape}")
@@ -108,10 +127,16 @@ def abs_action_from_10d(a10: np.ndarray) -> np.ndarray:
 
 # torch versions of the two cheap maps, for code that stays on the device (e.g. a rot6d loss term).
 def matrix_to_rot6d_torch(m: torch.Tensor) -> torch.Tensor:
+    """`matrix_to_rot6d` for tensors: (..., 3, 3) -> (..., 6), same dtype and device, differentiable."""
     return m[..., :2, :].reshape(*m.shape[:-2], 6)
 
 
 def rot6d_to_matrix_torch(d6: torch.Tensor) -> torch.Tensor:
+    """`rot6d_to_matrix` for tensors: (..., 6) -> (..., 3, 3), same dtype and device, differentiable.
+
+    Normalization uses `torch.nn.functional.normalize` (eps 1e-12): a zero or parallel pair gives zero rows,
+    not NaN, and no rotation.
+    """
     a1, a2 = d6[..., :3], d6[..., 3:]
     b1 = torch.nn.functional.normalize(a1, dim=-1)
     b2 = torch.nn.functional.normalize(a2 - (b1 * a2).sum(-1, keepdim=True) * b1, dim=-1)

@@ -13,7 +13,28 @@ import numpy as np
 
 
 class SequenceSampler:
-    """Index of all windows; `sample(arrays, i)` cuts window i out of per-step arrays."""
+    """Index of all windows; `sample(arrays, i)` cuts window i out of per-step arrays.
+
+    Windows of the masked episodes, in episode order; within an episode they start at every frame from
+    -pad_before to len - sequence_length + pad_after (an episode too short for that yields none).
+
+    Args:
+        episode_ends: exclusive cumulative episode ends (E,) int.
+        sequence_length: frames per window (>= 1).
+        pad_before, pad_after: frames a window may extend before / after its episode, clipped to
+            [0, sequence_length - 1].
+        episode_mask: (E,) bool, the episodes to draw windows from; None = all.
+
+    Attributes:
+        sequence_length, pad_before, pad_after: as used (padding clipped).
+        episode_ends: (E,) int64.
+        episode_mask: (E,) bool.
+        indices: (W, 4) int64 rows (buffer_start, buffer_end, sample_start, sample_end): buffer rows
+            [buffer_start, buffer_end) fill window frames [sample_start, sample_end).
+
+    Raises:
+        ValueError: sequence_length < 1, or `episode_mask` not of shape (E,).
+    """
 
     def __init__(self, episode_ends, sequence_length: int, pad_before: int = 0, pad_after: int = 0,
                  episode_mask=None):
@@ -56,6 +77,19 @@ class SequenceSampler:
         return len(self.indices)
 
     def sample(self, arrays: Mapping[str, np.ndarray], idx: int) -> dict[str, np.ndarray]:
+        """Window `idx` of every per-step array.
+
+        Args:
+            arrays: name -> array (N, ...) over the whole buffer (any array supporting slicing).
+            idx: window index in [-W, W).
+
+        Returns:
+            name -> (sequence_length, ...) in the array's dtype; missing frames repeat the episode's first /
+            last frame. An unpadded window is a view of the input (do not modify it), a padded one a new array.
+
+        Raises:
+            IndexError: `idx` out of range.
+        """
         bs, be, ss, se = self.indices[idx]
         out = {}
         for key, arr in arrays.items():
@@ -78,6 +112,9 @@ def split_episodes(n_episodes: int, val_ratio: float, seed: int = 42,
     Validation gets round(n * val_ratio) episodes, at least 1 when val_ratio > 0, but always leaves one
     for training. `max_train_episodes` then keeps a seeded random subset of the training episodes
     (Diffusion Policy trains PushT on 90 of 206 episodes this way).
+
+    Raises:
+        ValueError: n_episodes < 0, val_ratio outside [0, 1), or max_train_episodes < 1.
     """
     if n_episodes < 0:
         raise ValueError(f"n_episodes must be >= 0, got {n_episodes}")

@@ -17,14 +17,23 @@ from pcm_policy.errors import CheckpointError, ConfigError
 
 @dataclass
 class Windows:
-    """All training windows as two tensors, so a batch is one index operation."""
+    """All training windows as two tensors, so a batch is one index operation.
+
+    Attributes:
+        obs: observation histories (N, To, Do) float32, env units (unnormalized).
+        action: action chunks (N, H, Da) float32, env units (unnormalized).
+    """
 
     obs: torch.Tensor  # (N, To, Do) float32, unnormalized
     action: torch.Tensor  # (N, H, Da) float32, unnormalized
 
     @classmethod
     def from_dataset(cls, dataset) -> "Windows":
-        """Stack every window of `dataset` (a LowDimDataset split, items {"obs", "action"})."""
+        """Stack every window of `dataset` (a LowDimDataset split, items {"obs", "action"}) in index order.
+
+        Raises:
+            RuntimeError: `dataset` is empty (nothing to stack).
+        """
         items = [dataset[i] for i in range(len(dataset))]
         return cls(torch.stack([torch.as_tensor(it["obs"]) for it in items]).float(),
                    torch.stack([torch.as_tensor(it["action"]) for it in items]).float())
@@ -34,9 +43,12 @@ class Windows:
 
 
 def build_dataset(cfg: Mapping[str, Any]) -> LowDimDataset:
-    """The training split described by a run config's `dataset` and `policy` groups and `seed`.
+    """The training split described by a run config's `dataset` and `policy` groups and `seed`
+    (`LowDimDataset.from_config`).
 
-    Raises ConfigError when `dataset.path` is unset; DatasetError (from the loaders) for a bad file.
+    Raises:
+        ConfigError: `dataset.path` is unset, an unknown `dataset.kind`, or a window shape the dataset refuses.
+        DatasetError: a missing, corrupt or incomplete file (from the loaders).
     """
     ds, pol = cfg["dataset"], cfg["policy"]
     if not ds.get("path"):
@@ -50,10 +62,14 @@ def build_dataset(cfg: Mapping[str, Any]) -> LowDimDataset:
 
 
 def checkpoint_observations(ckpt: Path, dataset_path: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(training, validation) observation histories, each (N, To, Do) float32, of the dataset a checkpoint was
-    trained on (read from its saved run config; `dataset_path` overrides the file).
+    """(training, validation) observation histories, each (N, To, Do) float32 in env units, of the dataset a
+    checkpoint was trained on (read from its saved run config, same split and seed; `dataset_path` overrides
+    the file).
 
-    Raises CheckpointError when the checkpoint has no run config.
+    Raises:
+        CheckpointError: the checkpoint has no run config (`config.yaml`).
+        ConfigError, DatasetError: as `build_dataset`.
+        RuntimeError: the validation split is empty.
     """
     import yaml
 

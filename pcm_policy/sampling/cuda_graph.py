@@ -16,6 +16,26 @@ import torch
 
 
 class GraphedDenoiser:
+    """A denoiser wrapper that captures one CUDA graph per input signature and replays it.
+
+    Called like the denoiser it wraps: `eps = graphed(x, t, cond, *extra)`, x (N, H, Da) float, t (N,) long,
+    cond (N, C) or None; the output (N, H, Da) is a fresh tensor (when replaying, a clone of the graph's static
+    output).
+    A new (x shape, x dtype, x device, cond shape, extra) key captures a new graph (after `warmup` eager
+    calls on a side stream); every call copies its inputs into that graph's static buffers first. Extra
+    positional arguments (the LoRA scale of weight-space switching) are baked into the graph, so each
+    distinct value gets its own. No gradients flow (`torch.no_grad`).
+
+    Args:
+        denoiser: the callable to wrap; to be captured it must be CUDA-graph safe (no host synchronisation).
+        capture: capture graphs (only for CUDA inputs); None = when CUDA is available. With False, or CPU
+            inputs, the same buffer logic runs eagerly.
+        warmup: eager calls before a capture (allocator and cuDNN algorithm choices settle outside it).
+
+    Attributes:
+        denoiser, capture, warmup: the arguments.
+    """
+
     def __init__(self, denoiser: Callable, capture: bool | None = None, warmup: int = 3):
         self.denoiser = denoiser
         self.capture = torch.cuda.is_available() if capture is None else capture
@@ -60,4 +80,5 @@ class GraphedDenoiser:
 
     @property
     def graphs(self) -> int:
+        """How many CUDA graphs have been captured (0 when running eagerly)."""
         return sum(e["graph"] is not None for e in self._entries.values())
