@@ -97,3 +97,13 @@ def test_corrupt_checkpoint_is_reported(tmp_path, small_zarr):
     (latest / "policy.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="policy.safetensors"):
         ckpt_io.load_policy(latest)
+
+
+def test_checkpoint_observations_with_an_empty_validation_split(tmp_path, small_zarr):
+    from pcm_policy.data.windows import checkpoint_observations
+
+    cfg = _cfg(tmp_path, small_zarr, steps=2, checkpoint_every=2)
+    cfg["dataset"]["val_ratio"] = 0.0
+    train(cfg)
+    train_obs, val_obs = checkpoint_observations(ckpt_io.resolve_checkpoint(tmp_path / "run"))
+    assert train_obs.shape[0] > 0 and val_obs.shape == (0, *train_obs.shape[1:])

@@ -69,7 +69,8 @@ def checkpoint_observations(ckpt: Path, dataset_path: str | None = None) -> tupl
     Raises:
         CheckpointError: the checkpoint has no run config (`config.yaml`).
         ConfigError, DatasetError: as `build_dataset`.
-        RuntimeError: the validation split is empty.
+
+    An empty validation split (`dataset.val_ratio=0`, or too few episodes) gives an empty (0, To, Do) tensor.
     """
     import yaml
 
@@ -82,4 +83,6 @@ def checkpoint_observations(ckpt: Path, dataset_path: str | None = None) -> tupl
     run_cfg = yaml.safe_load(run_cfg_path.read_text())
     run_cfg["dataset"]["path"] = str(resolve_path(dataset_path or run_cfg["dataset"]["path"]))
     dataset = build_dataset(run_cfg)
-    return Windows.from_dataset(dataset).obs, Windows.from_dataset(dataset.get_validation_dataset()).obs
+    train_obs = Windows.from_dataset(dataset).obs
+    validation = dataset.get_validation_dataset()
+    return train_obs, (Windows.from_dataset(validation).obs if len(validation) else train_obs[:0])
