@@ -3,8 +3,9 @@
     .venv/bin/python scripts/measure_overhead.py [--checkpoint data/pusht/base] [--chunks 30]
 
 Prints, for sequential DDPM-100 and DDIM-10 (and Picard DDIM-10), the median chunk time through
-`policy.predict_chunk`, the median time of the same number of bare `policy.denoiser` calls on the same
-inputs, and the overhead ratio. The two are interleaved chunk by chunk so machine load affects both alike.
+`policy.predict_chunk`, the median time of the same network calls made bare (`policy.denoiser` with exactly the
+row counts the chunk used, recorded by a forward pre-hook), and the overhead ratio. The two are interleaved chunk
+by chunk so machine load affects both alike. Works on any version of the code that has `predict_chunk`.
 """
 from __future__ import annotations
 
@@ -33,17 +34,17 @@ def main() -> None:
         chunk_ms, bare_ms, rounds = [], [], []
         for i in range(args.chunks + 2):
             noise = policy.make_noise(1, cfg, torch.Generator().manual_seed(i))
+            shapes: list[int] = []
+            hook = policy.model.register_forward_pre_hook(lambda m, a: shapes.append(a[0].shape[0]))
             t0 = time.perf_counter()
             out = policy.predict_chunk(obs, cfg, noise=noise)
             t1 = time.perf_counter()
-            n_calls = out.stats.network_calls
-            rows = max(1, out.stats.network_rows // max(1, n_calls))
-            xb = x.repeat(rows, 1, 1)
-            cb = cond.repeat(rows, 1)
-            t = torch.full((rows,), 10, dtype=torch.long)
+            hook.remove()
+            n_calls = len(shapes)
+            inputs = [(x.repeat(n, 1, 1), torch.full((n,), 10, dtype=torch.long), cond.repeat(n, 1)) for n in shapes]
             with torch.no_grad():
                 t2 = time.perf_counter()
-                for _ in range(n_calls):
+                for xb, t, cb in inputs:
                     policy.denoiser(xb, t, cb)
                 t3 = time.perf_counter()
             if i >= 2:  # warm-up
