@@ -377,7 +377,8 @@ def check_sampler(cfg, T: int | None, ckpt=None, key: str = "sampler", pcm_key: 
         if not path:
             raise ConfigError(f"{pcm_key}: {key}={name} needs a PCM checkpoint trained for {scheduler}{steps} "
                               "(train one with `pcm train-pcm base=<checkpoint>`)")
-        check_pcm_card(pcm_key, path, scheduler, steps, lora=name == "pcm_lora")
+        check_pcm_card(pcm_key, path, scheduler, steps, lora=name == "pcm_lora",
+                       start=(f"{key}.start", lookup(cfg, f"{key}.start", "x_T")))
 
 
 def _acceleration(cfg, key: str) -> None:
@@ -396,7 +397,8 @@ def _acceleration(cfg, key: str) -> None:
         flag(cfg, f"{key}.triangular")
 
 
-def check_pcm_card(key: str, path, scheduler: str, steps: int, lora: bool) -> None:
+def check_pcm_card(key: str, path, scheduler: str, steps: int, lora: bool,
+                   start: tuple[str, str] | None = None) -> None:
     """The PCM at `path` (option `key`) was trained for this schedule (and is a LoRA one when `lora`).
 
     Args:
@@ -405,9 +407,10 @@ def check_pcm_card(key: str, path, scheduler: str, steps: int, lora: bool) -> No
         scheduler: `ddpm` or `ddim`.
         steps: the sampler's S.
         lora: weight-space switching needs a LoRA PCM.
+        start: (option, value) of the sampler's start, which must be the one the PCM was trained from.
 
     Raises:
-        ConfigError: no path, or a PCM trained for another (scheduler, steps), or a full PCM when `lora`.
+        ConfigError: no path, or a PCM trained for another (scheduler, steps) or start, or a full PCM when `lora`.
         CheckpointError: an unreadable checkpoint, or not a PCM.
     """
     _, card = read_checkpoint_card(key, path)
@@ -418,6 +421,9 @@ def check_pcm_card(key: str, path, scheduler: str, steps: int, lora: bool) -> No
                           f"the sampler runs {scheduler}{steps}")
     if lora and card.get("mode") != "lora":
         raise ConfigError(f"{key}={path}: a full PCM; weight-space switching (pcm_lora) needs a LoRA one (use pcm)")
+    if start is not None and start[1] != card.get("start", "x_T"):
+        raise ConfigError(f"{start[0]}={start[1]}: the PCM {path} was trained from start={card.get('start', 'x_T')} "
+                          f"(set {start[0]}={card.get('start', 'x_T')})")
 
 
 def _bases(cfg, key: str, T: int | None, ckpt) -> list[str]:

@@ -326,6 +326,8 @@ def _cases(runs):
         (ev + ["sampler=picard", "sampler.tol=-1"], ["sampler.tol=-1"]),
         (ev + ["sampler=picard", "sampler.max_iters=0"], ["sampler.max_iters=0"]),
         (ev + ["sampler=picard", "sampler.accel=magic"], ["sampler.accel='magic'"]),
+        (ev + ["sampler=pcm", f"sampler.pcm_checkpoint={pcm_ckpt}", "sampler.scheduler=ddim", "sampler.steps=8",
+               "sampler.start=noise_sum"], ["sampler.start=noise_sum", "trained from start=x_T"]),
         (ev + ["sampler=picard", "sampler.start=zeros"], ["sampler.start='zeros'"]),
         (ev + ["sampler=picard", "sampler.memory=11"], ["sampler.memory=11"]),
         (ev + ["sampler=picard", "sampler.damping=0"], ["sampler.damping=0"]),

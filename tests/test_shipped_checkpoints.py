@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pcm_policy import checkpoint as ckpt_io
 from pcm_policy.checkpoint import load_policy
 from pcm_policy.pcm.attach import load_sampler
 from pcm_policy.sampler_config import SamplerConfig
@@ -35,8 +36,9 @@ def test_shipped_policy_and_pcm_lora(schedule):
     ref = policy.predict_chunk(obs, seq, noise=noise)
     assert torch.isfinite(ref.action).all()
     assert ((ref.action > -50) & (ref.action < 562)).all()  # PushT targets live on the 512 px table
+    start = ckpt_io.read_card(pcm_dir).get("start", "x_T")  # a PCM runs from the start it was trained from
     for name in ("pcm", "pcm_lora"):
-        sampler = SamplerConfig(name=name, scheduler=kind, steps=steps, tol=0.0)
+        sampler = SamplerConfig(name=name, scheduler=kind, steps=steps, tol=0.0, start=start)
         sampler = load_sampler(policy, sampler, "cpu", str(pcm_dir))
         out = policy.predict_chunk(obs, sampler, noise=noise)
         assert out.stats.converged

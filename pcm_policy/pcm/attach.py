@@ -118,7 +118,8 @@ def load_sampler(policy, sampler_cfg: Mapping[str, Any] | SamplerConfig, device=
         The cached `ChunkSampler` (see `DiffusionPolicy.sampler`).
 
     Raises:
-        ConfigError: an invalid config, or a PCM sampler with no checkpoint named.
+        ConfigError: an invalid config, a PCM sampler with no checkpoint named, or a sampler.start other than
+            the start the PCM was trained from.
         CheckpointError: the PCM checkpoint is missing, corrupt or does not fit the base.
     """
     sampler = SamplerConfig.from_mapping(sampler_cfg)
@@ -131,5 +132,8 @@ def load_sampler(policy, sampler_cfg: Mapping[str, Any] | SamplerConfig, device=
                           "(train one with `pcm train-pcm base=<checkpoint>`)")
     from pcm_policy.config import resolve_path
 
-    net, _ = load_pcm(resolve_path(pcm_checkpoint), policy, device or policy.device)
+    net, card = load_pcm(resolve_path(pcm_checkpoint), policy, device or policy.device)
+    if sampler.start != card.get("start", "x_T"):  # its one step was learned from that X^0 only
+        raise ConfigError(f"sampler.start={sampler.start}: the PCM {pcm_checkpoint} was trained from "
+                          f"start={card.get('start', 'x_T')} (set sampler.start={card.get('start', 'x_T')})")
     return policy.sampler(sampler, pcm=pcm_denoiser(net, sampler.name))
