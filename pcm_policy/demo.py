@@ -130,10 +130,10 @@ def print_summary(s: Mapping[str, Any]) -> None:
           f"latency p50 {c['latency_ms_p50']:.1f} ms p99 {c['latency_ms_p99']:.1f} ms  deadline misses "
           f"{c['deadline_misses']}/{c['chunks']}  exact chunks {c['exact_fraction']:.0%}")
     print()
-    print(f"{'sampler':22s} {'iters':>6s} {'p50 ms':>8s} {'p99 ms':>8s} {'misses':>8s} {'speedup':>8s} {'max err':>9s}")
+    print(f"{'sampler':26s} {'iters':>6s} {'p50 ms':>8s} {'p99 ms':>8s} {'misses':>8s} {'speedup':>8s} {'max err':>9s}")
     for r in s["bench"]:
         speed = r.get("speedup_p50_vs_sequential")
-        print(f"{r['sampler'] + '/' + r['base']:22s} {r['iterations_mean']:6.2f} {r['latency_ms_p50']:8.1f} "
+        print(f"{r['sampler'] + '/' + r['base']:26s} {r['iterations_mean']:6.2f} {r['latency_ms_p50']:8.1f} "
               f"{r['latency_ms_p99']:8.1f} {str(r['deadline_misses']) + '/' + str(r['chunks']):>8s} "
               f"{(f'{speed:.2f}x' if speed else ''):>8s} {r['max_abs_err_vs_sequential']:9.1e}")
     print()
