@@ -12,7 +12,7 @@ from pcm_policy.pcm import collect_picard_trajectory
 from pcm_policy.sampling import (START_MODES, AndersonConfig, StepCoefficients, picard_loop, sample_lora_switched,
                                  sample_picard, sample_sequential, sample_switched)
 from pcm_policy.sampling.anderson import AndersonMixer
-from pcm_policy.sampling.picard import _single_model_map, _tile_cond, prepare
+from pcm_policy.sampling.picard import single_model_map, tile_cond, prepare
 from pcm_policy.sampling.start import initial_trajectory
 
 from tests.test_sampling_exactness import ToyDenoiser
@@ -180,7 +180,7 @@ def test_one_host_sync_per_iteration(monkeypatch):
     den = NarrowGaussianToy(sch)
     x_T, noise, cond = draw(S, 2, seed=1)
     coeffs, nt, cond = prepare(sch, x_T, noise, cond)
-    map_fn = _single_model_map(den, coeffs, _tile_cond(cond, S))
+    map_fn = single_model_map(den, coeffs, tile_cond(cond, S))
     syncs = []
     for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
         orig = getattr(torch.Tensor, name)

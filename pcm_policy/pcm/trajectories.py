@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..sampling.picard import _single_model_map, _tile_cond, picard_loop, prepare
+from ..sampling.picard import single_model_map, tile_cond, picard_loop, prepare
 from ..sampling.schedule import StepCoefficients
 
 
@@ -38,7 +38,7 @@ def collect_picard_trajectory(denoiser, scheduler, x_T, noise, cond=None, tol: f
     coeffs, nt, cond = prepare(scheduler, x_T, noise, cond, coeffs)
     S = coeffs.num_steps
     out = []
-    map_fn = _single_model_map(denoiser, coeffs, _tile_cond(cond, S))
+    map_fn = single_model_map(denoiser, coeffs, tile_cond(cond, S))
     Y, _ = picard_loop(map_fn, coeffs, x_T, nt, window=S, tol=tol, max_iters=max_iters, start=start,
                        callback=lambda Y: out.append(Y.clone()))
     iterates = torch.stack(out)

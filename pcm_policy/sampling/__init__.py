@@ -27,15 +27,5 @@ __all__ = [
     "sample_sequential",
     "sample_switched",
     "switch_lambda",
-    "collect_picard_trajectory",
-    "pct_loss",
 ]
 
-
-def __getattr__(name):
-    # PCT helpers live in pcm_policy.pcm (which imports this package); re-exported lazily to avoid a cycle.
-    if name in ("collect_picard_trajectory", "pct_loss"):
-        from .. import pcm
-
-        return getattr(pcm, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

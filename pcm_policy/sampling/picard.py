@@ -80,7 +80,9 @@ def _prefix_sum_matmul(delta: torch.Tensor) -> torch.Tensor:
     return (ones @ delta.reshape(n, -1)).reshape(delta.shape)
 
 
-def _tile_cond(cond, reps: int):
+def tile_cond(cond, reps: int):
+    """`cond` (B, C) repeated `reps` times along dim 0 -> (reps*B, C), slot-major like the network rows; None
+    stays None."""
     return None if cond is None else cond.repeat(reps, *([1] * (cond.ndim - 1)))
 
 
@@ -217,8 +219,9 @@ def _rows(X: torch.Tensor) -> torch.Tensor:
     return X.reshape(X.shape[0] * X.shape[1], *X.shape[2:])
 
 
-def _cond_rows(cond_rep, n_rows: int):
-    """`cond.repeat(w)` holds w blocks of B rows; the first n_rows of them are `cond.repeat(n)`."""
+def cond_rows_of(cond_rep, n_rows: int):
+    """The first `n_rows` rows of a tiled condition: `tile_cond(cond, w)` holds w blocks of B rows, so its first
+    n*B rows are `tile_cond(cond, n)`. None stays None."""
     return None if cond_rep is None else cond_rep[:n_rows]
 
 
@@ -242,9 +245,13 @@ def model_m(denoiser, coeffs: StepCoefficients, X, idx_rows, t, cond_rows, *extr
     return coeffs.step_no_noise(flat, eps, idx_rows).reshape(X.shape)
 
 
-def _single_model_map(denoiser, coeffs, cond_rep):
+def single_model_map(denoiser, coeffs: StepCoefficients, cond_rep):
+    """The Picard map of one model, as `picard_loop` expects it: `map_fn(X, idx_rows, t, lam)` -> (m-values of X
+    (n, B, H, Da), 1 evaluation per slot), from one batched call of `denoiser`; `cond_rep` = `tile_cond(cond, w)`
+    for the window size w, or None. ParaDiGMS (arXiv 2305.16317), Algorithm 1, the batched drift evaluation."""
+
     def map_fn(X, idx_rows, t, lam):
-        return model_m(denoiser, coeffs, X, idx_rows, t, _cond_rows(cond_rep, idx_rows.shape[0])), 1
+        return model_m(denoiser, coeffs, X, idx_rows, t, cond_rows_of(cond_rep, idx_rows.shape[0])), 1
 
     return map_fn
 
@@ -316,7 +323,7 @@ def sample_picard(
     coeffs, nt, cond = prepare(scheduler, x_T, noise, cond, coeffs)
     S = coeffs.num_steps
     w = S if window is None else max(1, min(int(window), S))
-    map_fn = _single_model_map(denoiser, coeffs, _tile_cond(cond, w))
+    map_fn = single_model_map(denoiser, coeffs, tile_cond(cond, w))
     Y, stats = picard_loop(
         map_fn, coeffs, x_T, nt, window=w, tol=tol, max_iters=max_iters, should_stop=should_stop,
         fixed_shape=fixed_shape, anderson=anderson, start=start,
@@ -344,6 +351,6 @@ def picard_step(denoiser, coeffs: StepCoefficients, Y: torch.Tensor, noise_terms
     X = Y[:S]
     B = X.shape[1]
     idx_rows = torch.arange(S, device=Y.device).repeat_interleave(B)
-    M = model_m(denoiser, coeffs, X, idx_rows, coeffs.timesteps[idx_rows], _tile_cond(cond, S))
+    M = model_m(denoiser, coeffs, X, idx_rows, coeffs.timesteps[idx_rows], tile_cond(cond, S))
     delta = M - X + noise_terms
     return torch.cat([Y[:1], Y[:1] + prefix_sum(delta)], dim=0)

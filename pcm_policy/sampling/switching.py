@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 
 from .anderson import AndersonConfig
-from .picard import _cond_rows, _tile_cond, model_m, picard_loop, prepare
+from .picard import cond_rows_of, tile_cond, model_m, picard_loop, prepare
 from .schedule import StepCoefficients
 
 
@@ -64,7 +64,7 @@ def _switched(make_map, scheduler, x_T, noise, cond, stiffness, window, tol, max
     coeffs, nt, cond = prepare(scheduler, x_T, noise, cond, coeffs)
     S = coeffs.num_steps
     w = S if window is None else max(1, min(int(window), S))
-    map_fn = make_map(coeffs, _tile_cond(cond, w))
+    map_fn = make_map(coeffs, tile_cond(cond, w))
     Y, stats = picard_loop(
         map_fn, coeffs, x_T, nt, window=w, tol=tol, max_iters=max_iters, should_stop=should_stop,
         fixed_shape=fixed_shape, lambda_fn=_schedule(stiffness, S), anderson=anderson, start=start,
@@ -119,7 +119,7 @@ def sample_switched(
         pcm_coeffs = coeffs.unclipped()
 
         def map_fn(X, idx_rows, t, lam):
-            c = _cond_rows(cond_rep, idx_rows.shape[0])
+            c = cond_rows_of(cond_rep, idx_rows.shape[0])
             m_base = None if lam >= 1.0 else model_m(base, coeffs, X, idx_rows, t, c)
             if lam <= 0.0:
                 return m_base, 1
@@ -173,7 +173,7 @@ def sample_lora_switched(
         pcm_coeffs = coeffs.unclipped()
 
         def map_fn(X, idx_rows, t, lam):
-            c = _cond_rows(cond_rep, idx_rows.shape[0])
+            c = cond_rows_of(cond_rep, idx_rows.shape[0])
             step = coeffs if lam <= 0.0 else pcm_coeffs  # W0 + lam * dW is (partly) the PCM: its map is unclipped
             return model_m(denoiser, step, X, idx_rows, t, c, float(lam)), 1
 
