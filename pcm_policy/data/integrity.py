@@ -16,12 +16,15 @@ import os
 import struct
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
-import zarr
 
 from pcm_policy.errors import DatasetError
+
+if TYPE_CHECKING:  # zarr is imported where a zarr array is checked: the hdf5 path (and the GPU image) has no zarr
+    import zarr
 
 _BLOSC_HEADER = 16  # Blosc 1 header: version, versionlz, flags, typesize, then uint32 LE nbytes, blocksize, cbytes
 
@@ -93,6 +96,8 @@ class RawZarrStore:
 
 def _chunk_codec(arr: zarr.Array) -> str | None:
     """'raw' (stored bytes = chunk bytes), 'blosc', or None (another codec: its decoder reports truncation)."""
+    import zarr
+
     meta = arr.metadata
     if isinstance(meta, zarr.core.metadata.ArrayV2Metadata):
         if meta.filters:
