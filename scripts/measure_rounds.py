@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from pcm_policy.checkpoint import load_policy
+from pcm_policy.data.windows import checkpoint_observations
 from pcm_policy.sampler_config import SamplerConfig
 from pcm_policy.sampling import (AndersonConfig, StepCoefficients, sample_lora_switched, sample_picard,
                                  sample_sequential)
-from pcm_policy.training import checkpoint_observations
 
 SCHEDULES = {"ddim10": ("ddim", 10), "ddpm100": ("ddpm", 100)}
 
