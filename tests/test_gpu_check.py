@@ -72,8 +72,11 @@ def test_dry_run_writes_the_device_files(tmp_path):
     assert all(re.fullmatch(r"[A-Za-z0-9._-]+", n) and (tmp_path / n).stat().st_size > 0 for n in names)
     report = json.loads((tmp_path / "gpu_bench.json").read_text())
     assert report["device"].startswith("cpu") and report["command"].endswith("--dry-run")
-    assert {(r["sampler"], r["base"]) for r in report["rows"]} == {(s, b) for s in SAMPLERS
-                                                                   for b in ("ddim10", "ddpm100")}
+    bases = ("ddim10", "ddpm100")
+    assert {(r["algorithm"], r["base"]) for r in report["rows"]} == {(s, b) for s in SAMPLERS for b in bases}
+    # every iterative sampler also as its Anderson-accelerated variant (configs/bench.yaml `accelerated`)
+    assert {(r["algorithm"], r["base"]) for r in report["rows"] if r["accel"] == "anderson"} == {
+        (s, b) for s in SAMPLERS if s != "sequential" for b in bases}
     assert all(s["status"] == "ok" for s in report["steps"]), report["steps"]
     assert re.fullmatch(r"\d+ passed, \d+ deselected", report["tests"]), report["tests"]  # none failed or skipped
     assert "| pcm_lora | ddim10 |" in (tmp_path / "gpu_bench.md").read_text()
