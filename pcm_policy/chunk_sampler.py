@@ -15,6 +15,7 @@ import torch
 from pcm_policy.errors import ConfigError
 from pcm_policy.sampler_config import SamplerConfig, build_scheduler
 from pcm_policy.sampling import SamplerStats, StepCoefficients
+from pcm_policy.validation import steps_for
 
 
 class ChunkSampler:
@@ -40,10 +41,7 @@ class ChunkSampler:
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         self.config = SamplerConfig.from_mapping(config)
         cfg = self.config
-        limit = int(train_scheduler_config["num_train_timesteps"])
-        if cfg.steps > limit:
-            raise ConfigError(f"sampler.steps={cfg.steps}: the policy was trained with {limit} timesteps "
-                              f"(sampler.steps must be <= {limit})")
+        steps_for(f"sampler.steps={cfg.steps}", cfg.steps, int(train_scheduler_config["num_train_timesteps"]))
         if cfg.needs_pcm and pcm is None:
             raise ConfigError(f"sampler.pcm_checkpoint: sampler={cfg.name} needs a PCM "
                               "(load one with sampler.pcm_checkpoint=<dir>)")

@@ -214,7 +214,6 @@ def evaluate(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """
     from pcm_policy.checkpoint import load_policy
     from pcm_policy.runtime import resolve_device
-    from pcm_policy.sampler_config import SamplerConfig
     from pcm_policy.validation import validate_eval
 
     validate_eval(cfg)  # every option, against the checkpoint, before any env starts

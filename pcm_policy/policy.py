@@ -264,10 +264,7 @@ class DiffusionPolicy(nn.Module):
         Raises:
             ConfigError: an invalid sampler config.
         """
-        if isinstance(sampler, ChunkSampler):
-            return sampler.scheduler
-        cfg = SamplerConfig.from_mapping(sampler)
-        return self.sampler(SamplerConfig(name="sequential", scheduler=cfg.scheduler, steps=cfg.steps)).scheduler
+        return self._schedule_sampler(sampler).scheduler
 
     def make_noise(self, batch_size: int, sampler: SamplerConfig | Mapping[str, Any] | ChunkSampler,
                    generator: torch.Generator | None = None):
@@ -281,10 +278,14 @@ class DiffusionPolicy(nn.Module):
         Raises:
             ConfigError: an invalid sampler config.
         """
-        if not isinstance(sampler, ChunkSampler):
-            cfg = SamplerConfig.from_mapping(sampler)
-            sampler = self.sampler(SamplerConfig(name="sequential", scheduler=cfg.scheduler, steps=cfg.steps))
-        return sampler.make_noise(batch_size, generator)
+        return self._schedule_sampler(sampler).make_noise(batch_size, generator)
+
+    def _schedule_sampler(self, sampler: SamplerConfig | Mapping[str, Any] | ChunkSampler) -> ChunkSampler:
+        """`sampler` itself, or the cached sequential sampler of a config's schedule (no PCM needed)."""
+        if isinstance(sampler, ChunkSampler):
+            return sampler
+        cfg = SamplerConfig.from_mapping(sampler)
+        return self.sampler(SamplerConfig(name="sequential", scheduler=cfg.scheduler, steps=cfg.steps))
 
     @torch.no_grad()
     def predict_chunk(
@@ -297,8 +298,8 @@ class DiffusionPolicy(nn.Module):
     ) -> ChunkResult:
         """Sample one action chunk per observation history.
 
-        A chunk that did not converge (stopped early) is clamped to [-1, 1] in normalized units, the range the
-        policy was trained on, before unnormalizing.
+        A chunk that did not converge (stopped early) is clamped to the normalized range of the training actions
+        (`normalized_action_range`) before unnormalizing.
 
         Args:
             obs_history: (B, To, Do) or (To, Do), float, in env units.

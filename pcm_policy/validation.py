@@ -324,20 +324,21 @@ def _expect_task(key: str, ckpt: Path, card: Mapping[str, Any], task: str) -> No
         raise CheckpointError(f"{key}={ckpt}: checkpoint is for task {card.get('task')!r}, not task={task!r}")
 
 
-def steps_for(label: str, steps: int, T: int, ckpt) -> None:
+def steps_for(label: str, steps: int, T: int, ckpt=None) -> None:
     """A sampler cannot take more steps than the policy's training timesteps (diffusers' `set_timesteps`).
 
     Args:
         label: the option as the message names it, e.g. `sampler.steps=200`.
         steps: the sampler's S.
         T: the policy's training timesteps.
-        ckpt: the checkpoint the policy comes from, for the message.
+        ckpt: the checkpoint the policy comes from, for the message (None: not named).
 
     Raises:
         ConfigError: `steps` > `T`.
     """
     if steps > T:
-        raise ConfigError(f"{label}: {steps} sampling steps exceed the {T} diffusion timesteps the policy in {ckpt} "
+        policy = "the policy" if ckpt is None else f"the policy in {ckpt}"
+        raise ConfigError(f"{label}: {steps} sampling steps exceed the {T} diffusion timesteps {policy} "
                           f"was trained with (policy.noise_scheduler.num_train_timesteps); use at most {T}")
 
 

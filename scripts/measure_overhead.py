@@ -37,7 +37,7 @@ def main() -> None:
             shapes: list[int] = []
             hook = policy.model.register_forward_pre_hook(lambda m, a: shapes.append(a[0].shape[0]))
             t0 = time.perf_counter()
-            out = policy.predict_chunk(obs, cfg, noise=noise)
+            policy.predict_chunk(obs, cfg, noise=noise)
             t1 = time.perf_counter()
             hook.remove()
             n_calls = len(shapes)
