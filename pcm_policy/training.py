@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from pcm_policy import checkpoint as ckpt_io
 from pcm_policy import distributed
 from pcm_policy.atomic import atomic_write_text
+from pcm_policy.config import resolve_path
 from pcm_policy.data.windows import Windows, build_dataset
 from pcm_policy.errors import CheckpointError, ConfigError, PcmError
 from pcm_policy.policy import DiffusionPolicy, PolicyConfig
@@ -121,6 +122,10 @@ def _train(cfg: Mapping[str, Any], ctx: distributed.Dist) -> dict[str, Any]:
     policy_config = PolicyConfig.from_mapping(cfg["policy"], obs_dim=dataset.obs_dim, action_dim=dataset.action_dim)
     policy = DiffusionPolicy(policy_config, dataset.get_normalizer(cfg["dataset"].get("normalizer", "limits"))).to(device)
     card = policy_card(cfg, policy_config)
+    latest = ckpt_io.latest_checkpoint(out)
+    init_from = tcfg.get("init_from")
+    if init_from and latest is None:  # a resumed run already holds its own weights
+        _init_weights(init_from, card, policy)
     model = ctx.wrap(policy.model)  # DDP (or the network itself): the forward pass whose gradients are averaged
 
     steps = int(tcfg["steps"])
@@ -132,7 +137,6 @@ def _train(cfg: Mapping[str, Any], ctx: distributed.Dist) -> dict[str, Any]:
                    power=tcfg["ema_power"], inv_gamma=1.0)
 
     start_step = 0
-    latest = ckpt_io.latest_checkpoint(out)
     if latest is not None:
         start_step = _resume(latest, cfg, card, policy, optimizer, lr_schedule, ema)
         if ctx.is_main:
@@ -213,7 +217,7 @@ def _train(cfg: Mapping[str, Any], ctx: distributed.Dist) -> dict[str, Any]:
                "val_loss": _val_loss(policy, ema, val_windows, cfg["seed"], device),
                "train_windows": len(train_windows), "episodes": dataset.n_episodes,
                "wall_s": round(time.perf_counter() - t0, 2), "checkpoint": str(final), "device": str(device),
-               "processes": ctx.world_size}
+               "processes": ctx.world_size, "init_from": init_from}
     _plot_loss(out, log_path)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
@@ -254,6 +258,20 @@ def _save(out: Path, step: int, cfg, card, policy, optimizer, lr_schedule, ema, 
     ckpt_io.save_checkpoint(ckpt_io.step_dir(out, step), card, _ema_weights(policy, ema), config=cfg,
                             train_state=train_state)
     ckpt_io.prune_checkpoints(out, keep)
+
+
+def _init_weights(init_from: str, card: Mapping[str, Any], policy: DiffusionPolicy) -> None:
+    """Start from another run's network weights (fine-tuning); the normalizer stays the one fitted on this
+    run's dataset, so actions outside the old range remain reachable under clip_sample."""
+    ckpt = ckpt_io.resolve_checkpoint(resolve_path(init_from))
+    old = ckpt_io.read_card(ckpt)
+    if old.get("task") != card["task"] or old.get("policy") != card["policy"]:
+        raise CheckpointError(f"train.init_from={init_from}: checkpoint {ckpt} has another task or policy shape "
+                              f"(task {old.get('task')!r}, obs_dim {old.get('policy', {}).get('obs_dim')}) than "
+                              f"this run (task {card['task']!r}, obs_dim {card['policy'].get('obs_dim')})")
+    state = ckpt_io.read_weights(ckpt / ckpt_io.POLICY_WEIGHTS)
+    # copy_ casts, so fp16 exported weights start an fp32 run
+    policy.model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
 
 
 def _resume(latest: Path, cfg, card, policy, optimizer, lr_schedule, ema) -> int:

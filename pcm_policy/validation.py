@@ -521,6 +521,19 @@ def validate_train(cfg) -> None:
     integer(cfg, "train.log_every", 1)
     integer(cfg, "train.checkpoint_every", 1)
     integer(cfg, "train.keep_checkpoints", 1)
+    init = text(cfg, "train.init_from", null=True)
+    if init:
+        from pcm_policy.policy import PolicyConfig
+
+        ckpt, card = read_base_card("train.init_from", init)
+        _expect_task("train.init_from", ckpt, card, lookup(cfg, "task.name"))
+        ours = PolicyConfig.from_mapping(lookup(cfg, "policy"), obs_dim=1, action_dim=1).to_dict()
+        theirs = dict(card.get("policy", {}))
+        diff = sorted(k for k in ours if k not in ("obs_dim", "action_dim") and theirs.get(k) != ours[k])
+        if diff:
+            raise CheckpointError(f"train.init_from={init}: checkpoint {ckpt} has another policy shape "
+                                  f"({', '.join(f'{k}={theirs.get(k)!r}' for k in diff)}; this run: "
+                                  f"{', '.join(f'{k}={ours[k]!r}' for k in diff)})")
 
 
 def validate_eval(cfg) -> None:

@@ -75,6 +75,39 @@ def test_resume_refuses_other_policy_shape(tmp_path, small_zarr):
         train(cfg)
 
 
+def test_init_from_starts_from_another_runs_weights(tmp_path, small_zarr):
+    train(_cfg(tmp_path, small_zarr, out="first", steps=6, checkpoint_every=6, lr=1e-3))
+    first = ckpt_io.latest_checkpoint(tmp_path / "first")
+    # lr=1e-12 barely moves the weights: the run must end where the initial checkpoint's weights were
+    metrics = train(_cfg(tmp_path, small_zarr, out="tuned", steps=2, checkpoint_every=2, lr=1e-12,
+                         init_from=str(first)))
+    assert metrics["init_from"] == str(first)
+    a = ckpt_io.read_weights(first / "policy.safetensors")
+    b = ckpt_io.read_weights(ckpt_io.latest_checkpoint(tmp_path / "tuned") / "policy.safetensors")
+    for k in a:
+        if k.startswith("model."):
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+    fresh = ckpt_io.read_weights(ckpt_io.latest_checkpoint(tmp_path / "first") / "policy.safetensors")
+    assert fresh.keys() == b.keys()
+
+
+def test_init_from_refuses_other_shape_or_task_before_work(tmp_path, small_zarr):
+    train(_cfg(tmp_path, small_zarr, out="first", steps=2, checkpoint_every=2))
+    first = ckpt_io.latest_checkpoint(tmp_path / "first")
+    cfg = _cfg(tmp_path, small_zarr, out="wider", steps=2, init_from=str(first))
+    cfg["policy"]["down_dims"] = [8, 16]
+    with pytest.raises(CheckpointError, match=r"train.init_from=.*down_dims=\[16, 32\]"):
+        train(cfg)
+    cfg = _cfg(tmp_path, small_zarr, out="other_task", steps=2, init_from=str(first))
+    cfg["task"]["name"] = "lift"
+    with pytest.raises(CheckpointError, match="train.init_from=.*task 'pusht'"):
+        train(cfg)
+    with pytest.raises(CheckpointError, match="train.init_from"):
+        train(_cfg(tmp_path, small_zarr, out="missing", steps=2, init_from=str(tmp_path / "nothing")))
+    assert not (tmp_path / "wider").exists() and not (tmp_path / "other_task").exists()
+    assert not (tmp_path / "missing").exists()
+
+
 def test_batch_schedule_is_deterministic_and_covers_epoch():
     a = [batch_indices(10, 4, seed=1, step=s) for s in range(2)]
     b = [batch_indices(10, 4, seed=1, step=s) for s in range(2)]
