@@ -19,3 +19,25 @@ class ConfigError(PcmError):
 
 class CheckpointError(PcmError):
     """A checkpoint is missing, corrupt or does not match the requested config."""
+
+
+def missing_dataset(path) -> DatasetError:
+    """The error for a dataset path that does not exist; for a scripted-expert dataset (`<task>_expert.zarr` or
+    `.hdf5`, e.g. PickPlaceCan's, which ships as its command only) it says how to regenerate it.
+
+    Args:
+        path: the missing file or directory.
+
+    Returns:
+        A DatasetError to raise.
+    """
+    import re
+    from pathlib import Path
+
+    p = Path(path)
+    msg = f"{path}: no such file or directory"
+    match = re.fullmatch(r"(\w+)_expert\.(hdf5|zarr)", p.name)
+    if match:
+        msg += (f" (regenerate it with the scripted expert: pcm collect task={match[1]} output_dir={p.parent}; "
+                f"see data/{match[1]}/README.md for the episode count and seed)")
+    return DatasetError(msg)

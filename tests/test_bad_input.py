@@ -143,3 +143,14 @@ def test_absent_cuda_is_one_line_for_every_command(runs, tmp_path):
         assert_user_error(pcm(command, *args, "device=cuda", f"output_dir={out}"), "device='cuda'", "CUDA")
     assert_user_error(pcm("train", f"dataset.path={data}", "device=tpu", f"output_dir={out}"), "device='tpu'")
     assert_nothing_written(out)
+
+
+def test_missing_expert_dataset_says_how_to_regenerate_it(tmp_path):
+    """PickPlaceCan's demonstrations ship as their command only: a missing one names the file and the command."""
+    missing = tmp_path / "can" / "can_expert.hdf5"
+    result = pcm("train", "task=can", f"dataset.path={missing}", f"output_dir={tmp_path / 'run'}", "train.steps=1")
+    assert_user_error(result, str(missing), "no such file", f"pcm collect task=can output_dir={missing.parent}",
+                      "data/can/README.md")
+    assert not (tmp_path / "run").exists()
+    result = pcm("data", "info", str(tmp_path / "pusht_expert.zarr"))
+    assert_user_error(result, "no such file", "pcm collect task=pusht")

@@ -43,3 +43,32 @@ def test_shipped_policy_and_pcm_lora(schedule):
         out = policy.predict_chunk(obs, sampler, noise=noise)
         assert out.stats.converged
         torch.testing.assert_close(out.action_pred, ref.action_pred, rtol=1e-5, atol=1e-3)
+
+
+ROBOMIMIC = Path(__file__).resolve().parents[1] / "data"
+
+
+@pytest.mark.parametrize("task, obs_dim", [("lift", 19), ("can", 23)])
+def test_shipped_robomimic_policy_and_pcm_lora(task, obs_dim):
+    """The robomimic bases ship without (Can) or with (Lift) their data; observations are drawn inside the
+    normalizer's range, so the check needs no dataset."""
+    base = ROBOMIMIC / task / "base"
+    if not base.is_dir():
+        pytest.skip(f"no shipped {task} base")
+    policy, card = load_policy(base)
+    assert card["task"] == task and policy.config.obs_dim == obs_dim and policy.config.action_dim == 7
+    u = torch.rand(2, policy.config.n_obs_steps, obs_dim, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    obs = policy.normalizer.unnormalize("obs", u)
+    seq = SamplerConfig(name="sequential", scheduler="ddim", steps=10)
+    noise = policy.make_noise(len(obs), seq, torch.Generator().manual_seed(0))
+    ref = policy.predict_chunk(obs, seq, noise=noise)
+    assert torch.isfinite(ref.action).all()
+    assert (ref.action.abs() <= 1.0 + 1e-4).all()  # robosuite delta actions live in [-1, 1]
+    pcm_dir = ROBOMIMIC / task / "pcm_lora_ddim10"
+    assert pcm_dir.is_dir(), f"{pcm_dir}: every shipped robomimic base ships its DDIM-10 PCM"
+    for name in ("pcm", "pcm_lora"):
+        sampler = load_sampler(policy, SamplerConfig(name=name, scheduler="ddim", steps=10, tol=0.0), "cpu",
+                               str(pcm_dir))
+        out = policy.predict_chunk(obs, sampler, noise=noise)
+        assert out.stats.converged
+        torch.testing.assert_close(out.action_pred, ref.action_pred, rtol=1e-5, atol=1e-3)

@@ -10,7 +10,7 @@ import numpy as np
 
 from pcm_policy.data.replay_buffer import describe_zarr
 from pcm_policy.data.robomimic import RobomimicFile
-from pcm_policy.errors import DatasetError
+from pcm_policy.errors import DatasetError, missing_dataset
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -27,7 +27,7 @@ def detect_format(path: str | os.PathLike) -> str:
     """
     p = Path(path)
     if not p.exists():
-        raise DatasetError(f"{path}: no such file or directory")
+        raise missing_dataset(path)
     if p.is_dir():
         if any((p / marker).exists() for marker in (".zgroup", "zarr.json")):
             return "zarr"

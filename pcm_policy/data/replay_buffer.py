@@ -18,7 +18,7 @@ import zarr
 
 from pcm_policy.atomic import atomic_path
 from pcm_policy.data.integrity import RawZarrStore, check_zarr_array
-from pcm_policy.errors import DatasetError
+from pcm_policy.errors import DatasetError, missing_dataset
 
 ENDS_KEY = "meta/episode_ends"
 _CHUNK_BYTES = 1 << 20  # default chunk: about 1 MiB of rows, the scale Diffusion Policy's files use
@@ -40,7 +40,7 @@ def open_zarr_group(path: str | os.PathLike) -> Iterator[zarr.Group]:
     """
     p = Path(path)
     if not p.exists():
-        raise DatasetError(f"{path}: no such file or directory")
+        raise missing_dataset(path)
     store = None
     try:
         if p.is_file():

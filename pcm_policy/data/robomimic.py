@@ -18,7 +18,7 @@ import numpy as np
 from pcm_policy.atomic import atomic_path
 from pcm_policy.data.integrity import check_hdf5_dataset
 from pcm_policy.data.rotation import abs_action_to_10d
-from pcm_policy.errors import DatasetError
+from pcm_policy.errors import DatasetError, missing_dataset
 
 DEFAULT_OBS_KEYS = ("object", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
 _DEMO_RE = re.compile(r"^demo_(\d+)$")
@@ -54,7 +54,7 @@ class RobomimicFile:
     def __init__(self, path: str | os.PathLike):
         self.path = str(path)
         if not Path(path).exists():
-            raise DatasetError(f"{path}: no such file")
+            raise missing_dataset(path)
         if Path(path).is_dir() or not h5py.is_hdf5(path):
             raise DatasetError(f"{path}: not an HDF5 file")
         try:
