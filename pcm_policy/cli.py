@@ -195,21 +195,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     overrides_command("train", _cmd_train, "Train a Diffusion-Policy action head (DDPM) on a dataset.",
                       "  task=pusht|lift|can  policy=unet_small|unet_dp  dataset.path=FILE  train.steps=N\n"
-                      "  train.batch_size=N  train.checkpoint_every=N  seed=N  device=auto|cpu|cuda  output_dir=DIR")
+                      "  train.batch_size=N  train.checkpoint_every=N  train.init_from=CKPT  seed=N  device=auto|cpu|cuda  output_dir=DIR")
     overrides_command("eval", _cmd_eval, "Closed-loop evaluation on the test seeds (100000+i), with videos.",
-                      "  checkpoint=DIR  policy=checkpoint|expert  sampler=sequential|ddim|picard|pcm|pcm_lora\n"
+                      "  checkpoint=DIR  policy=checkpoint|expert  sampler=sequential|ddim|picard|picard_aa|pcm|pcm_lora|pcm_lora_aa\n"
                       "  task=pusht|lift|can  episodes=50  n_envs=10  vector=sync|async  videos=2  output_dir=DIR")
     overrides_command("collect", _cmd_collect, "Record scripted-expert demonstrations in the real dataset formats.",
                       "  task=pusht|lift|can  episodes=N  seed=0  keep_failed=false  images=false  overwrite=false  output_dir=DIR\n"
                       "  (re-running after an interruption resumes at the next episode)")
     overrides_command("train-pcm", _cmd_train_pcm, "Picard Consistency Training: fit a PCM (LoRA or full) to a base policy.",
-                      "  base=CKPT  mode=lora|full  lora_rank=16  trajectories=128  epochs=50  batch_size=8\n"
-                      "  eval_tol=0.1  stiffness=null  device=auto  output_dir=DIR")
+                      "  base=CKPT  mode=lora|full  lora_rank=64  scheduler=ddim|ddpm  steps=10  start=x_T|noise_sum|x0_chain  trajectories=8192\n"
+                      "  epochs=20  batch_size=32  eval_tol=0.1  stiffness=null  device=auto  output_dir=DIR")
     overrides_command("bench", _cmd_bench, "Latency benchmark: sequential DDPM/DDIM, Picard, PCM and PCM-LoRA side by side.",
                       "  checkpoint=DIR  pcm.ddpm100=DIR  pcm_lora.ddim10=DIR  bases=[ddpm100,ddim10,ddim16]\n"
                       "  chunks=1000  tol=0.1  window=null  threads=1  episodes=0  device=auto  output_dir=DIR")
     overrides_command("demo", _cmd_demo, "The main job: closed-loop PushT with PCM-LoRA, then a latency comparison.",
-                      "  checkpoint=DIR  pcm_lora.ddim10=DIR  episodes=5  chunks=100  task=pusht|lift  device=auto")
+                      "  checkpoint=DIR  pcm_lora.ddim10=DIR  episodes=5  chunks=200  task=pusht|lift|can  device=auto")
     return parser
 
 

@@ -642,6 +642,7 @@ def validate_bench(cfg) -> None:
     output_dir(cfg)
     ckpt, card = read_base_card("checkpoint", lookup(cfg, "checkpoint", None))
     _expect_task("checkpoint", ckpt, card, cfg["task"]["name"])
+    observations_dataset(card)
     bases = _bases(cfg, "bases", num_train_timesteps(card), ckpt)
     integer(cfg, "chunks", 1)
     by_base = lookup(cfg, "chunks_by_base", None) or {}
@@ -701,6 +702,7 @@ def validate_demo(cfg) -> None:
         ckpt, card = read_base_card("checkpoint", resolved)
         _expect_task("checkpoint", ckpt, card, cfg["task"]["name"])
         T = num_train_timesteps(card)
+        observations_dataset(card)  # the latency comparison draws its observations from it
     bases = _bases(cfg, "bases", T, ckpt)
     if ckpt is not None:
         for group in ("pcm", "pcm_lora"):
@@ -712,6 +714,24 @@ def validate_demo(cfg) -> None:
     # the stand-in base (no shipped checkpoint) gets stand-in PCMs, so only the sampler's own keys are checked.
     check_sampler(cfg, T, ckpt, pcm_key=f"pcm_lora.{sampler.get('scheduler')}{sampler.get('steps')}",
                   check_pcm=ckpt is not None)
+
+
+def observations_dataset(card: Mapping[str, Any]) -> None:
+    """The dataset a base was trained on, from which `pcm bench` and `pcm demo` draw observations, must exist.
+
+    Args:
+        card: the base checkpoint's card (`dataset`: the path it was trained on).
+
+    Raises:
+        DatasetError: it does not exist (naming the file and, for a scripted-expert dataset, the command that
+            regenerates it).
+    """
+    from pcm_policy.config import resolve_path
+    from pcm_policy.errors import missing_dataset
+
+    path = card.get("dataset")
+    if path and not resolve_path(path).exists():
+        raise missing_dataset(path)
 
 
 def _is_shipped_base(path) -> bool:

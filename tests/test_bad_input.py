@@ -149,8 +149,21 @@ def test_missing_expert_dataset_says_how_to_regenerate_it(tmp_path):
     """PickPlaceCan's demonstrations ship as their command only: a missing one names the file and the command."""
     missing = tmp_path / "can" / "can_expert.hdf5"
     result = pcm("train", "task=can", f"dataset.path={missing}", f"output_dir={tmp_path / 'run'}", "train.steps=1")
-    assert_user_error(result, str(missing), "no such file", f"pcm collect task=can output_dir={missing.parent}",
-                      "data/can/README.md")
+    assert_user_error(result, str(missing), "no such file",
+                      f"pcm collect task=can episodes=200 seed=0 output_dir={missing.parent}", "data/can/README.md")
     assert not (tmp_path / "run").exists()
     result = pcm("data", "info", str(tmp_path / "pusht_expert.zarr"))
-    assert_user_error(result, "no such file", "pcm collect task=pusht")
+    assert_user_error(result, "no such file", "pcm collect task=pusht episodes=500 seed=0")
+
+
+def test_bench_and_demo_refuse_a_base_whose_dataset_is_missing_before_work(runs, tmp_path):
+    """Both draw their observations from the base's dataset: a missing one is refused before any episode runs."""
+    base = tmp_path / "base"
+    shutil.copytree(runs / "base", base)
+    for card in base.rglob("policy.yaml"):
+        card.write_text(card.read_text().replace(str(runs / "d.zarr"), str(tmp_path / "gone" / "pusht_expert.zarr")))
+    for cmd, extra in (("bench", ["chunks=2", "bases=[ddim10]"]), ("demo", ["episodes=1", "chunks=2", "bases=[ddim10]"])):
+        out = tmp_path / f"out_{cmd}"
+        result = pcm(cmd, f"checkpoint={base}", f"output_dir={out}", "threads=1", *extra)
+        assert_user_error(result, "pusht_expert.zarr: no such file", "pcm collect task=pusht")
+        assert not out.exists()
