@@ -76,7 +76,7 @@ def _cmd_eval(cfg: dict) -> int:
     cov = f", mean max coverage {m['mean_max_coverage']:.3f}" if "mean_max_coverage" in m else ""
     lo, hi = m["success_ci95"]
     print(f"{m['task']}: success {m['success_rate']:.2f} (95% Wilson interval [{lo:.2f}, {hi:.2f}]), "
-          f"score {m['score']:.3f} over {m['episodes']} episodes{cov}")
+          f"score {m['score']:.3f} over {m['episodes']} episode{'s' if m['episodes'] != 1 else ''}{cov}")
     for video in m.get("videos", []):
         print(f"video: {video}")
     print(f"metrics: {os.path.join(cfg['output_dir'], 'metrics.json')}")
