@@ -141,6 +141,23 @@ def read_card(ckpt: Path) -> dict[str, Any]:
     return card
 
 
+def read_run_config(ckpt: Path) -> dict[str, Any]:
+    """The run config (`config.yaml`) checkpoint directory `ckpt` was trained with; it names the dataset.
+
+    Raises:
+        CheckpointError: the checkpoint has no readable run config.
+    """
+    try:
+        config = yaml.safe_load((Path(ckpt) / RUN_CONFIG).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{ckpt}: no {RUN_CONFIG}; cannot tell which dataset it was trained on") from None
+    except (OSError, yaml.YAMLError) as e:
+        raise CheckpointError(f"{Path(ckpt) / RUN_CONFIG}: unreadable ({type(e).__name__})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("dataset"), dict):
+        raise CheckpointError(f"{Path(ckpt) / RUN_CONFIG}: not a run config (no 'dataset' section)")
+    return config
+
+
 def read_weights(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file, in their stored dtypes, on `device`.
 

@@ -262,13 +262,14 @@ def _save(out: Path, step: int, cfg, card, policy, optimizer, lr_schedule, ema, 
 
 def _init_weights(init_from: str, card: Mapping[str, Any], policy: DiffusionPolicy) -> None:
     """Start from another run's network weights (fine-tuning); the normalizer stays the one fitted on this
-    run's dataset, so actions outside the old range remain reachable under clip_sample."""
+    run's dataset, so actions outside the old range remain reachable under clip_sample. Task and network shape
+    were checked by validate_train; the observation and action sizes are known only once the data is read."""
     ckpt = ckpt_io.resolve_checkpoint(resolve_path(init_from))
-    old = ckpt_io.read_card(ckpt)
-    if old.get("task") != card["task"] or old.get("policy") != card["policy"]:
-        raise CheckpointError(f"train.init_from={init_from}: checkpoint {ckpt} has another task or policy shape "
-                              f"(task {old.get('task')!r}, obs_dim {old.get('policy', {}).get('obs_dim')}) than "
-                              f"this run (task {card['task']!r}, obs_dim {card['policy'].get('obs_dim')})")
+    old = ckpt_io.read_card(ckpt)["policy"]
+    for dim in ("obs_dim", "action_dim"):
+        if old.get(dim) != card["policy"][dim]:
+            raise CheckpointError(f"train.init_from={init_from}: checkpoint {ckpt} has {dim}={old.get(dim)}, "
+                                  f"this run's dataset {card['policy'][dim]}")
     state = ckpt_io.read_weights(ckpt / ckpt_io.POLICY_WEIGHTS)
     # copy_ casts, so fp16 exported weights start an fp32 run
     policy.model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})

@@ -588,6 +588,8 @@ def validate_train_pcm(cfg) -> None:
     data = text(cfg, "dataset_path", null=True)
     if data is not None and not resolve_path(data).exists():
         raise ConfigError(f"dataset_path={data}: no such file or directory")
+    if data is None and lookup(cfg, "observations", "dataset") == "dataset":
+        observations_dataset(ckpt)
     integer(cfg, "trajectories", 1)
     integer(cfg, "collect_batch", 1)
     number(cfg, "collect_tol", 0)
@@ -642,7 +644,7 @@ def validate_bench(cfg) -> None:
     output_dir(cfg)
     ckpt, card = read_base_card("checkpoint", lookup(cfg, "checkpoint", None))
     _expect_task("checkpoint", ckpt, card, cfg["task"]["name"])
-    observations_dataset(card)
+    observations_dataset(ckpt)
     bases = _bases(cfg, "bases", num_train_timesteps(card), ckpt)
     integer(cfg, "chunks", 1)
     by_base = lookup(cfg, "chunks_by_base", None) or {}
@@ -702,7 +704,7 @@ def validate_demo(cfg) -> None:
         ckpt, card = read_base_card("checkpoint", resolved)
         _expect_task("checkpoint", ckpt, card, cfg["task"]["name"])
         T = num_train_timesteps(card)
-        observations_dataset(card)  # the latency comparison draws its observations from it
+        observations_dataset(ckpt)  # the latency comparison draws its observations from it
     bases = _bases(cfg, "bases", T, ckpt)
     if ckpt is not None:
         for group in ("pcm", "pcm_lora"):
@@ -716,20 +718,23 @@ def validate_demo(cfg) -> None:
                   check_pcm=ckpt is not None)
 
 
-def observations_dataset(card: Mapping[str, Any]) -> None:
-    """The dataset a base was trained on, from which `pcm bench` and `pcm demo` draw observations, must exist.
+def observations_dataset(ckpt: Path) -> None:
+    """The dataset a base was trained on (its run config's `dataset.path`, which `checkpoint_observations`
+    reads), from which `pcm bench`, `pcm demo` and `pcm train-pcm` draw observations, must exist.
 
     Args:
-        card: the base checkpoint's card (`dataset`: the path it was trained on).
+        ckpt: the base checkpoint directory.
 
     Raises:
-        DatasetError: it does not exist (naming the file and, for a scripted-expert dataset, the command that
-            regenerates it).
+        CheckpointError: the checkpoint has no readable run config.
+        DatasetError: the dataset does not exist (naming the file and, for a scripted-expert dataset, the
+            command that regenerates it).
     """
+    from pcm_policy.checkpoint import read_run_config
     from pcm_policy.config import resolve_path
     from pcm_policy.errors import missing_dataset
 
-    path = card.get("dataset")
+    path = read_run_config(ckpt)["dataset"].get("path")
     if path and not resolve_path(path).exists():
         raise missing_dataset(path)
 

@@ -156,14 +156,17 @@ def test_missing_expert_dataset_says_how_to_regenerate_it(tmp_path):
     assert_user_error(result, "no such file", "pcm collect task=pusht episodes=500 seed=0")
 
 
-def test_bench_and_demo_refuse_a_base_whose_dataset_is_missing_before_work(runs, tmp_path):
-    """Both draw their observations from the base's dataset: a missing one is refused before any episode runs."""
+def test_bench_demo_and_train_pcm_refuse_a_base_whose_dataset_is_missing_before_work(runs, tmp_path):
+    """All three draw observations from the base's dataset: a missing one is refused before any work."""
     base = tmp_path / "base"
     shutil.copytree(runs / "base", base)
-    for card in base.rglob("policy.yaml"):
-        card.write_text(card.read_text().replace(str(runs / "d.zarr"), str(tmp_path / "gone" / "pusht_expert.zarr")))
-    for cmd, extra in (("bench", ["chunks=2", "bases=[ddim10]"]), ("demo", ["episodes=1", "chunks=2", "bases=[ddim10]"])):
+    for run_config in base.rglob("config.yaml"):  # the dataset the checkpoint was trained on, moved away
+        run_config.write_text(run_config.read_text().replace(str(runs / "d.zarr"),
+                                                              str(tmp_path / "gone" / "pusht_expert.zarr")))
+    for cmd, extra in (("bench", ["chunks=2", "bases=[ddim10]"]), ("demo", ["episodes=1", "chunks=2", "bases=[ddim10]"]),
+                       ("train-pcm", ["steps=8", "lora_rank=2"])):
         out = tmp_path / f"out_{cmd}"
-        result = pcm(cmd, f"checkpoint={base}", f"output_dir={out}", "threads=1", *extra)
+        key = "base" if cmd == "train-pcm" else "checkpoint"
+        result = pcm(cmd, f"{key}={base}", f"output_dir={out}", "threads=1", *extra)
         assert_user_error(result, "pusht_expert.zarr: no such file", "pcm collect task=pusht")
         assert not out.exists()

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import torch
 
 from pcm_policy.data.lowdim_dataset import LowDimDataset
-from pcm_policy.errors import CheckpointError, ConfigError
+from pcm_policy.errors import ConfigError
 
 
 @dataclass
@@ -67,20 +67,15 @@ def checkpoint_observations(ckpt: Path, dataset_path: str | None = None) -> tupl
     the file).
 
     Raises:
-        CheckpointError: the checkpoint has no run config (`config.yaml`).
+        CheckpointError: the checkpoint has no readable run config (`config.yaml`).
         ConfigError, DatasetError: as `build_dataset`.
 
     An empty validation split (`dataset.val_ratio=0`, or too few episodes) gives an empty (0, To, Do) tensor.
     """
-    import yaml
-
     from pcm_policy import checkpoint as ckpt_io
     from pcm_policy.config import resolve_path
 
-    run_cfg_path = Path(ckpt) / ckpt_io.RUN_CONFIG
-    if not run_cfg_path.is_file():
-        raise CheckpointError(f"{ckpt}: no {ckpt_io.RUN_CONFIG}; cannot tell which dataset it was trained on")
-    run_cfg = yaml.safe_load(run_cfg_path.read_text())
+    run_cfg = ckpt_io.read_run_config(ckpt)
     run_cfg["dataset"]["path"] = str(resolve_path(dataset_path or run_cfg["dataset"]["path"]))
     dataset = build_dataset(run_cfg)
     train_obs = Windows.from_dataset(dataset).obs
