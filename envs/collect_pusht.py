@@ -14,8 +14,8 @@ import time
 import numpy as np
 
 from envs import pusht_geometry as geo
-from pcm_policy.config import require_int
 from pcm_policy.errors import PcmError
+from pcm_policy.options import check_int
 
 
 def _run_episode(env, expert, seed: int, max_steps: int, images: bool):
@@ -64,12 +64,13 @@ def collect_pusht(output_path, episodes: int, seed: int = 0, keep_failed: bool =
     import gymnasium as gym
 
     import envs  # noqa: F401  (registers pcm/PushT-v0)
+    from pcm_policy.tasks import TASKS
     from envs.collect_resume import EpisodeStore, check_existing_output
     from envs.pusht_expert import PushTExpert
     from pcm_policy.data.replay_buffer import ReplayBuffer
 
     for key, value, low in (("episodes", episodes, 1), ("seed", seed, 0), ("max_steps", max_steps, 1)):
-        require_int(key, value, low)
+        check_int(key, value, low)
     if max_attempts is None:
         max_attempts = episodes if keep_failed else 3 * episodes + 20
     existing = check_existing_output(output_path, episodes, overwrite)
@@ -79,7 +80,7 @@ def collect_pusht(output_path, episodes: int, seed: int = 0, keep_failed: bool =
                                        "max_steps": max_steps, "format": 1})
     finished = store.open()
     resumed = store.kept(finished, episodes)  # kept episodes already recorded by an interrupted run
-    env = gym.make(envs.PUSHT_ID, max_episode_steps=max_steps)
+    env = gym.make(TASKS["pusht"].env_id, max_episode_steps=max_steps)
     expert = PushTExpert(env.unwrapped)
     buffer = ReplayBuffer()
     attempts = successes = 0
@@ -146,3 +147,15 @@ def collect_pusht(output_path, episodes: int, seed: int = 0, keep_failed: bool =
         "failed_seeds": failed_seeds,
         "resumed_episodes": resumed,
     }
+
+
+def collect_task(task, output_path, episodes: int, seed: int = 0, keep_failed: bool = False, max_steps: int = 300,
+                 overwrite: bool = False, images: bool = False, progress: bool = True) -> dict:
+    """The task registry's collector entry point for PushT (`collect_pusht` with the task's settings).
+
+    Args:
+        task: the registered `pcm_policy.tasks.Task` (PushT).
+        output_path, episodes, seed, keep_failed, max_steps, overwrite, images, progress: see `collect_pusht`.
+    """
+    return collect_pusht(output_path, episodes, seed=seed, keep_failed=keep_failed, images=images, progress=progress,
+                         max_steps=max_steps, overwrite=overwrite)

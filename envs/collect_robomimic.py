@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pcm_policy.config import require_int
 from pcm_policy.errors import PcmError
+from pcm_policy.options import check_int
 
 # recorded observation keys: the four low-dim policy inputs plus cheap robot proprioception
 RECORD_OBS_KEYS = (
@@ -116,7 +116,7 @@ def collect_robomimic(
     from pcm_policy.data.robomimic import write_robomimic_hdf5
 
     for key, value, low in (("episodes", episodes, 1), ("seed", seed, 0), ("max_steps", max_steps, 1)):
-        require_int(key, value, low)
+        check_int(key, value, low)
     max_attempts = max_attempts if max_attempts is not None else 3 * episodes + 10
     existing = check_existing_output(output_path, episodes, overwrite)
     if existing is not None:
@@ -197,6 +197,25 @@ def collect_robomimic(
         "steps_per_s": n_steps / max(wall, 1e-9),
     }
     return stats
+
+
+def collect_task(task, output_path, episodes: int, seed: int = 0, keep_failed: bool = False, max_steps: int = 400,
+                 overwrite: bool = False, images: bool = False, progress: bool = True) -> dict:
+    """The task registry's collector entry point for robomimic tasks (`collect_robomimic` on the task's robosuite
+    env).
+
+    Args:
+        task: the registered `pcm_policy.tasks.Task` (a robomimic one).
+        output_path, episodes, seed, keep_failed, max_steps, overwrite, progress: see `collect_robomimic`.
+        images: must be False (this collector records low-dim observations only).
+
+    Raises:
+        PcmError: `images` is True.
+    """
+    if images:
+        raise PcmError(f"images=true: only the pusht collector records images (task={task.name})")
+    return collect_robomimic(task.robosuite_env, output_path, episodes, seed=seed, keep_failed=keep_failed,
+                             progress=progress, max_steps=max_steps, overwrite=overwrite)
 
 
 def main(argv=None) -> None:

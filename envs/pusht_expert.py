@@ -343,9 +343,10 @@ def evaluate_expert(seeds, max_steps: int = 300, verbose: bool = False) -> dict:
     os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
     import gymnasium as gym
 
-    import envs
+    import envs  # noqa: F401  (registers the ids)
+    from pcm_policy.tasks import TASKS
 
-    env = gym.make(envs.PUSHT_ID, max_episode_steps=max_steps)
+    env = gym.make(TASKS["pusht"].env_id, max_episode_steps=max_steps)
     expert = PushTExpert(env.unwrapped)
     max_cov, lengths = [], []
     t0 = time.perf_counter()

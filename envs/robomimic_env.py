@@ -49,27 +49,23 @@ import gymnasium as gym
 import numpy as np
 
 from pcm_policy.errors import DatasetError, PcmError
+from pcm_policy.tasks import task_of_robosuite_env
 
 LOW_DIM_KEYS: tuple[str, ...] = ("object", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
-OBJECT_DIM = {"Lift": 10, "PickPlaceCan": 14}
 ROBOSUITE_ENV_TYPE = 1  # robomimic's EnvType.ROBOSUITE_TYPE
 
-_TASK_ALIASES = {
-    "lift": "Lift",
-    "can": "PickPlaceCan",
-    "pickplacecan": "PickPlaceCan",
-    "pick_place_can": "PickPlaceCan",
-}
 # robosuite observation names that differ from the robomimic dataset keys
 _KEY_TO_ROBOSUITE = {"object": "object-state"}
 
 
 def canonical_task(task: str) -> str:
-    """Map 'lift' / 'Lift' / 'can' / 'PickPlaceCan' to robosuite's env name ('Lift', 'PickPlaceCan')."""
-    name = _TASK_ALIASES.get(str(task).lower().replace("-", "_"))
-    if name is None:
-        raise PcmError(f"unknown robomimic task {task!r}: expected one of Lift, PickPlaceCan (or lift, can)")
-    return name
+    """Map 'lift' / 'Lift' / 'can' / 'PickPlaceCan' to robosuite's env name ('Lift', 'PickPlaceCan'), by the task
+    registry (`pcm_policy.tasks`).
+
+    Raises:
+        ConfigError: no registered task runs that robosuite env.
+    """
+    return task_of_robosuite_env(task).robosuite_env
 
 
 def default_controller_config() -> dict:

@@ -10,7 +10,10 @@
 """
 from __future__ import annotations
 
+import hashlib
 import re
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -20,13 +23,19 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pcm_policy.atomic import atomic_path
-from pcm_policy.errors import CheckpointError
+from pcm_policy.data.normalizer import Normalizer
+from pcm_policy.errors import CheckpointError, ConfigError
+from pcm_policy.options import writable_dir
+from pcm_policy.paths import resolve_path
+from pcm_policy.policy import DiffusionPolicy, PolicyConfig
+from pcm_policy.sampler_config import SamplerConfig
 
 POLICY_CARD = "policy.yaml"
 POLICY_WEIGHTS = "policy.safetensors"
 RUN_CONFIG = "config.yaml"
 TRAIN_STATE = "train_state.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+EXPORT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def step_dir(run_dir: str | Path, step: int) -> Path:
@@ -102,8 +111,6 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
 
     Removal errors are ignored (a checkpoint that cannot be removed stays).
     """
-    import shutil
-
     for _, path in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(path, ignore_errors=True)
 
@@ -139,6 +146,132 @@ def read_card(ckpt: Path) -> dict[str, Any]:
     if not isinstance(card, dict) or "policy" not in card:
         raise CheckpointError(f"{ckpt / POLICY_CARD}: not a pcm-policy card (no 'policy' section)")
     return card
+
+
+@dataclass(frozen=True)
+class Card:
+    """A checkpoint's card (`policy.yaml`) together with the option that named it, and the rules about cards.
+
+    Attributes:
+        key: the config option that names the checkpoint (e.g. `checkpoint`, `base`, `pcm_lora.ddim10`).
+        given: the path as the user gave it.
+        path: the checkpoint directory (a run directory resolves to its latest checkpoint).
+        data: the card as a dict (at least a `policy` section).
+    """
+
+    key: str
+    given: str
+    path: Path
+    data: dict
+
+    @classmethod
+    def open(cls, key: str, path) -> "Card":
+        """The card of the checkpoint option `key` names (a run or checkpoint directory); reads no weights.
+
+        Raises:
+            ConfigError: no path given.
+            CheckpointError: no checkpoint or an unreadable card there; the message starts with `key`.
+        """
+        if not path:
+            raise ConfigError(f"{key}: no checkpoint given ({key}=<run or checkpoint dir>)")
+        try:
+            ckpt = resolve_checkpoint(resolve_path(path))
+            return cls(key, str(path), ckpt, read_card(ckpt))
+        except CheckpointError as e:
+            raise CheckpointError(f"{key}: {e}") from None
+
+    @classmethod
+    def open_base(cls, key: str, path, task: str | None = None) -> "Card":
+        """The card of a base policy (`open`), for `task` when given.
+
+        Raises:
+            ConfigError: no path given.
+            CheckpointError: no readable checkpoint there, a PCM checkpoint, or one trained for another task.
+        """
+        card = cls.open(key, path)
+        if card.kind == "pcm":
+            raise CheckpointError(f"{key}={path}: is a PCM checkpoint; give the base policy it was trained for "
+                                  f"({card.data.get('base')})")
+        if task is not None and card.task != task:
+            raise CheckpointError(f"{key}={card.path}: checkpoint is for task {card.task!r}, not task={task!r}")
+        return card
+
+    @classmethod
+    def open_pcm(cls, key: str, path) -> "Card":
+        """The card of a PCM checkpoint (`open`).
+
+        Raises:
+            ConfigError: no path given.
+            CheckpointError: no readable checkpoint there, or not a PCM.
+        """
+        card = cls.open(key, path)
+        if card.kind != "pcm":
+            raise CheckpointError(f"{key}={path}: not a PCM checkpoint (kind={card.kind!r})")
+        return card
+
+    @property
+    def kind(self) -> str | None:
+        """`base` or `pcm`."""
+        return self.data.get("kind")
+
+    @property
+    def task(self) -> str | None:
+        """The task the policy was trained for."""
+        return self.data.get("task")
+
+    @property
+    def num_train_timesteps(self) -> int:
+        """T of the policy's noise schedule (100, PolicyConfig's default, when the card leaves it out)."""
+        return int((self.data.get("policy") or {}).get("noise_scheduler", {}).get("num_train_timesteps", 100))
+
+    @property
+    def pcm_start(self) -> str:
+        """The Picard start a PCM was trained from (`x_T` for cards that predate the option)."""
+        return self.data.get("start", "x_T")
+
+    def check_policy_shape(self, ours: Mapping[str, Any]) -> None:
+        """This checkpoint's network has the shape `ours` (a `PolicyConfig.to_dict()`), observation and action
+        sizes aside (known only once a dataset is read).
+
+        Raises:
+            CheckpointError: naming every differing key with both values.
+        """
+        theirs = dict(self.data.get("policy", {}))
+        diff = sorted(k for k in ours if k not in ("obs_dim", "action_dim") and theirs.get(k) != ours[k])
+        if diff:
+            raise CheckpointError(f"{self.key}={self.given}: checkpoint {self.path} has another policy shape "
+                                  f"({', '.join(f'{k}={theirs.get(k)!r}' for k in diff)}; this run: "
+                                  f"{', '.join(f'{k}={ours[k]!r}' for k in diff)})")
+
+    def check_pcm_for(self, sampler: SamplerConfig, start_key: str | None = None) -> None:
+        """This PCM suits `sampler`: trained for its schedule and start, and a LoRA one for weight-space switching.
+
+        Args:
+            sampler: the switching sampler's config.
+            start_key: the option holding the sampler's start, for the message (None: the start is not checked).
+
+        Raises:
+            ConfigError: a PCM for another (scheduler, steps) or start, or a full PCM for `pcm_lora`.
+        """
+        if (self.data.get("scheduler"), self.data.get("steps")) != (sampler.scheduler, sampler.steps):
+            raise ConfigError(f"{self.key}={self.given}: this PCM was trained for {self.data.get('scheduler')}"
+                              f"{self.data.get('steps')}, the sampler runs {sampler.schedule}")
+        if sampler.name == "pcm_lora" and self.data.get("mode") != "lora":
+            raise ConfigError(f"{self.key}={self.given}: a full PCM; weight-space switching (pcm_lora) needs a LoRA "
+                              "one (use pcm)")
+        if start_key is not None:
+            self.check_pcm_start(sampler, start_key)
+
+    def check_pcm_start(self, sampler: SamplerConfig, start_key: str) -> None:
+        """The sampler starts Picard where this PCM was trained to step from (its one step was learned from that
+        X^0 only; another schedule is suboptimal but still exact after switching, another start is not meant).
+
+        Raises:
+            ConfigError: naming `start_key` and the start to set.
+        """
+        if sampler.start != self.pcm_start:
+            raise ConfigError(f"{start_key}={sampler.start}: the PCM {self.given} was trained from "
+                              f"start={self.pcm_start} (set {start_key}={self.pcm_start})")
 
 
 def read_run_config(ckpt: Path) -> dict[str, Any]:
@@ -204,9 +337,6 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu", expect_tas
         ConfigError: the normalizer and the card's sample clipping disagree.
         ValueError: malformed normalizer entries in the weights file.
     """
-    from pcm_policy.data.normalizer import Normalizer
-    from pcm_policy.policy import DiffusionPolicy, PolicyConfig
-
     ckpt = resolve_checkpoint(path)
     card = read_card(ckpt)
     if expect_task is not None and card.get("task") != expect_task:
@@ -229,8 +359,6 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     Returns:
         The first 16 hex digits of the SHA-256 of every state-dict entry (name, then fp32 bytes), sorted by name.
     """
-    import hashlib
-
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
@@ -257,11 +385,9 @@ def export_checkpoint(src: str | Path, dst: str | Path, dtype: str = "float16") 
         ConfigError: an unknown `dtype`, or `dst` is the source, a folder holding it, a file, an unwritable
             place, or a non-empty directory that is not a checkpoint.
     """
-    from pcm_policy.errors import ConfigError
-
     ckpt = resolve_checkpoint(src)
     card = read_card(ckpt)
-    target = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(dtype)
+    target = EXPORT_DTYPES.get(dtype)
     if target is None:
         raise ConfigError(f"dtype={dtype!r}: expected float16, bfloat16 or float32")
     _check_export_target(Path(src), ckpt, Path(dst))
@@ -275,10 +401,7 @@ def export_checkpoint(src: str | Path, dst: str | Path, dtype: str = "float16") 
 def _check_export_target(src: Path, ckpt: Path, dst: Path) -> None:
     """The output replaces at most an older checkpoint directory: never the source, a folder holding it, a file,
     or a directory of something else (save_checkpoint swaps the whole directory)."""
-    from pcm_policy.errors import ConfigError
-    from pcm_policy.validation import output_dir
-
-    output_dir({"output": str(dst)}, "output")  # a directory, or creatable in a writable one
+    writable_dir("output", dst)  # a directory, or creatable in a writable one
     target = dst.resolve()
     for protected in {src.resolve(), ckpt.resolve()}:
         if target == protected or target in protected.parents:

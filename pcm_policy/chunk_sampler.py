@@ -12,10 +12,10 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from pcm_policy import sampling
 from pcm_policy.errors import ConfigError
 from pcm_policy.sampler_config import SamplerConfig, build_scheduler
 from pcm_policy.sampling import SamplerStats, StepCoefficients
-from pcm_policy.validation import steps_for
 
 
 class ChunkSampler:
@@ -41,7 +41,7 @@ class ChunkSampler:
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         self.config = SamplerConfig.from_mapping(config)
         cfg = self.config
-        steps_for(f"sampler.steps={cfg.steps}", cfg.steps, int(train_scheduler_config["num_train_timesteps"]))
+        cfg.check_steps(int(train_scheduler_config["num_train_timesteps"]))
         if cfg.needs_pcm and pcm is None:
             raise ConfigError(f"sampler.pcm_checkpoint: sampler={cfg.name} needs a PCM "
                               "(load one with sampler.pcm_checkpoint=<dir>)")
@@ -108,8 +108,6 @@ class ChunkSampler:
         Raises:
             ValueError: `noise` has another number of steps than the schedule.
         """
-        from pcm_policy import sampling
-
         cfg = self.config
         if cfg.name == "sequential":
             S = self.num_steps

@@ -1,6 +1,7 @@
 """Hydra configs: compose `configs/<command>.yaml` with key=value overrides, as plain dicts.
 
-Unknown keys and unknown group options become one-line `ConfigError`s naming the key.
+Unknown keys and unknown group options become one-line `ConfigError`s naming the key. The task configs read
+their defaults from the task registry through the `${registry:<task>,<field>}` resolver registered here.
 """
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from pcm_policy.errors import ConfigError
+from pcm_policy.paths import REPO_ROOT
+from pcm_policy.tasks import task_field
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = Path(os.environ.get("PCM_CONFIG_DIR", REPO_ROOT / "configs"))
 
 
@@ -37,6 +39,8 @@ def compose(command: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"{item!r}: overrides are key=value (e.g. train.steps=200)")
+    if not OmegaConf.has_resolver("registry"):
+        OmegaConf.register_new_resolver("registry", task_field)
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
             cfg = hydra_compose(config_name=command, overrides=list(overrides))
@@ -58,39 +62,3 @@ def _one_line(error: Exception, overrides: Sequence[str]) -> str:
         options = [line for line in head[2:] if line and ":" not in line]
         return f"{head[0]}; {head[1].rstrip(':')}: {', '.join(options)}" if len(head) > 1 else head[0]
     return lines[0] if lines else type(error).__name__
-
-
-def resolve_path(path: str | os.PathLike | None) -> Path | None:
-    """A user path: `~` expanded; a relative path is taken from the working directory, else from the repository
-    root (shipped data under `data/`).
-
-    Args:
-        path: the path, or None.
-
-    Returns:
-        `path` when absolute or present under the working directory, else the repository-root path when that
-        exists, else `path` unchanged (its reader reports it); None for None.
-    """
-    if path is None:
-        return None
-    p = Path(path).expanduser()
-    if p.is_absolute() or p.exists():
-        return p
-    in_repo = REPO_ROOT / p
-    return in_repo if in_repo.exists() else p
-
-
-def require_int(key: str, value: Any, low: int) -> int:
-    """`value` as an int >= `low` (`pcm_policy.validation.check_int`).
-
-    Args:
-        key: the config key, for the message.
-        value: the option's value; bools and non-integers are refused.
-        low: the smallest allowed value.
-
-    Raises:
-        ConfigError: one line naming `key`.
-    """
-    from pcm_policy.validation import check_int
-
-    return check_int(key, value, low)

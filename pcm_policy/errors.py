@@ -20,30 +20,3 @@ class ConfigError(PcmError):
 class CheckpointError(PcmError):
     """A checkpoint is missing, corrupt or does not match the requested config."""
 
-
-# Episodes of the datasets made for the shipped policies (data/<task>/README.md), for the regeneration hint.
-SHIPPED_EPISODES = {"pusht": 500, "lift": 120, "can": 200}
-
-
-def missing_dataset(path) -> DatasetError:
-    """The error for a dataset path that does not exist; for a scripted-expert dataset (`<task>_expert.zarr` or
-    `.hdf5`, e.g. PickPlaceCan's, which ships as its command only) it says how to regenerate it.
-
-    Args:
-        path: the missing file or directory.
-
-    Returns:
-        A DatasetError to raise.
-    """
-    import re
-    from pathlib import Path
-
-    p = Path(path)
-    msg = f"{path}: no such file or directory"
-    match = re.fullmatch(r"(\w+)_expert\.(hdf5|zarr)", p.name)
-    if match:
-        task = match[1]
-        count = f"episodes={SHIPPED_EPISODES[task]} seed=0 " if task in SHIPPED_EPISODES else ""
-        msg += (f" (regenerate it with the scripted expert: pcm collect task={task} {count}output_dir={p.parent}; "
-                f"see data/{task}/README.md)")
-    return DatasetError(msg)

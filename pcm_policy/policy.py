@@ -6,6 +6,7 @@ runs the pure samplers of `pcm_policy.sampling`: they only ever see a denoiser c
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -14,16 +15,26 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from torch import nn
 
+from pcm_policy.chunk_sampler import ChunkSampler
 from pcm_policy.data.normalizer import Normalizer
+from pcm_policy.data.sequence_sampler import check_window
 from pcm_policy.errors import ConfigError, PcmError
 from pcm_policy.model.unet import ConditionalUnet1D
-from pcm_policy.chunk_sampler import ChunkSampler
+from pcm_policy.options import check_choice, check_flag, check_int, check_number, show
 from pcm_policy.sampler_config import SamplerConfig
+
+
+# The DDPM noise-schedule keys the samplers reproduce exactly (pcm_policy.sampling.schedule): "sigmoid" betas
+# exist for DDPM only (DDIM rejects them), and only fixed_small DDPM variance is implemented.
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+PREDICTION_TYPES = ("epsilon", "sample")  # what DiffusionPolicy.compute_loss trains
+NOISE_SCHEDULER_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type",
+                        "clip_sample", "clip_sample_range", "variance_type")
 
 
 @dataclass
 class PolicyConfig:
-    """The policy's shape, saved in its checkpoint card.
+    """The policy's shape and noise schedule, saved in its checkpoint card; validated on construction.
 
     Attributes:
         obs_dim: Do, the low-dim observation size (PushT 20, Lift 19, Can 23).
@@ -31,15 +42,15 @@ class PolicyConfig:
         horizon: H, actions predicted per chunk; divisible by 2^(len(down_dims) - 1).
         n_obs_steps: To, observations in the history the chunk is conditioned on.
         n_action_steps: Ta, actions executed per chunk (the actions [To-1, To-1+Ta) of the chunk).
-        down_dims: UNet channel widths per level.
-        diffusion_step_embed_dim: size of the sinusoidal timestep embedding.
-        kernel_size: temporal convolution kernel size.
+        down_dims: UNet channel widths per level (each divisible by n_groups).
+        diffusion_step_embed_dim: size of the sinusoidal timestep embedding (even).
+        kernel_size: temporal convolution kernel size (odd).
         n_groups: GroupNorm groups.
         noise_scheduler: keyword arguments of the training `DDPMScheduler` (DDPM-100, squaredcos_cap_v2,
-            epsilon prediction, clip_sample, fixed_small by default).
+            epsilon prediction, clip_sample, fixed_small by default); only `NOISE_SCHEDULER_KEYS`.
 
     Raises:
-        PcmError: To or Ta < 1, To - 1 + Ta > H, or H not divisible by 2^(len(down_dims) - 1).
+        ConfigError: a field of the wrong type or range, or shapes the UNet cannot take, naming `policy.<key>`.
     """
 
     obs_dim: int
@@ -57,36 +68,132 @@ class PolicyConfig:
     ))
 
     def __post_init__(self):
+        _check_policy(asdict(self), "policy")
         self.down_dims = tuple(int(d) for d in self.down_dims)
         self.noise_scheduler = dict(self.noise_scheduler)
-        if self.n_obs_steps < 1 or self.n_action_steps < 1:
-            raise PcmError("policy: n_obs_steps and n_action_steps must be >= 1")
-        if self.n_obs_steps - 1 + self.n_action_steps > self.horizon:
-            raise PcmError(f"policy: n_obs_steps-1+n_action_steps ({self.n_obs_steps - 1 + self.n_action_steps}) "
-                           f"exceeds horizon ({self.horizon})")
-        if self.horizon % (2 ** (len(self.down_dims) - 1)) != 0:
-            raise PcmError(f"policy.horizon={self.horizon} must be divisible by 2^(len(down_dims)-1)")
 
     @classmethod
-    def from_mapping(cls, cfg: Mapping[str, Any], obs_dim: int, action_dim: int) -> "PolicyConfig":
-        """Build from a `policy=` mapping (unknown keys are ignored, missing ones take their defaults).
+    def from_mapping(cls, cfg: Mapping[str, Any], obs_dim: int, action_dim: int, key: str = "policy"
+                     ) -> "PolicyConfig":
+        """Build from a `policy=` mapping (keys that are not fields, e.g. `name`, are ignored; missing ones take
+        their defaults).
 
         Args:
             cfg: the policy keys (horizon, n_obs_steps, ..., noise_scheduler).
             obs_dim: Do, from the dataset.
             action_dim: Da, from the dataset.
+            key: the group's config key, for messages.
 
         Raises:
-            PcmError: an inconsistent shape (see the class).
+            ConfigError: a bad value or an inconsistent shape (see the class), naming `<key>.<field>`.
         """
-        keys = set(cls.__dataclass_fields__) - {"obs_dim", "action_dim"}
-        return cls(obs_dim=obs_dim, action_dim=action_dim, **{k: cfg[k] for k in keys if k in cfg})
+        fields = {f: v for f, v in cls.__dataclass_fields__.items() if f not in ("obs_dim", "action_dim")}
+        values = {k: cfg[k] for k in fields if k in cfg}
+        defaults = asdict(cls(obs_dim=1, action_dim=1))
+        _check_policy({**defaults, **values, "obs_dim": obs_dim, "action_dim": action_dim}, key)
+        return cls(obs_dim=obs_dim, action_dim=action_dim, **values)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        """T, the training timesteps of the noise schedule (100 when the schedule leaves it out)."""
+        return int(self.noise_scheduler.get("num_train_timesteps", 100))
 
     def to_dict(self) -> dict[str, Any]:
         """All fields as plain JSON-ready values (down_dims as a list), for the checkpoint card."""
         d = asdict(self)
         d["down_dims"] = list(self.down_dims)
         return d
+
+
+def _check_policy(values: Mapping[str, Any], key: str) -> None:
+    """Every field of a policy config (all present in `values`), named `<key>.<field>` in messages."""
+    def k(name):
+        return f"{key}.{name}"
+
+    check_int(k("obs_dim"), values["obs_dim"], 1)
+    check_int(k("action_dim"), values["action_dim"], 1)
+    check_window(values["horizon"], values["n_obs_steps"], values["n_action_steps"], key)
+    horizon = values["horizon"]
+    dims = values["down_dims"]
+    if isinstance(dims, str) or not isinstance(dims, (list, tuple)) or not dims:
+        raise ConfigError(f"{k('down_dims')}={show(dims)}: expected a non-empty list of channel counts")
+    groups = check_int(k("n_groups"), values["n_groups"], 1)
+    for d in dims:
+        if not isinstance(d, numbers.Integral) or isinstance(d, bool) or d < 1:
+            raise ConfigError(f"{k('down_dims')}={list(dims)}: entries must be positive integers")
+        if d % groups:
+            raise ConfigError(f"{k('n_groups')}={groups}: must divide every entry of {k('down_dims')}={list(dims)} "
+                              "(GroupNorm)")
+    levels = 2 ** (len(dims) - 1)
+    if horizon % levels:
+        raise ConfigError(f"{k('horizon')}={horizon}: must be divisible by {levels} (2^(len(down_dims)-1): the "
+                          "UNet halves the horizon at each level)")
+    embed = check_int(k("diffusion_step_embed_dim"), values["diffusion_step_embed_dim"], 4)
+    if embed % 2:
+        raise ConfigError(f"{k('diffusion_step_embed_dim')}={embed}: must be even (sin/cos halves)")
+    kernel = check_int(k("kernel_size"), values["kernel_size"], 1)
+    if kernel % 2 == 0:
+        raise ConfigError(f"{k('kernel_size')}={kernel}: must be odd (same-length convolutions)")
+    ns = k("noise_scheduler")
+    sched = values["noise_scheduler"]
+    if not isinstance(sched, Mapping):
+        raise ConfigError(f"{ns}: expected a mapping")
+    unknown = sorted(set(sched) - set(NOISE_SCHEDULER_KEYS))
+    if unknown:
+        raise ConfigError(f"{ns}.{unknown[0]}: not supported by the samplers "
+                          f"(supported: {', '.join(NOISE_SCHEDULER_KEYS)})")
+    if "num_train_timesteps" in sched:
+        check_int(f"{ns}.num_train_timesteps", sched["num_train_timesteps"], 1)
+    if "beta_schedule" in sched:
+        check_choice(f"{ns}.beta_schedule", sched["beta_schedule"], BETA_SCHEDULES)
+    start = end = None
+    if "beta_start" in sched:
+        start = check_number(f"{ns}.beta_start", sched["beta_start"], 0, 1, low_open=True, high_open=True)
+    if "beta_end" in sched:
+        end = check_number(f"{ns}.beta_end", sched["beta_end"], 0, 1, low_open=True, high_open=True)
+    if start is not None and end is not None and end < start:
+        raise ConfigError(f"{ns}.beta_end={end}: must be >= {ns}.beta_start={start}")
+    if "prediction_type" in sched:
+        check_choice(f"{ns}.prediction_type", sched["prediction_type"], PREDICTION_TYPES)
+    if "clip_sample" in sched:
+        check_flag(f"{ns}.clip_sample", sched["clip_sample"])
+    if "clip_sample_range" in sched:
+        check_number(f"{ns}.clip_sample_range", sched["clip_sample_range"], 0, low_open=True)
+    if "variance_type" in sched:
+        check_choice(f"{ns}.variance_type", sched["variance_type"], ("fixed_small",))
+
+
+def check_clip_range(noise_scheduler: Mapping[str, Any], normalizer_mode: str | None = None,
+                     action_range: tuple[float, float] | None = None) -> None:
+    """clip_sample clips every x0 estimate to [-r, r] in normalized units; unless that covers the training
+    actions it silently caps sampled actions (at mean +- r std with a gaussian normalizer, at +-r raw units with
+    identity), so such a combination is refused - before any data is read when only the normalizer mode is known
+    (a `limits` normalizer maps the actions to [-1, 1]; any other mode needs an explicit clip_sample_range), and
+    again once the normalized range of the training actions is known.
+
+    Args:
+        noise_scheduler: the policy's `noise_scheduler` keys (clip_sample defaults to true, range to 1).
+        normalizer_mode: `dataset.normalizer` (`limits`, `gaussian`, `identity`), or None when unknown.
+        action_range: (lowest, highest) normalized training action, or None when not fitted yet.
+
+    Raises:
+        ConfigError: naming `dataset.normalizer` and `policy.noise_scheduler.clip_sample`.
+    """
+    if not noise_scheduler.get("clip_sample", True):
+        return
+    r = float(noise_scheduler.get("clip_sample_range", 1.0))
+    if normalizer_mode not in (None, "limits") and "clip_sample_range" not in noise_scheduler:
+        capped = "mean +- 1 std" if normalizer_mode == "gaussian" else "[-1, 1] in raw action units"
+        raise ConfigError(f"dataset.normalizer={normalizer_mode} with policy.noise_scheduler.clip_sample=true would "
+                          f"cap sampled actions at {capped}; set policy.noise_scheduler.clip_sample=false or "
+                          "dataset.normalizer=limits")
+    if action_range is not None:
+        lo, hi = action_range
+        if lo < -r * (1 + 1e-4) or hi > r * (1 + 1e-4):
+            raise ConfigError(f"dataset.normalizer with policy.noise_scheduler.clip_sample=true: the normalizer "
+                              f"maps the training actions to [{lo:.3g}, {hi:.3g}] but clip_sample clips sampled "
+                              f"actions to [{-r:g}, {r:g}]; use dataset.normalizer=limits or "
+                              "policy.noise_scheduler.clip_sample=false")
 
 
 @dataclass
@@ -131,20 +238,12 @@ class DiffusionPolicy(nn.Module):
         return (p["min"] * p["scale"] + p["offset"]), (p["max"] * p["scale"] + p["offset"])
 
     def _check_clip_range(self) -> None:
-        """clip_sample clips every x0 estimate to [-r, r] in normalized units; unless that covers the training
-        actions it silently caps sampled actions (at mean +- r std with a gaussian normalizer, at +-r raw units
-        with identity), so the combination is refused. Raises ConfigError naming both keys."""
-        sched = self.noise_scheduler.config
-        if not sched.clip_sample or "action" not in self.normalizer:
+        """`check_clip_range` against the normalized range of the training actions (when an action field is
+        fitted)."""
+        if "action" not in self.normalizer:
             return
-        r = float(sched.clip_sample_range)
         low, high = self.normalized_action_range()
-        lo, hi = float(low.min()), float(high.max())
-        if lo < -r * (1 + 1e-4) or hi > r * (1 + 1e-4):
-            raise ConfigError(f"dataset.normalizer with policy.noise_scheduler.clip_sample=true: the normalizer "
-                              f"maps the training actions to [{lo:.3g}, {hi:.3g}] but clip_sample clips sampled "
-                              f"actions to [{-r:g}, {r:g}]; use dataset.normalizer=limits or "
-                              "policy.noise_scheduler.clip_sample=false")
+        check_clip_range(dict(self.noise_scheduler.config), action_range=(float(low.min()), float(high.max())))
 
     @property
     def device(self) -> torch.device:

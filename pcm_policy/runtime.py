@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 
 from pcm_policy.errors import ConfigError
+from pcm_policy.options import check_flag, check_int, show
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -72,7 +75,6 @@ def set_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
-
 def set_deterministic(enabled) -> bool:
     """Switch on deterministic GPU kernels (see the module docstring); a false flag changes nothing.
 
@@ -95,3 +97,42 @@ def set_deterministic(enabled) -> bool:
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     return True
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """The process keys every training and sampling command shares: `seed`, `device`, `threads`, `deterministic`.
+
+    Attributes:
+        seed: the run's seed (None for commands without one).
+        device: the resolved torch device.
+        threads: torch intra-op threads (None: torch's default).
+        deterministic: deterministic CUDA kernels (see the module docstring); also on with PCM_DETERMINISTIC=1.
+    """
+
+    seed: int | None
+    device: torch.device
+    threads: int | None
+    deterministic: bool
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any]) -> "RuntimeOptions":
+        """Read and check the runtime keys present in a command's config (absent ones: None / auto / false).
+
+        Raises:
+            ConfigError: a negative seed, threads < 1, a non-boolean `deterministic`, or a device that is not
+                cpu/cuda/cuda:N/auto or is not present (naming the key).
+        """
+        seed = check_int("seed", cfg["seed"], 0) if "seed" in cfg else None
+        threads = check_int("threads", cfg.get("threads"), 1, null=True)
+        deterministic = check_flag("deterministic", cfg["deterministic"]) if "deterministic" in cfg else False
+        device = cfg.get("device")
+        if device is not None and not isinstance(device, str):
+            raise ConfigError(f"device={show(device)}: expected auto, cpu, cuda or cuda:N")
+        return cls(seed, resolve_device(device), threads, deterministic)
+
+    def apply(self) -> None:
+        """Set up the process: deterministic kernels (before any CUDA work), then the thread count."""
+        set_deterministic(self.deterministic or os.environ.get("PCM_DETERMINISTIC"))
+        set_threads(self.threads)
+

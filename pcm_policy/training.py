@@ -16,6 +16,7 @@ import math
 import shutil
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -27,11 +28,15 @@ from tqdm.auto import tqdm
 from pcm_policy import checkpoint as ckpt_io
 from pcm_policy import distributed
 from pcm_policy.atomic import atomic_write_text
-from pcm_policy.config import resolve_path
-from pcm_policy.data.windows import Windows, build_dataset
+from pcm_policy.data.lowdim_dataset import DatasetConfig
+from pcm_policy.data.stacked_windows import Windows
 from pcm_policy.errors import CheckpointError, ConfigError, PcmError
+from pcm_policy.options import check_choice, check_int, check_number, check_text, show, unknown_keys
+from pcm_policy.paths import resolve_path
 from pcm_policy.policy import DiffusionPolicy, PolicyConfig
-from pcm_policy.runtime import resolve_device, seed_everything
+from pcm_policy.runtime import seed_everything
+
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
@@ -55,37 +60,107 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor
     return perm[offset * batch_size:(offset + 1) * batch_size]
 
 
-def policy_card(cfg: Mapping[str, Any], policy_config: PolicyConfig, kind: str = "base") -> dict[str, Any]:
-    """The card (`policy.yaml`) of a checkpoint trained with `cfg`.
+@dataclass(frozen=True)
+class TrainSettings:
+    """The optimisation keys of `pcm train` (the `train` group, `configs/train/default.yaml`).
 
-    Args:
-        cfg: the composed run config (reads `task.name`, `task.env_id`, `dataset.path`, `dataset.abs_action`).
-        policy_config: the network shape and noise schedule, stored as the card's `policy` section.
-        kind: `base` (a Diffusion Policy) or `pcm`.
+    Attributes:
+        steps: optimizer steps.
+        batch_size: global batch (divisible by the torchrun processes).
+        lr: AdamW learning rate.
+        betas: AdamW betas, each in [0, 1).
+        weight_decay: AdamW weight decay (>= 0).
+        lr_scheduler: a diffusers `get_scheduler` name (`LR_SCHEDULERS`).
+        warmup_steps: LR warm-up steps (capped at steps / 10).
+        ema_power, ema_max_decay: EMA warm-up power and decay cap (diffusers `EMAModel`).
+        log_every: steps between log lines.
+        checkpoint_every: steps between checkpoints.
+        keep_checkpoints: newest checkpoints kept.
+        init_from: a base checkpoint of the same task and policy shape to start from (None: random init).
+
+    Raises:
+        ConfigError: a value of the wrong type or range, naming `train.<key>`.
+    """
+
+    steps: int = 5000
+    batch_size: int = 256
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.95, 0.999)
+    weight_decay: float = 1e-6
+    lr_scheduler: str = "cosine"
+    warmup_steps: int = 500
+    ema_power: float = 0.75
+    ema_max_decay: float = 0.9999
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    init_from: str | None = None
+
+    def __post_init__(self):
+        check_int("train.steps", self.steps, 1)
+        distributed.require_divisible(check_int("train.batch_size", self.batch_size, 1), "train.batch_size")
+        check_number("train.lr", self.lr, 0, low_open=True)
+        betas = self.betas
+        if isinstance(betas, str) or not isinstance(betas, (list, tuple)) or len(betas) != 2:
+            raise ConfigError(f"train.betas={show(betas)}: expected two numbers in [0, 1)")
+        for i, beta in enumerate(betas):
+            check_number(f"train.betas.{i}", beta, 0, 1, high_open=True)
+        object.__setattr__(self, "betas", tuple(betas))
+        check_number("train.weight_decay", self.weight_decay, 0)
+        check_choice("train.lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
+        check_int("train.warmup_steps", self.warmup_steps, 0)
+        check_number("train.ema_power", self.ema_power, 0, low_open=True)
+        check_number("train.ema_max_decay", self.ema_max_decay, 0, 1)
+        check_int("train.log_every", self.log_every, 1)
+        check_int("train.checkpoint_every", self.checkpoint_every, 1)
+        check_int("train.keep_checkpoints", self.keep_checkpoints, 1)
+        check_text("train.init_from", self.init_from, null=True)
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any]) -> "TrainSettings":
+        """Read the `train` group (absent keys take their defaults).
+
+        Raises:
+            ConfigError: see the class; an unknown key.
+        """
+        unknown_keys("train", cfg, list(cls.__dataclass_fields__))
+        return cls(**cfg)
+
+
+def policy_card(task: str, env_id: str | None, dataset: DatasetConfig, policy_config: PolicyConfig,
+                kind: str = "base") -> dict[str, Any]:
+    """The card (`policy.yaml`) of a checkpoint trained on `dataset` for `task`.
 
     Returns:
         {"kind", "task", "env_id", "dataset", "abs_action", "policy"}.
     """
-    task = cfg["task"]
-    return {"kind": kind, "task": task["name"], "env_id": task.get("env_id"), "dataset": cfg["dataset"].get("path"),
-            "abs_action": bool(cfg["dataset"].get("abs_action", False)), "policy": policy_config.to_dict()}
+    return {"kind": kind, "task": task, "env_id": env_id, "dataset": dataset.path,
+            "abs_action": bool(dataset.abs_action), "policy": policy_config.to_dict()}
 
 
 class _StopRequested(Exception):
     pass
 
 
-def train(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Train a DiffusionPolicy as `cfg` (`configs/train.yaml`) says, resuming from the latest checkpoint in
-    `output_dir` if there is one.
+def train(run_config: Mapping[str, Any], settings: TrainSettings, dataset: DatasetConfig,
+          policy_options: Mapping[str, Any], task: str, env_id: str | None, seed: int, device: torch.device,
+          output_dir: Path) -> dict[str, Any]:
+    """Train a DiffusionPolicy, resuming from the latest checkpoint in `output_dir` if there is one.
 
-    Every option is checked first (`pcm_policy.validation`); a refusal raises a PcmError and writes nothing.
-    Writes under `output_dir`: `checkpoints/step_*` (every `train.checkpoint_every` steps, at the end and on
-    SIGINT; the newest `train.keep_checkpoints` kept), `log.jsonl` (train loss every `train.log_every` steps,
-    EMA validation loss at each checkpoint), `loss.png` and `metrics.json`.
+    Writes under `output_dir`: `checkpoints/step_*` (every `checkpoint_every` steps, at the end and on SIGINT; the
+    newest `keep_checkpoints` kept, each with `run_config` as its `config.yaml`), `log.jsonl` (train loss every
+    `log_every` steps, EMA validation loss at each checkpoint), `loss.png` and `metrics.json`.
 
     Args:
-        cfg: the composed `train` config.
+        run_config: the whole composed run config, saved with every checkpoint (it names the dataset).
+        settings: the optimisation settings.
+        dataset: the dataset to train on.
+        policy_options: the `policy` group (network shape and noise schedule; checked by `PolicyConfig`).
+        task: the task name, written to the card.
+        env_id: the env the policy is evaluated in, written to the card.
+        seed: the run's seed (batches, noise, the episode split).
+        device: where to train (under torchrun on CUDA: cuda:LOCAL_RANK).
+        output_dir: the run directory.
 
     Returns:
         The run's metrics (`metrics.json`): command, task, steps, resumed_from, final_loss and val_loss (the
@@ -94,51 +169,48 @@ def train(cfg: Mapping[str, Any]) -> dict[str, Any]:
         job only {"rank": r}.
 
     Raises:
-        ConfigError: an invalid option, or a non-finite training loss (an output folder this run created is
-            removed when it holds no checkpoint).
+        ConfigError: a non-finite training loss (an output folder this run created is removed when it holds no
+            checkpoint), or a clip range that does not cover the fitted actions.
         DatasetError: the dataset is missing, corrupt or incomplete.
         CheckpointError: `output_dir` holds a checkpoint of another task or policy shape, or one without a
-            train state.
+            train state; `init_from` has other observation or action sizes.
         SystemExit: status 130 after SIGINT, once the current step's checkpoint is saved.
     """
-    from pcm_policy.validation import validate_train
-
-    validate_train(cfg)  # (with train.batch_size divisible by the torchrun processes)
-    device = resolve_device(cfg.get("device"))
     with distributed.session(device) as ctx:
-        return _train(cfg, ctx)
+        return _train(run_config, settings, dataset, policy_options, task, env_id, seed, Path(output_dir), ctx)
 
 
-def _train(cfg: Mapping[str, Any], ctx: distributed.Dist) -> dict[str, Any]:
-    tcfg = cfg["train"]
-    out = Path(cfg["output_dir"])
+def _train(run_config: Mapping[str, Any], tcfg: TrainSettings, dataset_config: DatasetConfig,
+           policy_options: Mapping[str, Any], task: str, env_id: str | None, seed: int, out: Path,
+           ctx: distributed.Dist) -> dict[str, Any]:
     device = ctx.device  # cuda:LOCAL_RANK under torchrun on CUDA
-    seed_everything(cfg["seed"])
+    seed_everything(seed)
 
-    dataset = build_dataset(cfg)
+    dataset = dataset_config.load(policy_options["horizon"], policy_options["n_obs_steps"],
+                                  policy_options["n_action_steps"], seed)
     val_dataset = dataset.get_validation_dataset()
     train_windows = Windows.from_dataset(dataset)
     val_windows = Windows.from_dataset(val_dataset) if len(val_dataset) else None
-    policy_config = PolicyConfig.from_mapping(cfg["policy"], obs_dim=dataset.obs_dim, action_dim=dataset.action_dim)
-    policy = DiffusionPolicy(policy_config, dataset.get_normalizer(cfg["dataset"].get("normalizer", "limits"))).to(device)
-    card = policy_card(cfg, policy_config)
+    policy_config = PolicyConfig.from_mapping(policy_options, obs_dim=dataset.obs_dim, action_dim=dataset.action_dim)
+    policy = DiffusionPolicy(policy_config, dataset.get_normalizer(dataset_config.normalizer)).to(device)
+    card = policy_card(task, env_id, dataset_config, policy_config)
     latest = ckpt_io.latest_checkpoint(out)
-    init_from = tcfg.get("init_from")
+    init_from = tcfg.init_from
     if init_from and latest is None:  # a resumed run already holds its own weights
         _init_weights(init_from, card, policy)
     model = ctx.wrap(policy.model)  # DDP (or the network itself): the forward pass whose gradients are averaged
 
-    steps = int(tcfg["steps"])
-    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=tcfg["lr"], betas=tuple(tcfg["betas"]),
-                                  weight_decay=tcfg["weight_decay"])
-    lr_schedule = get_scheduler(tcfg["lr_scheduler"], optimizer, num_warmup_steps=min(tcfg["warmup_steps"], steps // 10),
+    steps = tcfg.steps
+    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=tcfg.lr, betas=tcfg.betas,
+                                  weight_decay=tcfg.weight_decay)
+    lr_schedule = get_scheduler(tcfg.lr_scheduler, optimizer, num_warmup_steps=min(tcfg.warmup_steps, steps // 10),
                                 num_training_steps=steps)
-    ema = EMAModel(policy.model.parameters(), decay=tcfg["ema_max_decay"], use_ema_warmup=True,
-                   power=tcfg["ema_power"], inv_gamma=1.0)
+    ema = EMAModel(policy.model.parameters(), decay=tcfg.ema_max_decay, use_ema_warmup=True,
+                   power=tcfg.ema_power, inv_gamma=1.0)
 
     start_step = 0
     if latest is not None:
-        start_step = _resume(latest, cfg, card, policy, optimizer, lr_schedule, ema)
+        start_step = _resume(latest, card, policy, optimizer, lr_schedule, ema)
         if ctx.is_main:
             print(f"resuming from {latest} (step {start_step})")
 
@@ -160,10 +232,10 @@ def _train(cfg: Mapping[str, Any], ctx: distributed.Dist) -> dict[str, Any]:
         policy.train()
         with open(log_path, "a") if ctx.is_main else contextlib.nullcontext() as log:
             while step < steps:
-                idx = batch_indices(len(train_windows), tcfg["batch_size"], cfg["seed"], step)
+                idx = batch_indices(len(train_windows), tcfg.batch_size, seed, step)
                 # Every rank draws the noise of the whole global batch and keeps its own rows, so each row is
                 # trained on exactly the noise and timestep it gets in a single process.
-                gen = torch.Generator(device=device).manual_seed(cfg["seed"] * 7919 + step)
+                gen = torch.Generator(device=device).manual_seed(seed * 7919 + step)
                 noise, timesteps = policy.loss_noise((len(idx), *train_windows.action.shape[1:]), gen, device)
                 rows = ctx.shard(len(idx))
                 batch = {"obs": train_windows.obs[idx[rows]].to(device),
@@ -182,18 +254,18 @@ def _train(cfg: Mapping[str, Any], ctx: distributed.Dist) -> dict[str, Any]:
                     raise ConfigError(f"train: loss became {loss_value} at step {step} (lower train.lr?)")
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}")
-                if ctx.is_main and (step % tcfg["log_every"] == 0 or step == steps):
+                if ctx.is_main and (step % tcfg.log_every == 0 or step == steps):
                     record = {"step": step, "loss": loss_value, "lr": lr_schedule.get_last_lr()[0],
                               "wall_s": round(time.perf_counter() - t0, 3)}
                     history.append(record)
                     log.write(json.dumps(record) + "\n")
                     log.flush()
-                if ctx.is_main and (step % tcfg["checkpoint_every"] == 0 or step == steps or stop["flag"]):
-                    val = _val_loss(policy, ema, val_windows, cfg["seed"], device)
+                if ctx.is_main and (step % tcfg.checkpoint_every == 0 or step == steps or stop["flag"]):
+                    val = _val_loss(policy, ema, val_windows, seed, device)
                     if val is not None:
                         log.write(json.dumps({"step": step, "val_loss": val}) + "\n")
                         log.flush()
-                    _save(out, step, cfg, card, policy, optimizer, lr_schedule, ema, tcfg["keep_checkpoints"])
+                    _save(out, step, run_config, card, policy, optimizer, lr_schedule, ema, tcfg.keep_checkpoints)
                 if stop["flag"]:
                     raise _StopRequested
     except _StopRequested:
@@ -214,7 +286,7 @@ def _train(cfg: Mapping[str, Any], ctx: distributed.Dist) -> dict[str, Any]:
     final = ckpt_io.latest_checkpoint(out)
     metrics = {"command": "train", "task": card["task"], "steps": steps, "resumed_from": start_step,
                "final_loss": history[-1]["loss"] if history else None,
-               "val_loss": _val_loss(policy, ema, val_windows, cfg["seed"], device),
+               "val_loss": _val_loss(policy, ema, val_windows, seed, device),
                "train_windows": len(train_windows), "episodes": dataset.n_episodes,
                "wall_s": round(time.perf_counter() - t0, 2), "checkpoint": str(final), "device": str(device),
                "processes": ctx.world_size, "init_from": init_from}
@@ -246,7 +318,7 @@ def _ema_weights(policy: DiffusionPolicy, ema: EMAModel) -> dict[str, torch.Tens
         ema.restore(policy.model.parameters())
 
 
-def _save(out: Path, step: int, cfg, card, policy, optimizer, lr_schedule, ema, keep: int) -> None:
+def _save(out: Path, step: int, run_config, card, policy, optimizer, lr_schedule, ema, keep: int) -> None:
     train_state = {
         "step": step,
         "model": {k: v.detach().cpu() for k, v in policy.model.state_dict().items()},
@@ -255,7 +327,7 @@ def _save(out: Path, step: int, cfg, card, policy, optimizer, lr_schedule, ema, 
         "ema": ema.state_dict(),
         "torch_rng": torch.get_rng_state(),
     }
-    ckpt_io.save_checkpoint(ckpt_io.step_dir(out, step), card, _ema_weights(policy, ema), config=cfg,
+    ckpt_io.save_checkpoint(ckpt_io.step_dir(out, step), card, _ema_weights(policy, ema), config=run_config,
                             train_state=train_state)
     ckpt_io.prune_checkpoints(out, keep)
 
@@ -263,7 +335,8 @@ def _save(out: Path, step: int, cfg, card, policy, optimizer, lr_schedule, ema, 
 def _init_weights(init_from: str, card: Mapping[str, Any], policy: DiffusionPolicy) -> None:
     """Start from another run's network weights (fine-tuning); the normalizer stays the one fitted on this
     run's dataset, so actions outside the old range remain reachable under clip_sample. Task and network shape
-    were checked by validate_train; the observation and action sizes are known only once the data is read."""
+    were checked with the command's options; the observation and action sizes are known only once the data is
+    read."""
     ckpt = ckpt_io.resolve_checkpoint(resolve_path(init_from))
     old = ckpt_io.read_card(ckpt)["policy"]
     for dim in ("obs_dim", "action_dim"):
@@ -275,7 +348,7 @@ def _init_weights(init_from: str, card: Mapping[str, Any], policy: DiffusionPoli
     policy.model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
 
 
-def _resume(latest: Path, cfg, card, policy, optimizer, lr_schedule, ema) -> int:
+def _resume(latest: Path, card, policy, optimizer, lr_schedule, ema) -> int:
     old_card = ckpt_io.read_card(latest)
     if old_card.get("task") != card["task"] or old_card.get("policy") != card["policy"]:
         raise CheckpointError(f"{latest}: existing checkpoint in output_dir was made with another task or policy "

@@ -5,11 +5,12 @@
         Reading the PushT dataset needs zarr, whose numcodecs wheel (9 MB) does not fit beside the ~50 MiB
         working tree under the device's carry limit, so this runs here (`make gpu-wheels`) and the file travels
         in .whl/ instead.
-    bench --base ddim10 --observations FILE --output DIR [--device cuda] [--budget-s 120] [-- overrides]
-        `pcm bench` for one base schedule on those observations, with as many chunks as fit about `budget-s`
-        seconds of timed sampling for all the base's rows (calibrated on a few eager sequential chunks).
-    report --work DIR --out DIR --bases ddim10 ddpm100 [--tests-log FILE] [--label TEXT]
-        gpu_bench.json, gpu_bench.md and gpu_bench_<base>.png from the per-base benches and the step log.
+    bench --schedule ddim10 --observations FILE --output DIR [--device cuda] [--budget-s 120] [-- overrides]
+        `pcm bench` for one sampling schedule on those observations (`observations=FILE`), with as many chunks as
+        fit about `budget-s` seconds of timed sampling for all the schedule's rows (calibrated on a few eager
+        sequential chunks).
+    report --work DIR --out DIR --schedules ddim10 ddpm100 [--tests-log FILE] [--label TEXT]
+        gpu_bench.json, gpu_bench.md and gpu_bench_<schedule>.png from the per-schedule benches and the step log.
     travel-size --limit-mib 60 PATH...
         Exit 1 when the working tree that travels to the device plus PATHs exceeds the limit.
     pins NAME...
@@ -32,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# Timed work of all rows of a base, in units of one eager sequential chunk. Eager Picard, PCM and PCM-LoRA dispatch
+# Timed work of all rows of a schedule, in units of one eager sequential chunk. Eager Picard, PCM and PCM-LoRA dispatch
 # 0.74-0.82 (DDIM-10) and 0.43-0.47 (DDPM-100) as many torch ops per chunk as sequential (counted on the shipped
 # policy), and a GPU at batch 1 is launch-bound, so the eager rows cost <= 3.4 units; the CUDA-graph rows cost at
 # most as much again if graphs bought nothing: <= 6.8. The Anderson-accelerated rows (`accelerated` in
@@ -44,7 +45,7 @@ ROW_COST_FACTOR = 14.0
 def _checkpoint_key(checkpoint) -> str:
     """The checkpoint directory `pcm bench` reads, relative to the repository (the same here and on the device)."""
     from pcm_policy.checkpoint import resolve_checkpoint
-    from pcm_policy.config import resolve_path
+    from pcm_policy.paths import resolve_path
 
     return os.path.relpath(resolve_checkpoint(resolve_path(checkpoint)), ROOT)
 
@@ -52,10 +53,11 @@ def _checkpoint_key(checkpoint) -> str:
 def cmd_observations(args) -> int:
     from safetensors.torch import save_file
 
-    from pcm_policy.bench import bench_observations
-    from pcm_policy.config import resolve_path
+    from pcm_policy.checkpoint import resolve_checkpoint
+    from pcm_policy.observations import sample_observations
+    from pcm_policy.paths import resolve_path
 
-    obs = bench_observations(resolve_path(args.checkpoint), args.chunks, args.seed)
+    obs = sample_observations(resolve_checkpoint(resolve_path(args.checkpoint)), args.chunks, args.seed)
     Path(args.file).parent.mkdir(parents=True, exist_ok=True)
     save_file({"observations": obs.contiguous()}, args.file,
               metadata={"checkpoint": _checkpoint_key(args.checkpoint), "seed": str(args.seed)})
@@ -78,35 +80,20 @@ def load_observations(path, checkpoint):
     return obs, int(meta["seed"])
 
 
-def use_observations(observations, seed: int) -> None:
-    """Make `pcm bench` take its observations from `observations` (the first n of them: as `bench_observations`
-    cycles one seeded permutation, the first n of a longer draw are exactly its draw of n)."""
-    from pcm_policy import bench
-    from pcm_policy.errors import ConfigError
-
-    def bench_observations(ckpt_path, n: int, bench_seed: int):
-        if bench_seed != seed or n > len(observations):
-            raise ConfigError(f"observations: the saved file holds {len(observations)} chunks for seed {seed}, "
-                              f"the bench asks for {n} with seed {bench_seed}")
-        return observations[:n]
-
-    bench.bench_observations = bench_observations
-
-
-def calibrate(checkpoint, base: str, device: str, observations, seed: int, budget_s: float, low: int, high: int):
-    """Chunks per row so that all rows of `base` take about `budget_s` of timed sampling; (chunks, details)."""
+def calibrate(checkpoint, schedule: str, device: str, observations, seed: int, budget_s: float, low: int, high: int):
+    """Chunks per row so that all rows of `schedule` take about `budget_s` of timed sampling; (chunks, details)."""
     import numpy as np
 
-    from pcm_policy import bench
+    from pcm_policy.benchmark.rows import Row, time_row
     from pcm_policy.checkpoint import load_policy
-    from pcm_policy.config import resolve_path
+    from pcm_policy.paths import resolve_path
     from pcm_policy.runtime import resolve_device
-    from pcm_policy.sampler_config import SamplerConfig
+    from pcm_policy.sampler_config import SamplerConfig, parse_schedule
 
     policy, _ = load_policy(resolve_path(checkpoint), resolve_device(device))
-    kind, steps = bench.parse_base(base)
-    row = bench.Row(policy.sampler(SamplerConfig(name="sequential", scheduler=kind, steps=steps)), base)
-    _, latencies, *_ = bench.time_row(policy, row, observations[:3], seed, warmup=1, progress=False)
+    kind, steps = parse_schedule(schedule)
+    row = Row(policy.sampler(SamplerConfig(name="sequential", scheduler=kind, steps=steps)), schedule)
+    latencies = time_row(policy, row, observations[:3], seed, warmup=1, progress=False).latencies
     sequential_ms = float(np.median(latencies))
     chunks = int(budget_s * 1e3 / (ROW_COST_FACTOR * sequential_ms))
     chunks = max(low, min(high, chunks, len(observations)))
@@ -122,15 +109,17 @@ def cmd_bench(args) -> int:
     set_threads(1)  # as `pcm bench threads=1` (its default) will
     try:
         observations, seed = load_observations(args.observations, args.checkpoint)
-        chunks, details = calibrate(args.checkpoint, args.base, args.device, observations, seed, args.budget_s,
+        chunks, details = calibrate(args.checkpoint, args.schedule, args.device, observations, seed, args.budget_s,
                                     args.min_chunks, args.max_chunks)
     except PcmError as e:
         print(f"gpu_check: error: {e}", file=sys.stderr)
         return 2
-    print(f"{args.base}: eager sequential {details['eager_sequential_ms']:.2f} ms per chunk -> {chunks} chunks per row")
-    use_observations(observations, seed)
-    rc = cli.main(["bench", f"checkpoint={args.checkpoint}", f"bases=[{args.base}]", f"chunks={chunks}",
-                   "early_stop=false", f"device={args.device}", f"output_dir={args.output}", *args.overrides])
+    print(f"{args.schedule}: eager sequential {details['eager_sequential_ms']:.2f} ms per chunk -> {chunks} chunks per row")
+    # the bench samples the first `chunks` saved observations: as the saved draw cycles one seeded permutation, they
+    # are exactly its own draw of `chunks` with the same seed
+    rc = cli.main(["bench", f"checkpoint={args.checkpoint}", f"schedules=[{args.schedule}]", f"chunks={chunks}",
+                   f"observations={args.observations}", f"seed={seed}", "early_stop=false", f"device={args.device}",
+                   f"output_dir={args.output}", *args.overrides])
     if rc == 0:
         (Path(args.output) / "calibration.json").write_text(json.dumps(details, indent=2))
     return rc
@@ -143,37 +132,37 @@ def honest_speedups(rows: list[dict]) -> None:
     CUDA graphs buy each sampler (eager p50 / graph p50). `pcm bench` compares every row with eager sequential."""
     mode = lambda r: r["sampler"].endswith("+graph")  # noqa: E731
     name = lambda r: r["sampler"].removesuffix("+graph")  # noqa: E731
-    sequential = {(r["base"], mode(r)): r for r in rows if name(r) == "sequential"}
-    eager = {(r["base"], name(r)): r for r in rows if not mode(r)}
+    sequential = {(r["schedule"], mode(r)): r for r in rows if name(r) == "sequential"}
+    eager = {(r["schedule"], name(r)): r for r in rows if not mode(r)}
     for r in rows:
-        s = sequential.get((r["base"], mode(r)))
+        s = sequential.get((r["schedule"], mode(r)))
         r["speedup_p50_vs_sequential"] = s["latency_ms_p50"] / r["latency_ms_p50"] if s else None
-        r["speedup_reference"] = f"{s['sampler']}/{s['base']}" if s else None
-        e = eager.get((r["base"], name(r))) if mode(r) else None
+        r["speedup_reference"] = f"{s['sampler']}/{s['schedule']}" if s else None
+        e = eager.get((r["schedule"], name(r))) if mode(r) else None
         r["graph_gain_p50"] = e["latency_ms_p50"] / r["latency_ms_p50"] if e else None
 
 
 def targets(rows: list[dict]) -> list[dict]:
     """The issue's H200 targets (reported, not enforced) from whichever rows were measured."""
-    by = {(r["sampler"], r["base"]): r for r in rows}
+    by = {(r["sampler"], r["schedule"]): r for r in rows}
     out = []
     exact = [r for r in rows if r["exact_fraction"] == 1.0]
     if exact:
         best = min(exact, key=lambda r: r["latency_ms_p99"])
         out.append({"target": "best exact configuration: p99 <= 5 ms per chunk at batch 1",
-                    "measured": f"{best['sampler']}/{best['base']} p99 {best['latency_ms_p99']:.2f} ms",
+                    "measured": f"{best['sampler']}/{best['schedule']} p99 {best['latency_ms_p99']:.2f} ms",
                     "met": best["latency_ms_p99"] <= 5.0})
     # each algorithm's target is met by its plain or its accelerated (+aa, start) variant, whichever is faster
     goals = [("pcm_lora", "ddim10", 2.0)] + [(a, "ddpm100", 3.0) for a in ("picard", "pcm", "pcm_lora")]
-    for algorithm, base, goal in goals:
-        variants = [r for r in rows if r["base"] == base and r["sampler"].endswith("+graph")
+    for algorithm, schedule, goal in goals:
+        variants = [r for r in rows if r["schedule"] == schedule and r["sampler"].endswith("+graph")
                     and r["sampler"].split("+")[0] == algorithm]
         r = min(variants, key=lambda v: v["latency_ms_p50"]) if variants else None
-        s = by.get(("sequential+graph", base))
+        s = by.get(("sequential+graph", schedule))
         sampler = r["sampler"] if r else f"{algorithm}+graph"
         if r and s:
             ratio = s["latency_ms_p50"] / r["latency_ms_p50"]
-            out.append({"target": f"{sampler}/{base} >= {goal:g}x faster (p50) than sequential+graph/{base}",
+            out.append({"target": f"{sampler}/{schedule} >= {goal:g}x faster (p50) than sequential+graph/{schedule}",
                         "measured": f"{ratio:.2f}x ({r['latency_ms_p50']:.2f} vs {s['latency_ms_p50']:.2f} ms)",
                         "met": ratio >= goal})
     return out
@@ -205,32 +194,32 @@ def _tests_summary(log: Path | None) -> str | None:
 
 
 def cmd_report(args) -> int:
-    from pcm_policy.bench import markdown_table
+    from pcm_policy.benchmark.report import markdown_table
 
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env, steps, tests = _environment(), _steps(work), _tests_summary(Path(args.tests_log) if args.tests_log else None)
-    parts, rows, bases = [], [], {}
-    for base in args.bases:
-        part_dir = work / f"bench_{base}"
+    parts, rows, schedules = [], [], {}
+    for schedule in args.schedules:
+        part_dir = work / f"bench_{schedule}"
         if not (part_dir / "bench.json").is_file():
-            bases[base] = {"status": "no bench.json (see the steps and gpu_check.log)"}
+            schedules[schedule] = {"status": "no bench.json (see the steps and gpu_check.log)"}
             continue
         part = json.loads((part_dir / "bench.json").read_text())
         honest_speedups(part["rows"])
         calibration = part_dir / "calibration.json"
-        bases[base] = {"status": "ok", "chunks": part["rows"][0]["chunks"] if part["rows"] else 0,
+        schedules[schedule] = {"status": "ok", "chunks": part["rows"][0]["chunks"] if part["rows"] else 0,
                        "calibration": json.loads(calibration.read_text()) if calibration.is_file() else None,
                        "skipped": part.get("skipped", [])}
         parts.append(part)
         rows += part["rows"]
         if (part_dir / "bench.png").is_file():
-            shutil.copyfile(part_dir / "bench.png", out / f"gpu_bench_{base}.png")
+            shutil.copyfile(part_dir / "bench.png", out / f"gpu_bench_{schedule}.png")
     device = parts[0]["device"] if parts else (env["gpu"] or "cpu")
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     goals = targets(rows)
     report = {"command": args.label, "date": date, "device": device, "environment": env, "steps": steps,
-              "tests": tests, "bases": bases, "rows": rows, "targets": goals}
+              "tests": tests, "schedules": schedules, "rows": rows, "targets": goals}
     (out / "gpu_bench.json").write_text(json.dumps(report, indent=2))
 
     md = [f"# GPU check: {device}", "",
@@ -241,20 +230,20 @@ def cmd_report(args) -> int:
     md += ["", "Speed-up p50 is against the sequential row of the same mode: eager rows against `sequential`, "
                "`+graph` rows against `sequential+graph` (the CUDA-graph sequential sampler).", ""]
     for part in parts:
-        md += [f"## {part['rows'][0]['base'] if part['rows'] else ''}", "", markdown_table(part)]
+        md += [f"## {part['rows'][0]['schedule'] if part['rows'] else ''}", "", markdown_table(part)]
     gains = [r for r in rows if r.get("graph_gain_p50")]
     if gains:
-        md += ["## What CUDA graphs buy", "", "| sampler | base | eager p50 ms | graph p50 ms | gain |", "|---|---|---|---|---|"]
-        md += [f"| {r['sampler'].removesuffix('+graph')} | {r['base']} | {r['latency_ms_p50'] * r['graph_gain_p50']:.2f} | "
+        md += ["## What CUDA graphs buy", "", "| sampler | schedule | eager p50 ms | graph p50 ms | gain |", "|---|---|---|---|---|"]
+        md += [f"| {r['sampler'].removesuffix('+graph')} | {r['schedule']} | {r['latency_ms_p50'] * r['graph_gain_p50']:.2f} | "
                f"{r['latency_ms_p50']:.2f} | {r['graph_gain_p50']:.2f}x |" for r in gains]
         md.append("")
     if goals:
         md += ["## Targets (H200; reported, not enforced)", "", "| target | measured | met |", "|---|---|---|"]
         md += [f"| {g['target']} | {g['measured']} | {'yes' if g['met'] else 'no'} |" for g in goals]
         md.append("")
-    for base, info in bases.items():
+    for schedule, info in schedules.items():
         if info["status"] != "ok":
-            md.append(f"{base}: {info['status']}")
+            md.append(f"{schedule}: {info['status']}")
     (out / "gpu_bench.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0
@@ -305,7 +294,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_observations)
     p = sub.add_parser("bench")
-    p.add_argument("--base", required=True)
+    p.add_argument("--schedule", required=True)
     p.add_argument("--observations", required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--checkpoint", default="data/pusht/base")
@@ -318,7 +307,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("report")
     p.add_argument("--work", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--bases", nargs="+", required=True)
+    p.add_argument("--schedules", nargs="+", required=True)
     p.add_argument("--tests-log")
     p.add_argument("--label", default="bash scripts/gpu_check.sh", help="the command that ran the check")
     p.set_defaults(func=cmd_report)

@@ -4,7 +4,7 @@
 # device tool brings back) or, when OUT is unset, to outputs/gpu_check/:
 #   gpu_bench.json, gpu_bench.md   both benches, speed-ups against the sequential row of the same mode, the targets,
 #                                  each step's status and the tests' summary
-#   gpu_bench_<base>.png           `pcm bench`'s plot per base schedule
+#   gpu_bench_<schedule>.png       `pcm bench`'s plot per sampling schedule
 #   gpu_tests.log, gpu_check.log   pytest's output; the environment and every other step's output
 #
 #   bash scripts/gpu_check.sh            on the GPU machine: its python3 plus the wheels and bench observations that
@@ -40,7 +40,7 @@ rm -f "$OUT_DIR"/gpu_bench.json "$OUT_DIR"/gpu_bench.md "$OUT_DIR"/gpu_bench_*.p
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg HF_HUB_OFFLINE=1 PYGAME_HIDE_SUPPORT_PROMPT=1
 export PYTEST_DISABLE_PLUGIN_AUTOLOAD=1  # only the plugins named below: the same set here and on the device
 export TQDM_MININTERVAL=10  # progress bars in a log file: a line every 10 s is plenty
-BASES=(ddim10 ddpm100)  # DDIM-10 first: the configuration the project ships its PCM for
+SCHEDULES=(ddim10 ddpm100)  # DDIM-10 first: the configuration the project ships its PCM for
 
 if [ "$DRY" = 1 ]; then
   DEVICE=cpu
@@ -111,19 +111,19 @@ if "$PY" -c "import pytest_timeout" 2>/dev/null; then
 fi
 run_step tests "$T_TESTS" "$TESTS_LOG" env PCM_GPU_TEST_DEVICE=$DEVICE "$PY" -m pytest "${TEST_ARGS[@]}"
 
-for base in "${BASES[@]}"; do
-  run_step "bench $base" "$T_BENCH" "$LOG" "$PY" scripts/gpu_check.py bench --base "$base" --observations "$OBS" \
-    --output "$WORK/bench_$base" --device "$DEVICE" "${BENCH_SIZES[@]}" -- ${BENCH_OVERRIDES[@]+"${BENCH_OVERRIDES[@]}"}
+for schedule in "${SCHEDULES[@]}"; do
+  run_step "bench $schedule" "$T_BENCH" "$LOG" "$PY" scripts/gpu_check.py bench --schedule "$schedule" --observations "$OBS" \
+    --output "$WORK/bench_$schedule" --device "$DEVICE" "${BENCH_SIZES[@]}" -- ${BENCH_OVERRIDES[@]+"${BENCH_OVERRIDES[@]}"}
 done
 
 run_step report "$T_REPORT" "$LOG" "$PY" scripts/gpu_check.py report --work "$WORK" --out "$OUT_DIR" \
-  --bases "${BASES[@]}" --tests-log "$TESTS_LOG" --label "$LABEL"
+  --schedules "${SCHEDULES[@]}" --tests-log "$TESTS_LOG" --label "$LABEL"
 if [ -s "$OUT_DIR/gpu_bench.md" ]; then
   cat "$OUT_DIR/gpu_bench.md"
 else  # keep what the benches wrote
-  for base in "${BASES[@]}"; do
-    [ -f "$WORK/bench_$base/bench.md" ] && cp "$WORK/bench_$base/bench.md" "$OUT_DIR/gpu_bench_$base.md" &&
-      cat "$OUT_DIR/gpu_bench_$base.md"
+  for schedule in "${SCHEDULES[@]}"; do
+    [ -f "$WORK/bench_$schedule/bench.md" ] && cp "$WORK/bench_$schedule/bench.md" "$OUT_DIR/gpu_bench_$schedule.md" &&
+      cat "$OUT_DIR/gpu_bench_$schedule.md"
   done
 fi
 tail -n 3 "$TESTS_LOG"

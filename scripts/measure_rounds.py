@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from pcm_policy.checkpoint import load_policy
-from pcm_policy.data.windows import checkpoint_observations
+from pcm_policy.observations import dataset_observations
 from pcm_policy.sampler_config import SamplerConfig
 from pcm_policy.sampling import (AndersonConfig, StepCoefficients, sample_lora_switched, sample_picard,
                                  sample_sequential)
@@ -76,7 +76,7 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(1)
     policy, _ = load_policy(args.base, "cpu")
-    train_obs, val_obs = checkpoint_observations(Path(args.base))
+    train_obs, val_obs = dataset_observations(Path(args.base))
     obs = torch.cat([val_obs, train_obs])[args.offset : args.offset + args.obs]
     pcms = {}
     for schedule in args.schedules:

@@ -20,9 +20,9 @@ import torch
 from safetensors.torch import load_file
 
 from pcm_policy.checkpoint import load_policy
-from pcm_policy.data.windows import checkpoint_observations
+from pcm_policy.observations import dataset_observations
 from pcm_policy.pcm.attach import load_pcm
-from pcm_policy.pcm.training import evaluate_iterations
+from pcm_policy.pcm.held_out import evaluate_iterations
 from pcm_policy.sampler_config import SamplerConfig
 
 
@@ -46,7 +46,7 @@ def main() -> None:
     if args.observations:
         obs = load_file(args.observations)[args.key][: args.n]
     else:
-        train_obs, val_obs = checkpoint_observations(Path(args.base))
+        train_obs, val_obs = dataset_observations(Path(args.base))
         obs = torch.cat([val_obs, train_obs])[: args.n]
     sampler = SamplerConfig(name="picard", scheduler=args.scheduler, steps=args.steps, start=args.start)
     accel = {"accel": "anderson", "memory": 2, "damping": args.damping} if args.accel else None

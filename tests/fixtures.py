@@ -1,15 +1,21 @@
-"""Writers for small datasets in the real on-disk layouts, for tests that need a file (or a broken variant).
+"""Shared test helpers: writers for small datasets in the real on-disk layouts (for tests that need a file, or a
+broken variant), tiny training runs, and the command-line runners and refusal checks.
 
 The PushT writer uses zarr directly rather than ReplayBuffer.save, so reader tests do not only test the
 library against itself.
 """
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numcodecs
 import numpy as np
 import zarr
+
+from pcm_policy.commands import run_command
+from pcm_policy.data.robomimic import write_robomimic_hdf5
 
 PUSHT_EPISODE_LENGTHS = (12, 9, 15, 10)
 ROBOMIMIC_DEMO_IDS = (0, 2, 10)  # not contiguous, and "demo_10" < "demo_2" as strings
@@ -86,8 +92,6 @@ def robomimic_demos(lengths=ROBOMIMIC_LENGTHS, seed: int = 0, abs_action: bool =
 def write_robomimic_fixture(path, demo_ids=ROBOMIMIC_DEMO_IDS, lengths=ROBOMIMIC_LENGTHS, seed: int = 0,
                             abs_action: bool = False, masks: dict | None = None) -> Path:
     """robomimic low-dim hdf5 with demos demo_<id>; default masks: valid = the second demo, train = the rest."""
-    from pcm_policy.data.robomimic import write_robomimic_hdf5
-
     names = [f"demo_{i}" for i in demo_ids]
     if masks is None:
         masks = {"train": [n for j, n in enumerate(names) if j != 1], "valid": names[1:2]}
@@ -103,22 +107,62 @@ TINY_POLICY = ["policy.down_dims=[16,32]", "policy.diffusion_step_embed_dim=32",
 def train_tiny_base(root: Path, steps: int = 10) -> Path:
     """A tiny PushT policy trained for `steps` steps on a fixture replay buffer written under `root`; returns
     its run directory `root/base` (seconds on a CPU; its actions mean nothing)."""
-    from pcm_policy.config import compose
-    from pcm_policy.training import train
-
     data = write_pusht_zarr(Path(root) / "d.zarr", lengths=[30, 40, 25, 35, 28])
-    train(compose("train", [f"dataset.path={data}", f"output_dir={Path(root) / 'base'}", "device=cpu",
-                            f"train.steps={steps}", "train.batch_size=16", f"train.checkpoint_every={steps}",
-                            *TINY_POLICY]))
+    run_command("train", [f"dataset.path={data}", f"output_dir={Path(root) / 'base'}", "device=cpu",
+                          f"train.steps={steps}", "train.batch_size=16", f"train.checkpoint_every={steps}",
+                          *TINY_POLICY])
     return Path(root) / "base"
 
 
 def train_tiny_pcm(base: Path, out: Path, scheduler: str, steps: int) -> Path:
     """A tiny LoRA PCM for `base` and the `scheduler` (ddpm | ddim) with `steps` sampling steps (one epoch)."""
-    from pcm_policy.config import compose
-    from pcm_policy.pcm.training import train_pcm
-
-    train_pcm(compose("train_pcm", [f"base={base}", f"output_dir={out}", "device=cpu", f"scheduler={scheduler}",
-                                    f"steps={steps}", "trajectories=4", "collect_batch=4", "epochs=1", "batch_size=4",
-                                    "eval_observations=1", "lora_rank=2"]))
+    run_command("train-pcm", [f"base={base}", f"output_dir={out}", "device=cpu", f"scheduler={scheduler}",
+                              f"steps={steps}", "trajectories=4", "collect_batch=4", "epochs=1", "batch_size=4",
+                              "eval_observations=1", "lora_rank=2"])
     return Path(out)
+
+
+# ---- the command line --------------------------------------------------------------------------------------
+def pcm(*args, cwd=None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run `pcm ARGS` in a fresh process, as a user would (captured output)."""
+    return subprocess.run([sys.executable, "-m", "pcm_policy.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout)
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *needles) -> str:
+    """Exit status 2 (a PcmError), exactly one non-empty stderr line starting `pcm: error:` and containing every
+    needle, no traceback; returns the line."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("pcm: error: "), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr + result.stdout
+    for needle in needles:
+        assert str(needle) in lines[0], lines[0]
+    return lines[0]
+
+
+def tree(root) -> set[str]:
+    """Every file and folder under `root`, relative: compared before and after a refused command."""
+    root = Path(root)
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def run_cli(capsys, *args) -> tuple[int, list[str]]:
+    """Run `pcm ARGS` in this process; (exit status, non-empty stderr lines)."""
+    from pcm_policy.cli import main
+
+    code = main([str(a) for a in args])
+    return code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def assert_refused(capsys, root, *args, needles=()) -> str:
+    """`pcm ARGS` in this process: exit 2, one `pcm: error:` line holding every needle, and no file or folder
+    added or removed under `root`; returns the line."""
+    before = tree(root)
+    code, err = run_cli(capsys, *args)
+    assert code == 2 and len(err) == 1 and err[0].startswith("pcm: error: "), (code, err)
+    for needle in needles:
+        assert str(needle) in err[0], err[0]
+    assert tree(root) == before, sorted(tree(root) ^ before)
+    return err[0]
+

@@ -15,11 +15,7 @@ from pcm_policy.sampling.anderson import AndersonMixer
 from pcm_policy.sampling.picard import single_model_map, tile_cond, prepare
 from pcm_policy.sampling.start import initial_trajectory
 
-from tests.test_sampling_exactness import ToyDenoiser
-from tests.test_switching import diffusers_reference, draw, make_scheduler
-from tests.toys import DA, H, Toy
-
-torch.set_num_threads(1)
+from tests.toys import DA, H, Toy, diffusers_reference, draw, make_scheduler
 
 CONFIGS = [(k, S, p, c) for k, S in [("ddpm", 100), ("ddim", 10)] for p in ("epsilon", "sample") for c in (False, True)]
 # (start, Anderson config): every start and both fits are covered without the full product
@@ -42,7 +38,7 @@ class NarrowGaussianToy(nn.Module):
     def __init__(self, scheduler, var=0.01, seed=5):
         super().__init__()
         self.ac, self.var = scheduler.alphas_cumprod.double(), var
-        self.mlp = ToyDenoiser(seed=seed, gain=0.1)
+        self.mlp = Toy(seed=seed, gain=0.1)
 
     def forward(self, x, t, cond=None):
         a = self.ac[t].reshape(-1, 1, 1)
@@ -69,7 +65,7 @@ def test_anderson_picard_exact(cfg, variant, window, B):
     kind, S, pred, clip = cfg
     start, aa = variant
     sch = make_scheduler(kind, S, pred, clip)
-    den = ToyDenoiser(seed=1)
+    den = Toy(seed=1)
     x_T, noise, cond = draw(S, B, seed=2)
     ref = diffusers_reference(den, sch, x_T, cond, 2)
     out, st = sample_picard(den, sch, x_T, noise, cond, window=window, tol=0.0, anderson=aa, start=start)

@@ -3,31 +3,23 @@ import json
 
 import pytest
 
-from pcm_policy.bench import run_bench
+from pcm_policy.commands import run_composed
 from pcm_policy.config import compose
 from pcm_policy.errors import ConfigError
-from tests.fixtures import train_tiny_base, train_tiny_pcm
 
-ROW_KEYS = {"sampler", "base", "window", "tol", "chunks", "iterations_mean", "evaluations_mean", "latency_ms_p50",
+ROW_KEYS = {"sampler", "schedule", "window", "tol", "chunks", "iterations_mean", "evaluations_mean", "latency_ms_p50",
             "latency_ms_p99", "max_abs_err_vs_sequential", "deadline_misses", "device", "threads"}
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bench")
-    train_tiny_pcm(train_tiny_base(root), root / "pcm", scheduler="ddpm", steps=8)
-    return root
-
-
-def test_bench_schema_table_and_plot(tiny_run):
-    out = tiny_run / "out"
-    cfg = compose("bench", [f"checkpoint={tiny_run / 'base'}", "pcm.ddpm100=null", "pcm.ddim10=null",
-                            "pcm_lora.ddpm100=null", "pcm_lora.ddim10=null", f"+pcm.ddpm8={tiny_run / 'pcm'}",
-                            f"+pcm_lora.ddpm8={tiny_run / 'pcm'}", "bases=[ddpm8,ddim4]", "chunks=3", "warmup=1",
+def test_bench_schema_table_and_plot(tiny_runs, tmp_path):
+    out = tmp_path / "out"
+    cfg = compose("bench", [f"checkpoint={tiny_runs / 'base'}", "pcm.ddpm100=null", "pcm.ddim10=null",
+                            "pcm_lora.ddpm100=null", "pcm_lora.ddim10=null", f"+pcm.ddpm8={tiny_runs / 'pcm_ddpm8'}",
+                            f"+pcm_lora.ddpm8={tiny_runs / 'pcm_ddpm8'}", "schedules=[ddpm8,ddim4]", "chunks=3", "warmup=1",
                             "tol=0", "early_stop_chunks=2", f"output_dir={out}", "device=cpu"])
-    report = run_bench(cfg)
+    report = run_composed("bench", cfg)
     rows = json.loads((out / "bench.json").read_text())["rows"]
-    assert [(r["sampler"], r["base"]) for r in rows] == [
+    assert [(r["sampler"], r["schedule"]) for r in rows] == [
         ("sequential", "ddpm8"), ("picard", "ddpm8"), ("pcm", "ddpm8"), ("pcm_lora", "ddpm8"),
         ("sequential", "ddim4"), ("picard", "ddim4")]
     for r in rows:
@@ -44,22 +36,22 @@ def test_bench_schema_table_and_plot(tiny_run):
     assert (out / "bench.png").stat().st_size > 0 and (out / "metrics.json").is_file()
 
 
-def test_bench_rejects_unknown_base(tiny_run):
-    cfg = compose("bench", [f"checkpoint={tiny_run / 'base'}", "bases=[euler5]", f"output_dir={tiny_run / 'x'}",
+def test_bench_rejects_unknown_base(tiny_runs, tmp_path):
+    cfg = compose("bench", [f"checkpoint={tiny_runs / 'base'}", "schedules=[euler5]", f"output_dir={tmp_path / 'x'}",
                             "device=cpu", "chunks=1"])
     with pytest.raises(ConfigError, match="euler5"):
-        run_bench(cfg)
+        run_composed("bench", cfg)
 
 
 @pytest.mark.sim
-def test_bench_closed_loop_rows_and_capped_episodes(tiny_run):
+def test_bench_closed_loop_rows_and_capped_episodes(tiny_runs, tmp_path):
     """episodes>0 adds success/score to the chosen bases' rows; early_stop_episodes to the capped samplers."""
-    out = tiny_run / "loop"
-    cfg = compose("bench", [f"checkpoint={tiny_run / 'base'}", "pcm.ddpm100=null", "pcm.ddim10=null",
-                            "pcm_lora.ddpm100=null", "pcm_lora.ddim10=null", "bases=[ddim4]", "chunks=2", "warmup=0",
-                            "episodes=1", "episodes_bases=[ddim4]", "early_stop_episodes=1", "early_stop_chunks=2",
+    out = tmp_path / "loop"
+    cfg = compose("bench", [f"checkpoint={tiny_runs / 'base'}", "pcm.ddpm100=null", "pcm.ddim10=null",
+                            "pcm_lora.ddpm100=null", "pcm_lora.ddim10=null", "schedules=[ddim4]", "chunks=2", "warmup=0",
+                            "episodes=1", "episodes_schedules=[ddim4]", "early_stop_episodes=1", "early_stop_chunks=2",
                             "task.max_steps=6", f"output_dir={out}", "device=cpu"])
-    report = run_bench(cfg)
+    report = run_composed("bench", cfg)
     for r in report["rows"]:
         assert r["episodes"] == 1 and 0.0 <= r["score"] <= 1.0 and r["success_rate"] in (0.0, 1.0)
     assert {(e["sampler"], e["rounds"]) for e in report["early_stop"]} == {

@@ -9,6 +9,8 @@ import pytest
 
 from tests.fixtures import pusht_arrays, write_pusht_zarr
 
+pytestmark = pytest.mark.integration  # real `pcm` processes, as a user runs them
+
 SUBCOMMANDS = ["data", "train", "eval", "collect", "train-pcm", "bench", "demo", "export"]
 
 
@@ -47,10 +49,10 @@ def test_help_for_every_subcommand(capsys):
 
 
 def test_print_config_applies_overrides():
-    result = pcm("bench", "--print-config", "chunks=7", "bases=[ddim10]", "task=lift")
+    result = pcm("bench", "--print-config", "chunks=7", "schedules=[ddim10]", "task=lift")
     assert result.returncode == 0, result.stderr
     cfg = json.loads(result.stdout)
-    assert cfg["chunks"] == 7 and cfg["bases"] == ["ddim10"] and cfg["task"]["name"] == "lift"
+    assert cfg["chunks"] == 7 and cfg["schedules"] == ["ddim10"] and cfg["task"]["name"] == "lift"
     assert cfg["control_hz"] == cfg["task"]["control_hz"]  # interpolations are resolved
 
 

@@ -162,6 +162,7 @@ def assert_consistent_run(policy, env, log):
     assert held == log.held_steps
 
 
+@pytest.mark.integration
 def test_realtime_clock_runs_an_episode():
     policy = ScriptedPolicy()
     ctrl = Controller(policy, sampler=None, config=ControllerConfig(control_hz=200, replan_steps=4))
@@ -172,6 +173,7 @@ def test_realtime_clock_runs_an_episode():
     assert_consistent_run(policy, env, log)
 
 
+@pytest.mark.integration
 def test_realtime_stress_worker_plans_from_the_history_at_request():
     """Thousands of 1 ms control steps while a slow worker (2 ms per chunk) plans: the loop appends observations
     during every chunk. Each chunk must see the history as it was when requested (the controller hands the

@@ -18,6 +18,8 @@ from pcm_policy import checkpoint as ckpt_io
 from pcm_policy.data.replay_buffer import ReplayBuffer
 from tests.fixtures import train_tiny_base, write_pusht_zarr
 
+pytestmark = pytest.mark.integration
+
 
 def _cmd(data, out, steps=60):
     return [sys.executable, "-m", "pcm_policy.cli", "train", f"dataset.path={data}", f"output_dir={out}", "device=cpu",

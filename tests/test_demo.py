@@ -8,7 +8,7 @@ import pytest
 
 from tests.fixtures import train_tiny_base, train_tiny_pcm
 
-pytestmark = pytest.mark.sim
+pytestmark = [pytest.mark.sim, pytest.mark.integration]
 
 
 def test_demo_on_a_tiny_checkpoint(tmp_path):
@@ -17,7 +17,7 @@ def test_demo_on_a_tiny_checkpoint(tmp_path):
     out = tmp_path / "demo"
     result = subprocess.run(
         [sys.executable, "-m", "pcm_policy.cli", "demo", f"checkpoint={base}", "pcm_lora.ddpm100=null",
-         "pcm_lora.ddim10=null", f"+pcm_lora.ddim4={pcm}", "sampler.steps=4", "bases=[ddim4]", "episodes=2",
+         "pcm_lora.ddim10=null", f"+pcm_lora.ddim4={pcm}", "sampler.steps=4", "schedules=[ddim4]", "episodes=2",
          "chunks=3", "ddpm100_chunks=1", "task.max_steps=12", f"output_dir={out}", "device=cpu"],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -27,7 +27,7 @@ def test_demo_on_a_tiny_checkpoint(tmp_path):
     assert closed["episodes"] == 2 and closed["seed_range"] == [100000, 100001] and closed["steps"] <= 2 * 12
     assert closed["chunks"] >= 2 and closed["latency_ms_p50"] <= closed["latency_ms_p99"]
     assert 1 <= closed["iterations_mean"] <= 1 + 4  # one PCM step, then at most S base rounds
-    assert [(r["sampler"], r["base"], r["chunks"]) for r in metrics["bench"]] == [
+    assert [(r["sampler"], r["schedule"], r["chunks"]) for r in metrics["bench"]] == [
         ("sequential", "ddim4", 3), ("picard", "ddim4", 3), ("pcm", "ddim4", 3), ("pcm_lora", "ddim4", 3)]
     assert metrics["video"] == str(out / "videos" / "demo_0.mp4") and (out / "videos" / "demo_0.mp4").stat().st_size > 0
     assert (out / "bench" / "bench.png").stat().st_size > 0 and (out / "bench" / "bench.json").is_file()

@@ -4,10 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from pcm_policy.config import compose
+from pcm_policy.commands import run_command
 from pcm_policy.data.replay_buffer import ReplayBuffer
-from pcm_policy.evaluation import evaluate
-from pcm_policy.training import train
 from tests.fixtures import write_pusht_zarr
 
 TINY = ["policy.down_dims=[16,32]", "policy.diffusion_step_embed_dim=32", "policy.n_groups=4", "device=cpu",
@@ -21,8 +19,8 @@ def _losses(path):
 def test_training_losses_repeat(tmp_path):
     data = write_pusht_zarr(tmp_path / "d.zarr", lengths=[30, 40, 25, 35, 28])
     for run in ("a", "b"):
-        train(compose("train", [f"dataset.path={data}", f"output_dir={tmp_path / run}", "train.steps=6",
-                                "train.checkpoint_every=6", *TINY]))
+        run_command("train", [f"dataset.path={data}", f"output_dir={tmp_path / run}", "train.steps=6",
+                                "train.checkpoint_every=6", *TINY])
     assert _losses(tmp_path / "a/log.jsonl") == _losses(tmp_path / "b/log.jsonl")
 
 
@@ -41,12 +39,12 @@ def test_collected_pusht_dataset_repeats(tmp_path):
 @pytest.mark.sim
 def test_eval_metrics_repeat(tmp_path):
     data = write_pusht_zarr(tmp_path / "d.zarr", lengths=[30, 40, 25, 35, 28])
-    train(compose("train", [f"dataset.path={data}", f"output_dir={tmp_path / 'base'}", "train.steps=2",
-                            "train.checkpoint_every=2", *TINY]))
+    run_command("train", [f"dataset.path={data}", f"output_dir={tmp_path / 'base'}", "train.steps=2",
+                            "train.checkpoint_every=2", *TINY])
     runs = []
     for run in ("a", "b"):
-        evaluate(compose("eval", [f"checkpoint={tmp_path / 'base'}", "sampler=ddim", "sampler.steps=3", "episodes=3",
+        run_command("eval", [f"checkpoint={tmp_path / 'base'}", "sampler=ddim", "sampler.steps=3", "episodes=3",
                                   "n_envs=2", "videos=0", "task.max_steps=24", f"output_dir={tmp_path / run}",
-                                  "device=cpu"]))
+                                  "device=cpu"])
         runs.append((tmp_path / run / "episodes.jsonl").read_text())
     assert runs[0] == runs[1]

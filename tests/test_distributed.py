@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from pcm_policy.commands import run_command
 from pcm_policy import checkpoint as ckpt_io
 from pcm_policy.cli import main
-from pcm_policy.config import compose
 from pcm_policy.distributed import Dist
-from pcm_policy.pcm.training import train_pcm
-from pcm_policy.training import train
 from tests.fixtures import write_pusht_zarr
+
+pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -79,7 +79,7 @@ def test_torchrun_train_matches_single_process_and_resumes(tmp_path, data):
     overrides = [f"dataset.path={data}", "train.batch_size=16", "train.steps=4", "train.checkpoint_every=2",
                  "train.log_every=1", "train.warmup_steps=0", f"train.lr={LR}", *TINY]
     single, multi = tmp_path / "single", tmp_path / "multi"
-    train(compose("train", overrides + [f"output_dir={single}"]))
+    run_command("train", overrides + [f"output_dir={single}"])
     torchrun("train", overrides + [f"output_dir={multi}"])
 
     assert_same_checkpoint(ckpt_io.step_dir(single, 4), ckpt_io.step_dir(multi, 4), "model")
@@ -96,15 +96,15 @@ def test_torchrun_train_matches_single_process_and_resumes(tmp_path, data):
 
 
 def test_torchrun_train_pcm_matches_single_process(tmp_path, data):
-    train(compose("train", [f"dataset.path={data}", f"output_dir={tmp_path / 'base'}", "train.steps=20",
-                            "train.batch_size=16", "train.checkpoint_every=20", "train.warmup_steps=0", *TINY]))
+    run_command("train", [f"dataset.path={data}", f"output_dir={tmp_path / 'base'}", "train.steps=20",
+                            "train.batch_size=16", "train.checkpoint_every=20", "train.warmup_steps=0", *TINY])
     # 7 trajectories in batches of 4: the last batch of each epoch (3 rows) splits unevenly, 2 + 1; collection in
     # 3 batches is split over the ranks (0 and 2 on rank 0, 1 on rank 1).
     overrides = [f"base={tmp_path / 'base'}", "mode=lora", "lora_rank=4", "steps=10", "trajectories=7",
                  "collect_batch=3", "epochs=2", "batch_size=4", "eval_observations=2", "checkpoint_every=1",
                  f"lr={LR}", "device=cpu"]
     single, multi = tmp_path / "pcm_single", tmp_path / "pcm_multi"
-    m_single = train_pcm(compose("train_pcm", overrides + [f"output_dir={single}"]))
+    m_single = run_command("train-pcm", overrides + [f"output_dir={single}"])
     torchrun("train-pcm", overrides + [f"output_dir={multi}"])
 
     for shard in sorted((single / "trajectories").glob("batch_*.safetensors")):

@@ -3,10 +3,9 @@ import json
 
 import pytest
 
+from pcm_policy.commands import run_command, run_composed
 from pcm_policy.config import compose
 from pcm_policy.errors import CheckpointError
-from pcm_policy.evaluation import evaluate
-from pcm_policy.training import train
 
 pytestmark = pytest.mark.sim
 
@@ -16,9 +15,9 @@ METRIC_KEYS = {"success_rate", "score", "episodes", "steps", "wall_s"}
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    train(compose("train", ["output_dir=" + str(root / "base"), "device=cpu", "train.steps=2", "train.batch_size=8",
+    run_command("train", ["output_dir=" + str(root / "base"), "device=cpu", "train.steps=2", "train.batch_size=8",
                             "train.checkpoint_every=2", "policy.down_dims=[16,32]", "policy.diffusion_step_embed_dim=32",
-                            "policy.n_groups=4"]))
+                            "policy.n_groups=4"])
     return root / "base"
 
 
@@ -27,7 +26,7 @@ def test_eval_checkpoint_writes_metrics_and_video(tmp_path, tiny_checkpoint, vec
     cfg = compose("eval", [f"checkpoint={tiny_checkpoint}", "sampler=ddim", "sampler.steps=3", "episodes=3",
                            "n_envs=2", f"vector={vector}", "videos=1", "task.max_steps=16", f"output_dir={tmp_path}",
                            "device=cpu"])
-    metrics = evaluate(cfg)
+    metrics = run_composed("eval", cfg)
     assert METRIC_KEYS <= set(metrics) and metrics["episodes"] == 3
     assert 0.0 <= metrics["score"] <= 1.0 and metrics["steps"] <= 3 * 16
     assert metrics["chunks"] > 0 and metrics["iterations_mean"] == 3
@@ -40,11 +39,11 @@ def test_eval_checkpoint_writes_metrics_and_video(tmp_path, tiny_checkpoint, vec
 def test_eval_refuses_checkpoint_of_other_task(tmp_path, tiny_checkpoint):
     cfg = compose("eval", ["task=lift", f"checkpoint={tiny_checkpoint}", "episodes=1", f"output_dir={tmp_path}"])
     with pytest.raises(CheckpointError, match="pusht"):
-        evaluate(cfg)
+        run_composed("eval", cfg)
 
 
 def test_eval_pusht_expert(tmp_path):
-    metrics = evaluate(compose("eval", ["policy=expert", "episodes=1", "videos=0", f"output_dir={tmp_path}"]))
+    metrics = run_command("eval", ["policy=expert", "episodes=1", "videos=0", f"output_dir={tmp_path}"])
     assert metrics["episodes"] == 1 and metrics["success_rate"] == 1.0 and metrics["score"] == 1.0
     assert metrics["success_ci95"] == pytest.approx([0.2065, 1.0], abs=1e-4)  # Wilson, 1 of 1
 

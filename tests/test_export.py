@@ -8,12 +8,11 @@ import torch
 from pcm_policy import checkpoint as ckpt_io
 from pcm_policy.errors import ConfigError
 from pcm_policy.sampler_config import SamplerConfig
-from tests.fixtures import train_tiny_base
 
 
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    return train_tiny_base(tmp_path_factory.mktemp("export"), steps=4)
+@pytest.fixture
+def tiny_base(tiny_runs):
+    return tiny_runs / "base"
 
 
 def _chunk(policy, seed=0):

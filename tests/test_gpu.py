@@ -22,7 +22,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from pcm_policy.bench import Row, build_rows, graphed_rows, time_row
+from pcm_policy.benchmark.rows import Row, build_rows, graphed_rows, time_row
 from pcm_policy.checkpoint import load_policy
 from pcm_policy.model.lora import add_lora, scaled_denoiser
 from pcm_policy.sampling import sample_lora_switched, sample_picard, sample_sequential, sample_switched
@@ -47,28 +47,27 @@ def _observations(policy, n: int) -> torch.Tensor:
     return torch.rand(n, cfg.n_obs_steps, cfg.obs_dim, generator=torch.Generator().manual_seed(0)) * 512
 
 
-def _graph_rows_match_eager(device: str, bases: list[str], chunks: int, atol: float) -> list[Row]:
+def _graph_rows_match_eager(device: str, schedules: list[str], chunks: int, atol: float) -> list[Row]:
     """Every CUDA-graph row of `pcm bench` (shipped PushT checkpoints) gives its eager row's chunks and iterations.
 
     The eager rows use the same fixed-shape windows as the graphed ones, so the graph wrapper is the only
     difference. Returns the graphed rows (their denoisers hold the captured graphs).
     """
     policy, _ = load_policy(PUSHT / "base", device)
-    cfg = {"bases": bases, "tol": 0.1, "window": None, "stiffness": None,
-           "pcm": {b: str(PUSHT / f"pcm_lora_{b}") for b in bases},
-           "pcm_lora": {b: str(PUSHT / f"pcm_lora_{b}") for b in bases}}
-    rows, skipped = build_rows(policy, cfg, torch.device(device))
-    assert not skipped and len(rows) == 4 * len(bases)
+    pcms = {s: str(PUSHT / f"pcm_lora_{s}") for s in schedules}
+    rows, skipped = build_rows(policy, schedules, tol=0.1, window=None, stiffness=None, pcms=pcms, lora_pcms=pcms,
+                               accelerated={}, device=torch.device(device))
+    assert not skipped and len(rows) == 4 * len(schedules)
     graphed = graphed_rows(policy, rows)
     observations = _observations(policy, chunks)
     for row, graph in zip(rows, graphed):
-        assert (row.config.name, row.base, graph.graph) == (graph.config.name, graph.base, True)
-        eager = Row(policy.sampler(dataclasses.replace(row.config, fixed_shape=True), pcm=row.sampler.pcm), row.base,
-                    row.pcm_path)
-        x_eager, _, iters_eager, _, _ = time_row(policy, eager, observations, 0, 0, progress=False)
-        x_graph, _, iters_graph, _, _ = time_row(policy, graph, observations, 0, 1, progress=False)
-        torch.testing.assert_close(x_graph, x_eager, rtol=0, atol=atol, msg=lambda m: f"{graph.name}: {m}")
-        assert iters_graph.tolist() == iters_eager.tolist(), graph.name
+        assert (row.config.name, row.schedule, graph.graph) == (graph.config.name, graph.schedule, True)
+        eager = Row(policy.sampler(dataclasses.replace(row.config, fixed_shape=True), pcm=row.sampler.pcm),
+                    row.schedule, row.pcm_path)
+        t_eager = time_row(policy, eager, observations, 0, 0, progress=False)
+        t_graph = time_row(policy, graph, observations, 0, 1, progress=False)
+        torch.testing.assert_close(t_graph.x0, t_eager.x0, rtol=0, atol=atol, msg=lambda m: f"{graph.name}: {m}")
+        assert t_graph.iterations.tolist() == t_eager.iterations.tolist(), graph.name
     return graphed
 
 

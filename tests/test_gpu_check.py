@@ -17,8 +17,8 @@ _spec.loader.exec_module(gpu_check)
 SAMPLERS = ("sequential", "picard", "pcm", "pcm_lora")
 
 
-def _row(sampler, base, p50, p99=None, exact=1.0):
-    return {"sampler": sampler, "base": base, "latency_ms_p50": p50, "latency_ms_p99": p99 or p50 * 1.2,
+def _row(sampler, schedule, p50, p99=None, exact=1.0):
+    return {"sampler": sampler, "schedule": schedule, "latency_ms_p50": p50, "latency_ms_p99": p99 or p50 * 1.2,
             "exact_fraction": exact}
 
 
@@ -27,7 +27,7 @@ def test_report_compares_graph_rows_with_the_graphed_sequential_sampler():
             _row("sequential+graph", "ddim10", 4.0, 4.5), _row("pcm_lora+graph", "ddim10", 2.5, 3.0, exact=0.99),
             _row("sequential+graph", "ddpm100", 40.0), _row("picard+graph", "ddpm100", 10.0)]
     gpu_check.honest_speedups(rows)
-    by = {(r["sampler"], r["base"]): r for r in rows}
+    by = {(r["sampler"], r["schedule"]): r for r in rows}
     assert by[("pcm_lora", "ddim10")]["speedup_p50_vs_sequential"] == 2.0
     assert by[("pcm_lora+graph", "ddim10")]["speedup_p50_vs_sequential"] == 4.0 / 2.5
     assert by[("pcm_lora+graph", "ddim10")]["speedup_reference"] == "sequential+graph/ddim10"
@@ -40,21 +40,18 @@ def test_report_compares_graph_rows_with_the_graphed_sequential_sampler():
 
 
 def test_saved_observations_are_the_bench_observations(tmp_path):
-    """The file `make gpu-wheels` carries gives `pcm bench` exactly the observations it would draw itself."""
-    from pcm_policy import bench
+    """The file `make gpu-wheels` carries gives `pcm bench observations=FILE` exactly the observations it would draw
+    itself from the checkpoint's dataset (the first n of a longer draw are its draw of n)."""
+    from pcm_policy.checkpoint import resolve_checkpoint
+    from pcm_policy.observations import load_observations, sample_observations
 
-    real = bench.bench_observations
     path = tmp_path / "obs.safetensors"
     assert gpu_check.main(["observations", str(path), "--chunks", "7"]) == 0
     observations, seed = gpu_check.load_observations(path, "data/pusht/base")
-    try:
-        gpu_check.use_observations(observations, seed)
-        torch.testing.assert_close(bench.bench_observations(ROOT / "data/pusht/base", 5, 0),
-                                   real(ROOT / "data/pusht/base", 5, 0), rtol=0, atol=0)
-        with pytest.raises(Exception, match="holds 7 chunks"):
-            bench.bench_observations(ROOT / "data/pusht/base", 8, 0)
-    finally:
-        bench.bench_observations = real
+    assert seed == 0
+    torch.testing.assert_close(load_observations(path)[:5], observations[:5], rtol=0, atol=0)
+    torch.testing.assert_close(observations[:5], sample_observations(resolve_checkpoint(ROOT / "data/pusht/base"), 5, 0),
+                               rtol=0, atol=0)
     with pytest.raises(Exception, match="not of data/lift/base"):
         gpu_check.load_observations(path, "data/lift/base")
 
@@ -72,11 +69,11 @@ def test_dry_run_writes_the_device_files(tmp_path):
     assert all(re.fullmatch(r"[A-Za-z0-9._-]+", n) and (tmp_path / n).stat().st_size > 0 for n in names)
     report = json.loads((tmp_path / "gpu_bench.json").read_text())
     assert report["device"].startswith("cpu") and report["command"].endswith("--dry-run")
-    bases = ("ddim10", "ddpm100")
-    assert {(r["algorithm"], r["base"]) for r in report["rows"]} == {(s, b) for s in SAMPLERS for b in bases}
+    schedules = ("ddim10", "ddpm100")
+    assert {(r["algorithm"], r["schedule"]) for r in report["rows"]} == {(s, b) for s in SAMPLERS for b in schedules}
     # every iterative sampler also as its Anderson-accelerated variant (configs/bench.yaml `accelerated`)
-    assert {(r["algorithm"], r["base"]) for r in report["rows"] if r["accel"] == "anderson"} == {
-        (s, b) for s in SAMPLERS if s != "sequential" for b in bases}
+    assert {(r["algorithm"], r["schedule"]) for r in report["rows"] if r["accel"] == "anderson"} == {
+        (s, b) for s in SAMPLERS if s != "sequential" for b in schedules}
     assert all(s["status"] == "ok" for s in report["steps"]), report["steps"]
     assert re.fullmatch(r"\d+ passed, \d+ deselected", report["tests"]), report["tests"]  # none failed or skipped
     assert "| pcm_lora | ddim10 |" in (tmp_path / "gpu_bench.md").read_text()

@@ -9,7 +9,6 @@ from pcm_policy.model.lora import (
     scaled_denoiser, set_lora_scale,
 )
 
-torch.set_num_threads(1)
 
 
 class Net(nn.Module):

@@ -3,10 +3,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pcm_policy.commands import run_composed
 from pcm_policy import checkpoint as ckpt_io
 from pcm_policy.config import compose
-from pcm_policy.pcm import visited
-from pcm_policy.pcm.training import train_pcm
+from pcm_policy.rollout import visited
 from pcm_policy.sampling import StepCoefficients
 from tests.fixtures import train_tiny_base
 
@@ -36,7 +36,7 @@ def test_closed_loop_observations_are_recorded_once_and_train(base_run, monkeypa
         return real(*args, **kwargs)
 
     monkeypatch.setattr(visited, "visited_observations", spy)
-    metrics = train_pcm(_cfg(base_run, "pcm_cl", "start=noise_sum"))
+    metrics = run_composed("train-pcm", _cfg(base_run, "pcm_cl", "start=noise_sum"))
     out = base_run / "pcm_cl"
     saved = load_file(str(out / "observations.safetensors"))
     # 2 training episodes of 16 steps at Ta = 8: 2 chunks each; the held-out episode is another seed
@@ -59,5 +59,5 @@ def test_closed_loop_observations_are_recorded_once_and_train(base_run, monkeypa
 
     # a second run in the same output dir resumes: no new rollouts
     calls.clear()
-    train_pcm(_cfg(base_run, "pcm_cl", "start=noise_sum"))
+    run_composed("train-pcm", _cfg(base_run, "pcm_cl", "start=noise_sum"))
     assert calls == []

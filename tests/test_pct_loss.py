@@ -10,7 +10,6 @@ from pcm_policy.sampling import StepCoefficients, picard_step, sample_sequential
 
 from tests.toys import C, DA, H, Toy
 
-torch.set_num_threads(1)
 
 
 def setup(kind="ddpm", S=20, B=2, clip=True):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from gymnasium import spaces
 
-import envs
+import envs  # noqa: F401  (registers the ids)
+from pcm_policy.tasks import TASKS
 from envs import pusht_geometry as geo
 from envs.multistep import MultiStepWrapper
 
@@ -134,7 +135,7 @@ def test_multistep_early_stop_and_truncation():
 
 @pytest.fixture
 def pusht_env():
-    env = gym.make(envs.PUSHT_ID)
+    env = gym.make(TASKS["pusht"].env_id)
     yield env
     env.close()
 
@@ -149,7 +150,7 @@ def test_keypoint_map_matches_diffusion_policy_procedure():
 def test_check_env():
     from gymnasium.utils.env_checker import check_env
 
-    env = gym.make(envs.PUSHT_ID)
+    env = gym.make(TASKS["pusht"].env_id)
     try:
         check_env(env.unwrapped, skip_render_check=False)
     finally:

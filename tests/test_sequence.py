@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pcm_policy.data.sequence import SequenceSampler, split_episodes
+from pcm_policy.data.sequence_sampler import SequenceSampler, split_episodes
 
 
 def _windows(sampler, arrays):

@@ -4,42 +4,11 @@ import copy
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
 
 from pcm_policy.model.lora import add_lora, lora_parameters, scaled_denoiser
 from pcm_policy.sampling import sample_lora_switched, sample_picard, sample_sequential, sample_switched, switch_lambda
 
-from tests.toys import C, DA, H, Toy
-
-torch.set_num_threads(1)
-
-
-def make_scheduler(kind, S, pred="epsilon", clip=False):
-    kw = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type=pred, clip_sample=clip)
-    s = DDPMScheduler(**kw) if kind == "ddpm" else DDIMScheduler(**kw)
-    s.set_timesteps(S)
-    return s
-
-
-def draw(S, B, seed=0):
-    """x_T, per-step noise z_j drawn from generators seeded 1000*seed+j (the reference replays them), cond."""
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.stack([torch.randn(B, H, DA, generator=torch.Generator().manual_seed(1000 * seed + j),
-                                     dtype=torch.float64) for j in range(S)])
-    return torch.randn(B, H, DA, generator=g, dtype=torch.float64), noise, torch.randn(B, C, generator=g, dtype=torch.float64)
-
-
-@torch.no_grad()
-def diffusers_reference(den, sch, x_T, cond, seed):
-    """Independent sequential loop through diffusers' own ``step`` (DDPM draws z_j from the same seeded generator)."""
-    y = x_T
-    for j, t in enumerate(sch.timesteps):
-        eps = den(y, t.expand(y.shape[0]), cond)
-        if isinstance(sch, DDPMScheduler):
-            y = sch.step(eps, t, y, generator=torch.Generator().manual_seed(1000 * seed + j)).prev_sample
-        else:
-            y = sch.step(eps, t, y, eta=0.0).prev_sample
-    return y
+from tests.toys import DA, H, Recorder, Toy, diffusers_reference, draw, make_scheduler
 
 
 CONFIGS = [(k, S, p, c) for k, S in [("ddpm", 100), ("ddim", 10), ("ddim", 16)]
@@ -86,16 +55,6 @@ def test_lora_switching_exact(cfg, window, B, use_cond):
     out, st = sample_lora_switched(scaled_denoiser(lora), sch, x_T, noise, cond, window=window, tol=0.0)
     assert st.converged and st.lambdas[:3] == [1.0, 0.0, 0.0]  # default stiffness S: one PCM step
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
-
-
-class Recorder:
-    def __init__(self, fn):
-        self.fn, self.shapes, self.extra = fn, [], []
-
-    def __call__(self, x, t, cond, *extra):
-        self.shapes.append((tuple(x.shape), tuple(t.shape), None if cond is None else tuple(cond.shape)))
-        self.extra.append(extra)
-        return self.fn(x, t, cond, *extra)
 
 
 @pytest.mark.parametrize("window", [None, 6])

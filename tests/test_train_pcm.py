@@ -4,13 +4,12 @@ import json
 import pytest
 import torch
 
+from pcm_policy.commands import run_composed
 from pcm_policy import checkpoint as ckpt_io
 from pcm_policy.config import compose
 from pcm_policy.errors import CheckpointError, ConfigError
 from pcm_policy.pcm.attach import load_pcm, load_sampler
-from pcm_policy.pcm.training import train_pcm
 from pcm_policy.sampler_config import SamplerConfig
-from pcm_policy.training import train
 from tests.fixtures import write_pusht_zarr
 
 TINY = ["policy.down_dims=[16,32]", "policy.diffusion_step_embed_dim=32", "policy.n_groups=4"]
@@ -22,7 +21,7 @@ def base_run(tmp_path_factory):
     data = write_pusht_zarr(root / "d.zarr", lengths=[30, 40, 25, 35, 28])
     cfg = compose("train", [f"dataset.path={data}", f"output_dir={root / 'base'}", "device=cpu", "train.steps=20",
                             "train.batch_size=16", "train.checkpoint_every=20", "train.warmup_steps=0", *TINY])
-    train(cfg)
+    run_composed("train", cfg)
     return root
 
 
@@ -35,7 +34,7 @@ def _pcm_cfg(root, mode, out, **kw):
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_train_pcm_writes_checkpoint_metrics_and_attaches_exactly(base_run, mode):
-    metrics = train_pcm(_pcm_cfg(base_run, mode, f"pcm_{mode}"))
+    metrics = run_composed("train-pcm", _pcm_cfg(base_run, mode, f"pcm_{mode}"))
     assert len(metrics["loss_per_epoch"]) == 2 and all(l > 0 for l in metrics["loss_per_epoch"])
     assert {"picard", "pcm"} <= set(metrics["after"]) and ("pcm_lora" in metrics["after"]) == (mode == "lora")
     assert (base_run / f"pcm_{mode}" / "metrics.json").is_file()
@@ -60,7 +59,7 @@ def test_train_pcm_writes_checkpoint_metrics_and_attaches_exactly(base_run, mode
 
 
 def test_pcm_refuses_other_base_and_missing_checkpoint(base_run, tmp_path):
-    train_pcm(_pcm_cfg(base_run, "lora", "pcm_bind", epochs=1))
+    run_composed("train-pcm", _pcm_cfg(base_run, "lora", "pcm_bind", epochs=1))
     policy, _ = ckpt_io.load_policy(base_run / "base")
     with torch.no_grad():
         next(policy.model.parameters()).add_(1.0)
@@ -73,11 +72,11 @@ def test_pcm_refuses_other_base_and_missing_checkpoint(base_run, tmp_path):
 def test_train_pcm_resumes(base_run, capsys):
     """A run stopped after epoch 1 and re-run with epochs=2 continues from its checkpoint (it says so, and does
     not train epoch 1 again) and ends with the losses and weights of an uninterrupted 2-epoch run."""
-    first = train_pcm(_pcm_cfg(base_run, "lora", "pcm_resume", epochs=1))
+    first = run_composed("train-pcm", _pcm_cfg(base_run, "lora", "pcm_resume", epochs=1))
     capsys.readouterr()
-    resumed = train_pcm(_pcm_cfg(base_run, "lora", "pcm_resume", epochs=2))
+    resumed = run_composed("train-pcm", _pcm_cfg(base_run, "lora", "pcm_resume", epochs=2))
     assert "resuming PCT from" in capsys.readouterr().out
-    straight = train_pcm(_pcm_cfg(base_run, "lora", "pcm_straight", epochs=2))
+    straight = run_composed("train-pcm", _pcm_cfg(base_run, "lora", "pcm_straight", epochs=2))
     assert "resuming PCT from" not in capsys.readouterr().out
     assert resumed["loss_per_epoch"][:1] == first["loss_per_epoch"]
     assert resumed["loss_per_epoch"] == pytest.approx(straight["loss_per_epoch"], rel=1e-9)

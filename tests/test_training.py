@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from pcm_policy import checkpoint as ckpt_io
+from pcm_policy.commands import run_command, run_composed
 from pcm_policy.config import compose
 from pcm_policy.errors import CheckpointError, ConfigError
-from pcm_policy.training import batch_indices, train
-from tests.fixtures import write_pusht_zarr
+from pcm_policy.policy import DiffusionPolicy
+from pcm_policy.training import batch_indices
+from tests.fixtures import TINY_POLICY, tree, write_pusht_zarr
 
 
 def _cfg(tmp_path, data, out="run", **train_overrides):
@@ -27,7 +29,7 @@ def small_zarr(tmp_path):
 
 def test_loss_decreases(tmp_path, small_zarr):
     cfg = _cfg(tmp_path, small_zarr, steps=150, checkpoint_every=150, lr=1e-3)
-    metrics = train(cfg)
+    metrics = run_composed("train", cfg)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run/log.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]
     assert len(losses) == 150
@@ -37,7 +39,7 @@ def test_loss_decreases(tmp_path, small_zarr):
 
 
 def test_checkpoint_contents_and_policy_load(tmp_path, small_zarr):
-    train(_cfg(tmp_path, small_zarr, steps=4, checkpoint_every=2, keep_checkpoints=2))
+    run_composed("train", _cfg(tmp_path, small_zarr, steps=4, checkpoint_every=2, keep_checkpoints=2))
     ckpts = ckpt_io.list_checkpoints(tmp_path / "run")
     assert [s for s, _ in ckpts] == [2, 4]
     latest = ckpts[-1][1]
@@ -53,12 +55,12 @@ def test_checkpoint_contents_and_policy_load(tmp_path, small_zarr):
 
 
 def test_resume_matches_uninterrupted_run(tmp_path, small_zarr):
-    train(_cfg(tmp_path, small_zarr, out="straight", steps=8, checkpoint_every=4))
+    run_composed("train", _cfg(tmp_path, small_zarr, out="straight", steps=8, checkpoint_every=4))
     # The "interrupted" run lost everything after its step-4 checkpoint; re-running the command resumes.
     resumed = _cfg(tmp_path, small_zarr, out="resumed", steps=8, checkpoint_every=4)
-    train(resumed)
+    run_composed("train", resumed)
     shutil.rmtree(ckpt_io.step_dir(tmp_path / "resumed", 8))
-    train(resumed)
+    run_composed("train", resumed)
     a = ckpt_io.read_weights(ckpt_io.step_dir(tmp_path / "straight", 8) / "policy.safetensors")
     b = ckpt_io.read_weights(ckpt_io.step_dir(tmp_path / "resumed", 8) / "policy.safetensors")
     assert a.keys() == b.keys()
@@ -68,18 +70,18 @@ def test_resume_matches_uninterrupted_run(tmp_path, small_zarr):
 
 
 def test_resume_refuses_other_policy_shape(tmp_path, small_zarr):
-    train(_cfg(tmp_path, small_zarr, steps=2, checkpoint_every=2))
+    run_composed("train", _cfg(tmp_path, small_zarr, steps=2, checkpoint_every=2))
     cfg = _cfg(tmp_path, small_zarr, steps=4, checkpoint_every=2)
     cfg["policy"]["down_dims"] = [8, 16]
     with pytest.raises(CheckpointError, match="another task or policy"):
-        train(cfg)
+        run_composed("train", cfg)
 
 
 def test_init_from_starts_from_another_runs_weights(tmp_path, small_zarr):
-    train(_cfg(tmp_path, small_zarr, out="first", steps=6, checkpoint_every=6, lr=1e-3))
+    run_composed("train", _cfg(tmp_path, small_zarr, out="first", steps=6, checkpoint_every=6, lr=1e-3))
     first = ckpt_io.latest_checkpoint(tmp_path / "first")
     # lr=1e-12 barely moves the weights: the run must end where the initial checkpoint's weights were
-    metrics = train(_cfg(tmp_path, small_zarr, out="tuned", steps=2, checkpoint_every=2, lr=1e-12,
+    metrics = run_composed("train", _cfg(tmp_path, small_zarr, out="tuned", steps=2, checkpoint_every=2, lr=1e-12,
                          init_from=str(first)))
     assert metrics["init_from"] == str(first)
     a = ckpt_io.read_weights(first / "policy.safetensors")
@@ -92,18 +94,18 @@ def test_init_from_starts_from_another_runs_weights(tmp_path, small_zarr):
 
 
 def test_init_from_refuses_other_shape_or_task_before_work(tmp_path, small_zarr):
-    train(_cfg(tmp_path, small_zarr, out="first", steps=2, checkpoint_every=2))
+    run_composed("train", _cfg(tmp_path, small_zarr, out="first", steps=2, checkpoint_every=2))
     first = ckpt_io.latest_checkpoint(tmp_path / "first")
     cfg = _cfg(tmp_path, small_zarr, out="wider", steps=2, init_from=str(first))
     cfg["policy"]["down_dims"] = [8, 16]
     with pytest.raises(CheckpointError, match=r"train.init_from=.*down_dims=\[16, 32\]"):
-        train(cfg)
+        run_composed("train", cfg)
     cfg = _cfg(tmp_path, small_zarr, out="other_task", steps=2, init_from=str(first))
     cfg["task"]["name"] = "lift"
     with pytest.raises(CheckpointError, match="train.init_from=.*task 'pusht'"):
-        train(cfg)
+        run_composed("train", cfg)
     with pytest.raises(CheckpointError, match="train.init_from"):
-        train(_cfg(tmp_path, small_zarr, out="missing", steps=2, init_from=str(tmp_path / "nothing")))
+        run_composed("train", _cfg(tmp_path, small_zarr, out="missing", steps=2, init_from=str(tmp_path / "nothing")))
     assert not (tmp_path / "wider").exists() and not (tmp_path / "other_task").exists()
     assert not (tmp_path / "missing").exists()
 
@@ -117,15 +119,15 @@ def test_batch_schedule_is_deterministic_and_covers_epoch():
 
 def test_missing_dataset_and_bad_device(tmp_path):
     with pytest.raises(Exception, match="missing.zarr"):
-        train(_cfg(tmp_path, tmp_path / "missing.zarr", steps=1))
+        run_composed("train", _cfg(tmp_path, tmp_path / "missing.zarr", steps=1))
     with pytest.raises(ConfigError, match="CUDA"):
         cfg = _cfg(tmp_path, tmp_path / "missing.zarr", steps=1)
         cfg["device"] = "cuda"
-        train(cfg)
+        run_composed("train", cfg)
 
 
 def test_corrupt_checkpoint_is_reported(tmp_path, small_zarr):
-    train(_cfg(tmp_path, small_zarr, steps=2, checkpoint_every=2))
+    run_composed("train", _cfg(tmp_path, small_zarr, steps=2, checkpoint_every=2))
     latest = ckpt_io.latest_checkpoint(tmp_path / "run")
     (latest / "policy.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="policy.safetensors"):
@@ -133,10 +135,23 @@ def test_corrupt_checkpoint_is_reported(tmp_path, small_zarr):
 
 
 def test_checkpoint_observations_with_an_empty_validation_split(tmp_path, small_zarr):
-    from pcm_policy.data.windows import checkpoint_observations
+    from pcm_policy.observations import dataset_observations as checkpoint_observations
 
     cfg = _cfg(tmp_path, small_zarr, steps=2, checkpoint_every=2)
     cfg["dataset"]["val_ratio"] = 0.0
-    train(cfg)
+    run_composed("train", cfg)
     train_obs, val_obs = checkpoint_observations(ckpt_io.resolve_checkpoint(tmp_path / "run"))
     assert train_obs.shape[0] > 0 and val_obs.shape == (0, *train_obs.shape[1:])
+
+
+def test_training_refused_before_its_first_checkpoint_leaves_no_folder(tmp_path, monkeypatch):
+    """A refusal once training started (here a NaN loss) removes the output folder this run created."""
+    data = write_pusht_zarr(tmp_path / "d.zarr", lengths=[30, 40, 25, 35, 28])
+    monkeypatch.setattr(DiffusionPolicy, "compute_loss",
+                        lambda self, batch, **kw: torch.tensor(float("nan"), requires_grad=True))
+    before = tree(tmp_path)
+    with pytest.raises(ConfigError, match="loss became nan"):
+        run_command("train", [f"dataset.path={data}", f"output_dir={tmp_path / 'out'}", "device=cpu",
+                              "train.steps=3", "train.log_every=1", "train.checkpoint_every=3", *TINY_POLICY])
+    assert tree(tmp_path) == before
+

@@ -8,9 +8,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pcm_policy.data.replay_buffer import describe_zarr
 from pcm_policy.data.robomimic import RobomimicFile
-from pcm_policy.errors import DatasetError, missing_dataset
+from pcm_policy.errors import DatasetError
+from pcm_policy.tasks import missing_dataset
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -63,6 +63,8 @@ def dataset_info(path: str | os.PathLike) -> dict:
 
 
 def _zarr_info(path) -> dict:
+    from pcm_policy.data.replay_buffer import describe_zarr  # zarr loads only for a zarr file
+
     ends, arrays = describe_zarr(path)
     return {
         "format": "zarr", "path": str(path), "episodes": int(len(ends)), "steps": int(ends[-1]),

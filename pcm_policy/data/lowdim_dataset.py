@@ -9,18 +9,96 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pcm_policy.data.normalizer import Normalizer
+from pcm_policy.data.normalizer import MODES, Normalizer
 from pcm_policy.data.robomimic import DEFAULT_OBS_KEYS, RobomimicFile
-from pcm_policy.data.sequence import SequenceSampler, split_episodes
+from pcm_policy.data.sequence_sampler import SequenceSampler, check_window, split_episodes
 from pcm_policy.errors import ConfigError, DatasetError
+from pcm_policy.options import (check_choice, check_flag, check_int, check_list, check_number, check_text,
+                                show)
 
 KINDS = ("pusht_zarr", "robomimic_hdf5")
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """The `dataset` group of a run config: which file, how to read and split it, how to normalize it.
+
+    Attributes:
+        kind: `pusht_zarr` or `robomimic_hdf5` (`KINDS`).
+        path: the dataset file.
+        val_ratio: fraction of episodes held out for validation, in [0, 1).
+        max_train_episodes: a seeded subset of this many training episodes; None keeps all.
+        obs_keys: robomimic obs keys, concatenated in this order; None = `DEFAULT_OBS_KEYS`.
+        abs_action: robomimic: train absolute actions as 10-d [pos3, rot6d, gripper].
+        filter_key: robomimic: read only the demos of `mask/<filter_key>`; None reads all.
+        normalizer: a `Normalizer` mode (`limits`, `gaussian`, `identity`).
+
+    Raises:
+        ConfigError: a value of the wrong type or range, or a robomimic-only key on a zarr dataset, naming
+            `dataset.<key>`.
+    """
+
+    kind: str
+    path: str
+    val_ratio: float = 0.02
+    max_train_episodes: int | None = None
+    obs_keys: tuple[str, ...] | None = None
+    abs_action: bool = False
+    filter_key: str | None = None
+    normalizer: str = "limits"
+
+    def __post_init__(self):
+        key = "dataset"
+        check_choice(f"{key}.kind", self.kind, KINDS)
+        if not self.path:
+            raise ConfigError(f"{key}.path: no dataset given (set {key}.path=<file>)")
+        check_text(f"{key}.path", str(self.path))
+        check_number(f"{key}.val_ratio", self.val_ratio, 0, 1, high_open=True)
+        check_int(f"{key}.max_train_episodes", self.max_train_episodes, 1, null=True)
+        check_choice(f"{key}.normalizer", self.normalizer, MODES)
+        robomimic_only = {"obs_keys": None, "abs_action": False, "filter_key": None}
+        for k, neutral in robomimic_only.items():
+            value = getattr(self, k)
+            if self.kind != "robomimic_hdf5" and value not in (neutral, None):
+                raise ConfigError(f"{key}.{k}={show(list(value) if k == 'obs_keys' else value)}: applies to "
+                                  f"robomimic_hdf5 datasets only ({key}.kind={self.kind})")
+        if self.obs_keys is not None and not all(isinstance(k, str) and k for k in self.obs_keys):
+            raise ConfigError(f"{key}.obs_keys={show(list(self.obs_keys))}: expected a non-empty list of obs key "
+                              "names or null")
+        check_flag(f"{key}.abs_action", self.abs_action)
+        check_text(f"{key}.filter_key", self.filter_key, null=True)
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any], key: str = "dataset") -> "DatasetConfig":
+        """Build from a run config's `dataset` group (absent keys take their defaults).
+
+        Raises:
+            ConfigError: see the class.
+        """
+        obs_keys = cfg.get("obs_keys")
+        if obs_keys is not None:
+            obs_keys = tuple(check_list(f"{key}.obs_keys", obs_keys, "[object, robot0_eef_pos] or null"))
+        fields = ("val_ratio", "max_train_episodes", "abs_action", "filter_key", "normalizer")
+        return cls(kind=cfg.get("kind"), path=cfg.get("path"), obs_keys=obs_keys,
+                   **{k: cfg[k] for k in fields if k in cfg})
+
+    def load(self, horizon: int, n_obs_steps: int, n_action_steps: int, seed: int) -> "LowDimDataset":
+        """The training split of this dataset for windows of H, To, Ta (`LowDimDataset.from_config`).
+
+        Raises:
+            DatasetError: a missing, corrupt or incomplete file (see `LowDimDataset.from_config`).
+        """
+        return LowDimDataset.from_config(
+            kind=self.kind, path=self.path, horizon=horizon, n_obs_steps=n_obs_steps, n_action_steps=n_action_steps,
+            val_ratio=self.val_ratio, seed=seed, max_train_episodes=self.max_train_episodes, obs_keys=self.obs_keys,
+            abs_action=self.abs_action, filter_key=self.filter_key)
 
 
 def _check_finite(path, ends: np.ndarray, arr: np.ndarray, key: str) -> None:
@@ -104,16 +182,14 @@ class LowDimDataset(Dataset):
         abs_action: the actions are 10-d absolute ones.
 
     Raises:
-        ConfigError: not 1 <= To <= H, Ta < 1, or To - 1 + Ta > H.
+        ConfigError: a window shape `check_window` refuses (not 1 <= To <= H, Ta < 1, or To - 1 + Ta > H).
         DatasetError: no training episode, or (train split) no window: every episode is too short.
     """
 
     def __init__(self, obs: np.ndarray, action: np.ndarray, episode_ends: np.ndarray, horizon: int,
                  n_obs_steps: int, n_action_steps: int, train_mask: np.ndarray, val_mask: np.ndarray,
                  path: str = "<memory>", split: str = "train"):
-        if not (1 <= n_obs_steps <= horizon and n_action_steps >= 1 and n_obs_steps - 1 + n_action_steps <= horizon):
-            raise ConfigError(f"need 1 <= n_obs_steps <= horizon and n_obs_steps - 1 + n_action_steps <= horizon, "
-                              f"got horizon={horizon} n_obs_steps={n_obs_steps} n_action_steps={n_action_steps}")
+        check_window(horizon, n_obs_steps, n_action_steps)
         self.path = str(path)
         self.obs, self.action = obs, action
         self.episode_ends = np.asarray(episode_ends, dtype=np.int64)

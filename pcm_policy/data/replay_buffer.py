@@ -18,7 +18,8 @@ import zarr
 
 from pcm_policy.atomic import atomic_path
 from pcm_policy.data.integrity import RawZarrStore, check_zarr_array
-from pcm_policy.errors import DatasetError, missing_dataset
+from pcm_policy.errors import DatasetError
+from pcm_policy.tasks import missing_dataset
 
 ENDS_KEY = "meta/episode_ends"
 _CHUNK_BYTES = 1 << 20  # default chunk: about 1 MiB of rows, the scale Diffusion Policy's files use

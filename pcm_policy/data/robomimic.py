@@ -18,7 +18,8 @@ import numpy as np
 from pcm_policy.atomic import atomic_path
 from pcm_policy.data.integrity import check_hdf5_dataset
 from pcm_policy.data.rotation import abs_action_to_10d
-from pcm_policy.errors import DatasetError, missing_dataset
+from pcm_policy.errors import DatasetError
+from pcm_policy.tasks import missing_dataset
 
 DEFAULT_OBS_KEYS = ("object", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
 _DEMO_RE = re.compile(r"^demo_(\d+)$")

@@ -12,8 +12,10 @@ from typing import Any, Callable, Mapping
 import torch
 
 from pcm_policy import checkpoint as ckpt_io
+from pcm_policy.checkpoint import Card
 from pcm_policy.errors import CheckpointError, ConfigError
 from pcm_policy.model.lora import add_lora, load_lora_state_dict, scaled_denoiser
+from pcm_policy.paths import resolve_path
 from pcm_policy.sampler_config import SamplerConfig
 
 
@@ -118,22 +120,63 @@ def load_sampler(policy, sampler_cfg: Mapping[str, Any] | SamplerConfig, device=
         The cached `ChunkSampler` (see `DiffusionPolicy.sampler`).
 
     Raises:
-        ConfigError: an invalid config, a PCM sampler with no checkpoint named, or a sampler.start other than
-            the start the PCM was trained from.
-        CheckpointError: the PCM checkpoint is missing, corrupt or does not fit the base.
+        ConfigError: an invalid config, a PCM sampler with no checkpoint named, a PCM trained from another start
+            (`Card.check_pcm_start`), or a full PCM for `pcm_lora`.
+        CheckpointError: the PCM checkpoint is missing, corrupt, not a PCM or does not fit the base.
     """
     sampler = SamplerConfig.from_mapping(sampler_cfg)
     if pcm_checkpoint is None and not isinstance(sampler_cfg, SamplerConfig):
         pcm_checkpoint = sampler_cfg.get("pcm_checkpoint")
     if not sampler.needs_pcm:
         return policy.sampler(sampler)
-    if not pcm_checkpoint:
-        raise ConfigError(f"sampler.pcm_checkpoint: sampler={sampler.name} needs a PCM checkpoint "
-                          "(train one with `pcm train-pcm base=<checkpoint>`)")
-    from pcm_policy.config import resolve_path
-
-    net, card = load_pcm(resolve_path(pcm_checkpoint), policy, device or policy.device)
-    if sampler.start != card.get("start", "x_T"):  # its one step was learned from that X^0 only
-        raise ConfigError(f"sampler.start={sampler.start}: the PCM {pcm_checkpoint} was trained from "
-                          f"start={card.get('start', 'x_T')} (set sampler.start={card.get('start', 'x_T')})")
+    Card.open_pcm(PCM_KEY, required_pcm(sampler, pcm_checkpoint)).check_pcm_start(sampler, "sampler.start")
+    net, _ = load_pcm(resolve_path(pcm_checkpoint), policy, device or policy.device)
     return policy.sampler(sampler, pcm=pcm_denoiser(net, sampler.name))
+
+
+PCM_KEY = "sampler.pcm_checkpoint"
+
+
+def required_pcm(sampler: SamplerConfig, pcm_checkpoint: str | None, key: str = PCM_KEY) -> str:
+    """The PCM checkpoint a switching sampler needs.
+
+    Raises:
+        ConfigError: none given (the message names `key` and the schedule to train one for).
+    """
+    if not pcm_checkpoint:
+        raise ConfigError(f"{key}: sampler={sampler.name} needs a PCM checkpoint trained for {sampler.schedule} "
+                          "(train one with `pcm train-pcm base=<checkpoint>`)")
+    return pcm_checkpoint
+
+
+def check_sampler(group: Mapping[str, Any], key: str, num_train_timesteps: int | None, source=None,
+                  pcm_key: str | None = None, pcm_path: str | None = None, check_pcm: bool = True) -> SamplerConfig:
+    """A `sampler=` group checked against the policy it will run on, and its PCM against the sampler (no weights
+    are read).
+
+    Args:
+        group: the sampler group.
+        key: its config key (e.g. `sampler`).
+        num_train_timesteps: the policy's T (None: unknown, not checked).
+        source: the policy's checkpoint, for messages.
+        pcm_key: the option naming the PCM, with `pcm_path` its value (default: the group's own
+            `<key>.pcm_checkpoint`).
+        pcm_path: the PCM checkpoint `pcm_key` names.
+        check_pcm: check the PCM of a switching sampler.
+
+    Returns:
+        The sampler config.
+
+    Raises:
+        ConfigError: a bad sampler key, more steps than T, a switching sampler without a PCM, or a PCM trained
+            for another schedule or start, or a full PCM for weight-space switching.
+        CheckpointError: the PCM checkpoint is unreadable or not a PCM.
+    """
+    sampler = SamplerConfig.from_mapping(group, key)
+    if num_train_timesteps is not None:
+        sampler.check_steps(num_train_timesteps, key, source)
+    if sampler.needs_pcm and check_pcm:
+        if pcm_key is None:
+            pcm_key, pcm_path = f"{key}.pcm_checkpoint", group.get("pcm_checkpoint")
+        Card.open_pcm(pcm_key, required_pcm(sampler, pcm_path, pcm_key)).check_pcm_for(sampler, f"{key}.start")
+    return sampler

@@ -5,7 +5,7 @@ Modes (`y_0 = x_T` always; `n_i = sigma_i z_i` the noise terms the Picard map ad
 * `"x_T"`: every slot = x_T (ParaDiGMS).
 * `"noise_sum"`: `y_j = x_T + sum_{i<j} n_i`, the chunk's own noise carried along the trajectory.  For DDIM
   (sigma = 0) it equals `"x_T"`.  Why: the DDPM Picard map adds `n_i` explicitly and the fixed point keeps
-  it, so a start without it is off by a noise sum that grows along the trajectory (DESIGN.md section 7).
+  it, so a start without it is off by a noise sum that grows along the trajectory (measured: docs/anderson-and-starts.md).
 * `"x0_chain"`: the scheduler chain run from an x0 guess of zeros with the chunk's noise,
   `y_{j+1} = m(y_j, tau_j; x0 = 0) + n_j`, i.e. the sequential sampler with a denoiser that always predicts
   x0 = 0 (one small matrix product, no network).

@@ -59,7 +59,7 @@ def schedule_key(sampler: SamplerConfig) -> str:
 def make_inputs(policy) -> dict[str, torch.Tensor]:
     """Observation histories (N_OBS, To, Do) spread over the base's validation/training windows, and seeded noise
     (x_T (n, H, Da), per-step noise (S, n, H, Da)) for each schedule, n = the most observations a case uses."""
-    from pcm_policy.data.windows import checkpoint_observations
+    from pcm_policy.observations import dataset_observations as checkpoint_observations
 
     train_obs, val_obs = checkpoint_observations(BASE)
     pool = torch.cat([val_obs, train_obs])

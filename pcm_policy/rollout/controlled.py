@@ -7,7 +7,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from pcm_policy.control.controller import ChunkRecord, Controller
-from pcm_policy.episodes import EpisodeResult, make_env
+from pcm_policy.rollout.env import make_env
+from pcm_policy.rollout.results import EpisodeResult
 
 
 @dataclass

@@ -3,7 +3,7 @@
 Dataset windows come from the expert's state distribution; a policy's own rollouts drift from it, and the PCM is
 asked to denoise at exactly those drifted states. `visited_observations` rolls the base policy out in its env
 (vectorised, like `pcm eval`) and records every observation history it planned from, so PCT can be trained and
-evaluated on them (`pcm train-pcm observations=closed_loop`). Seeds default to 200000+, disjoint from the test
+evaluated on them (`pcm train-pcm observations=closed_loop`, via `pcm_policy.observations`). Seeds default to 200000+, disjoint from the test
 seeds 100000..100049 used by `pcm eval` and the bench.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from pcm_policy.errors import ConfigError
+from pcm_policy.rollout.vectorized import ChunkAgent, rollout_policy
 
 
 class _RecordingAgent:
@@ -48,8 +49,6 @@ def visited_observations(policy, env_id: str, max_steps: int, episodes: int, see
     Raises:
         ConfigError: `env_id` is empty (the checkpoint names no env to roll out in), or an invalid sampler config.
     """
-    from pcm_policy.evaluation import ChunkAgent, rollout_policy
-
     if not env_id:
         raise ConfigError("observations=closed_loop: the base checkpoint names no env_id to roll out in")
     agent = _RecordingAgent(ChunkAgent(policy, policy.sampler(sampler), seed=seed_start))

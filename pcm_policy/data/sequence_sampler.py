@@ -11,6 +11,8 @@ from typing import Mapping
 
 import numpy as np
 
+from pcm_policy.options import check_int
+
 
 class SequenceSampler:
     """Index of all windows; `sample(arrays, i)` cuts window i out of per-step arrays.
@@ -134,3 +136,23 @@ def split_episodes(n_episodes: int, val_ratio: float, seed: int = 42,
             train_mask = np.zeros(n_episodes, dtype=bool)
             train_mask[keep] = True
     return train_mask, val_mask
+
+
+def check_window(horizon, n_obs_steps, n_action_steps, key: str = "policy") -> None:
+    """The window shape of a policy: H frames, of which the To observations and the Ta executed actions
+    [To-1, To-1+Ta) must fit (Diffusion Policy's convention).
+
+    Args:
+        horizon: H.
+        n_obs_steps: To, in [1, H].
+        n_action_steps: Ta, with To - 1 + Ta <= H.
+        key: the config group the three options belong to, for messages (`<key>.horizon`, ...).
+
+    Raises:
+        ConfigError: a value that is not an integer in its range, naming its key.
+    """
+    horizon = check_int(f"{key}.horizon", horizon, 1)
+    n_obs = check_int(f"{key}.n_obs_steps", n_obs_steps, 1, horizon)
+    check_int(f"{key}.n_action_steps", n_action_steps, 1, horizon - n_obs + 1,
+              why=f" (n_obs_steps - 1 + n_action_steps must fit in horizon={horizon})")
+

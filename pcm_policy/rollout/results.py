@@ -1,19 +1,18 @@
-"""Closed-loop episodes: the env an episode runs in, one episode's result, and the summary over episodes.
+"""One episode's result and the summary over episodes (success rate with its Wilson interval, score).
 
-Shared by `pcm eval`, `pcm bench` and `pcm demo`. PushT (Diffusion Policy's convention): score = mean over
-episodes of clip(max coverage / 0.95, 0, 1); success = max coverage >= 0.95. robomimic: score = success rate.
+Shared by `pcm eval`, `pcm bench` and `pcm demo`. Scores follow the task registry (Diffusion Policy's convention):
+PushT = mean over episodes of clip(max coverage / 0.95, 0, 1), success = max coverage >= 0.95; robomimic: score
+= success rate.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import gymnasium as gym
 import numpy as np
 
-PUSHT_SUCCESS_COVERAGE = 0.95
+from pcm_policy.tasks import get_task
 
 
 @dataclass
@@ -35,44 +34,16 @@ class EpisodeResult:
     steps: int
 
     def score(self, task: str) -> float:
-        """The episode's score in [0, 1] (Diffusion Policy's convention).
+        """The episode's score in [0, 1] as its task scores it (`pcm_policy.tasks.Task.episode_score`).
 
         Args:
-            task: the task name; "pusht" scores clip(max coverage / 0.95, 0, 1), any other task (or a PushT
-                result without coverage) 1.0 on success, else 0.0.
+            task: the task name (PushT scores clip(max coverage / 0.95, 0, 1); robomimic tasks, or a result
+                without coverage, 1.0 on success, else 0.0).
+
+        Raises:
+            ConfigError: an unknown task.
         """
-        if task == "pusht" and self.max_coverage is not None:
-            return float(np.clip(self.max_coverage / PUSHT_SUCCESS_COVERAGE, 0.0, 1.0))
-        return float(self.success)
-
-
-def make_env(env_id: str, max_steps: int, render: bool = False, video_prefix: Path | None = None,
-             fps: int = 10, wrap: Callable[[gym.Env], gym.Env] | None = None) -> gym.Env:
-    """A registered env with a time limit and episode statistics in `info`.
-
-    Args:
-        env_id: a gymnasium id registered by `envs` (e.g. `pcm/PushT-v0`).
-        max_steps: time limit in env (control) steps.
-        render: build the env with `render_mode="rgb_array"` (needed for videos).
-        video_prefix: record the first episode to `<video_prefix>_*.mp4`; None records nothing.
-        fps: frame rate of the video in Hz (the control frequency).
-        wrap: applied last (e.g. a MultiStepWrapper); None adds nothing.
-
-    Returns:
-        The env; its `info` carries `episode_success`, `episode_max_coverage` and `episode_steps`.
-
-    Raises:
-        gymnasium.error.Error: `env_id` is not registered.
-    """
-    import envs  # noqa: F401  (registers the ids)
-    from envs.recording import EpisodeStats, VideoRecorder
-
-    kwargs = {"render_mode": "rgb_array"} if render else {"render_mode": None}
-    env = gym.make(env_id, max_episode_steps=max_steps, disable_env_checker=True, **kwargs)
-    if video_prefix is not None:
-        env = VideoRecorder(env, video_prefix, fps=fps, max_episodes=1)
-    env = EpisodeStats(env)
-    return wrap(env) if wrap is not None else env
+        return get_task(task).episode_score(self.success, self.max_coverage)
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:

@@ -1,0 +1,64 @@
+"""Time every bench row on the same observations and noise and compare its chunks with the sequential sampler's."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from pcm_policy.benchmark.rows import Row, time_row
+from pcm_policy.latency import latency_summary
+
+
+def measure_rows(policy, rows: list[Row], observations: torch.Tensor, chunks: Mapping[str, int], seed: int,
+                 warmup: int, budget_ms: float, device_name: str, threads: int
+                 ) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+    """One result per row: latency p50/p99 (ms), rounds, network rows, deviation from the sequential sample of the
+    same schedule (max abs over each chunk, normalized action units: max and p99 over chunks), exact fraction and
+    deadline misses against `budget_ms`.
+
+    Args:
+        policy: the base policy.
+        rows: the rows; each schedule's eager sequential row must come before its other rows (the reference).
+        observations: (n, To, Do) float32 in env units; a row samples the first `chunks[schedule]` of them.
+        chunks: schedule -> chunks to time.
+        seed: chunk i uses the noise of seed + i, in every row.
+        warmup: untimed chunks per row.
+        budget_ms: the per-chunk deadline.
+        device_name: the device, as reported.
+        threads: torch intra-op threads, as reported.
+
+    Returns:
+        (results, references): the result dicts in row order (each with its latencies under `_latencies`, not
+        for the report), and each schedule's sequential chunks (n, H, Da).
+    """
+    results, references = [], {}
+    for row in rows:
+        n = min(int(chunks[row.schedule]), len(observations))
+        t = time_row(policy, row, observations[:n], seed, warmup)
+        if row.config.name == "sequential" and not row.graph:
+            references[row.schedule] = t.x0
+        if row.schedule in references:  # per chunk: its largest action deviation from the sequential sample
+            chunk_err = (t.x0 - references[row.schedule][:n]).abs().flatten(1).amax(dim=1).numpy()
+            err, err_p99 = float(chunk_err.max()), float(np.percentile(chunk_err, 99))
+        else:
+            err = err_p99 = float("nan")
+        c = row.config
+        iterative = c.name != "sequential"
+        anderson = c.accel == "anderson"
+        results.append({
+            "sampler": c.variant + ("+graph" if row.graph else ""), "schedule": row.schedule, "algorithm": c.name,
+            "accel": c.accel if iterative else None, "start": c.start if iterative else None,
+            "memory": c.memory if anderson else None, "damping": c.damping if anderson else None,
+            "triangular": c.triangular if anderson else None, "graph": row.graph, "window": c.window or c.steps,
+            "tol": c.tol if iterative else None, "chunks": len(t.latencies),
+            "iterations_mean": float(t.iterations.mean()), "evaluations_mean": float(t.evaluations.mean()),
+            **latency_summary(t.latencies), "max_abs_err_vs_sequential": err, "abs_err_p99_vs_sequential": err_p99,
+            "exact_fraction": float(t.converged.mean()), "deadline_misses": int((t.latencies > budget_ms).sum()),
+            "budget_ms": budget_ms, "device": device_name, "threads": threads, "pcm_checkpoint": row.pcm_path,
+            "_latencies": t.latencies,
+        })
+        r = results[-1]
+        print(f"{row.name:20s} p50 {r['latency_ms_p50']:7.1f} ms  p99 {r['latency_ms_p99']:7.1f} ms  "
+              f"iters {r['iterations_mean']:5.2f}  err {err:.2e}")
+    return results, references

@@ -1,0 +1,185 @@
+"""Bench rows: one `ChunkSampler` per (schedule, algorithm, acceleration), eager or CUDA-graph replayed, and the
+timed loop that samples every row on the same observations and noise.
+
+Rows, for each sampling schedule (DDPM-100, DDIM-10, DDIM-16): sequential, Picard, PCM (output-space switching)
+and PCM-LoRA (weight-space switching), the PCM rows only where a PCM trained for that schedule is given, and each
+iterative row again with the schedule's acceleration settings (a `+aa` row).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pcm_policy.chunk_sampler import ChunkSampler
+from pcm_policy.pcm.attach import load_pcm, pcm_denoiser
+from pcm_policy.paths import resolve_path
+from pcm_policy.sampler_config import SamplerConfig, parse_schedule
+from pcm_policy.sampling.cuda_graph import GraphedDenoiser
+
+
+@dataclass
+class Row:
+    """One bench row.
+
+    Attributes:
+        sampler: the row's sampler.
+        schedule: the schedule name, e.g. `ddim10`.
+        pcm_path: the PCM checkpoint of a switching row (None otherwise).
+        graph: the row's denoisers are CUDA-graph replayed.
+    """
+
+    sampler: ChunkSampler
+    schedule: str
+    pcm_path: str | None = None
+    graph: bool = False
+
+    @property
+    def config(self) -> SamplerConfig:
+        """The row's sampler config."""
+        return self.sampler.config
+
+    @property
+    def name(self) -> str:
+        """Label for tables and progress bars, e.g. `pcm_lora+graph/ddim10`."""
+        return f"{self.config.variant}{'+graph' if self.graph else ''}/{self.schedule}"
+
+
+def build_rows(policy, schedules: list[str], tol: float, window: int | None, stiffness: float | None,
+               pcms: Mapping[str, str], lora_pcms: Mapping[str, str], accelerated: Mapping[str, Mapping[str, Any]],
+               device) -> tuple[list[Row], list[str]]:
+    """The bench rows for every schedule.
+
+    Args:
+        policy: the base policy.
+        schedules: schedule names, e.g. [ddpm100, ddim10].
+        tol: the Picard rows' tolerance.
+        window: the Picard window (None: all steps).
+        stiffness: the switching stiffness (None: the samplers' default).
+        pcms: schedule -> PCM checkpoint for the output-space switching rows.
+        lora_pcms: schedule -> LoRA PCM checkpoint for the weight-space switching rows.
+        accelerated: schedule -> acceleration settings (accel, memory, damping, triangular, start) of its `+aa`
+            rows; a schedule without settings gets none.
+        device: where PCMs are loaded.
+
+    Returns:
+        (rows, skipped): the rows, and one reason per PCM row that could not be built (no checkpoint given, a
+        PCM for another schedule, a full PCM for weight-space switching).
+
+    Raises:
+        ConfigError: an invalid schedule name or sampler setting.
+        CheckpointError: a PCM checkpoint that is missing, corrupt or for another base.
+    """
+    rows, skipped = [], []
+    for schedule in schedules:
+        kind, steps = parse_schedule(schedule)
+        plain = SamplerConfig(name="picard", scheduler=kind, steps=steps, tol=tol, window=window)
+        variants = [plain] + ([plain.with_acceleration(accelerated[schedule], f"accelerated.{schedule}")]
+                              if accelerated.get(schedule) else [])
+        rows.append(Row(policy.sampler(SamplerConfig(name="sequential", scheduler=kind, steps=steps)), schedule))
+        rows += [Row(policy.sampler(variant), schedule) for variant in variants]
+        for name, paths in (("pcm", pcms), ("pcm_lora", lora_pcms)):
+            path = paths.get(schedule)
+            if not path:
+                skipped.append(f"{name}/{schedule}: no PCM checkpoint given ({name}.{schedule}=...)")
+                continue
+            net, card = load_pcm(resolve_path(path), policy, device)
+            if (card["scheduler"], card["steps"]) != (kind, steps):
+                skipped.append(f"{name}/{schedule}: {path} was trained for {card['scheduler']}{card['steps']}")
+                continue
+            if name == "pcm_lora" and card["mode"] != "lora":
+                skipped.append(f"{name}/{schedule}: {path} is a full PCM (weight-space switching needs LoRA)")
+                continue
+            pcm = pcm_denoiser(net, name)
+            for variant in variants:  # a PCM starts from the X^0 it was trained from
+                config = dataclasses.replace(variant, name=name, stiffness=stiffness, start=card.get("start", "x_T"))
+                rows.append(Row(policy.sampler(config, pcm=pcm), schedule, str(path)))
+    return rows, skipped
+
+
+def graphed_rows(policy, rows: list[Row]) -> list[Row]:
+    """CUDA-graph variants of every row, each denoiser captured once per input shape and replayed.
+
+    The sequential rows are the honest baseline: their batch-1 calls have one fixed shape, so a graphed sequential
+    sampler replays one graph per step; the Picard rows use fixed-shape (padded) windows.
+
+    Args:
+        policy: the base policy (its training noise schedule).
+        rows: the eager rows.
+
+    Returns:
+        One graphed `Row` per row.
+    """
+    out = []
+    for row in rows:
+        s = row.sampler
+        config = dataclasses.replace(row.config, fixed_shape=True)
+        graphed = ChunkSampler(config, policy.noise_scheduler.config, GraphedDenoiser(s.base),
+                               GraphedDenoiser(s.pcm) if s.pcm else None, s.sample_shape, s.device)
+        out.append(Row(graphed, row.schedule, row.pcm_path, graph=True))
+    return out
+
+
+@dataclass
+class RowTiming:
+    """What one row produced over the observations (numpy arrays of length n, except x0).
+
+    Attributes:
+        x0: the chunks, (n, H, Da) normalized actions on the CPU.
+        latencies: wall time per chunk, ms.
+        iterations: sequential rounds per chunk.
+        evaluations: network rows evaluated per chunk.
+        converged: whether each chunk passed its convergence test.
+    """
+
+    x0: torch.Tensor
+    latencies: np.ndarray
+    iterations: np.ndarray
+    evaluations: np.ndarray
+    converged: np.ndarray
+
+
+@torch.no_grad()
+def time_row(policy, row: Row, observations: torch.Tensor, noise_seed: int, warmup: int, max_iters=None,
+             progress: bool = True) -> RowTiming:
+    """Latency, stats and outputs of `row` over all observations (batch 1, same noise per chunk index).
+
+    Args:
+        policy: the base policy (its `global_cond`).
+        row: the row to time.
+        observations: (n, To, Do) float32 in env units.
+        noise_seed: chunk i uses the noise of seed noise_seed + i.
+        warmup: untimed chunks run first (on observation 0).
+        max_iters: caps the Picard rounds (early-stop study); None: the config's.
+        progress: show a progress bar.
+
+    Returns:
+        The row's `RowTiming`.
+    """
+    sampler = row.sampler
+    conds = policy.global_cond(observations.to(policy.device))
+    outputs, latencies, iterations, evaluations, converged = [], [], [], [], []
+    bar = tqdm(range(-warmup, len(observations)), desc=row.name, unit="chunk", disable=not progress,
+               dynamic_ncols=True, leave=False)
+    for i in bar:
+        j = max(i, 0)
+        x_T, noise = sampler.make_noise(1, torch.Generator().manual_seed(noise_seed + j))
+        t0 = time.perf_counter()
+        x0, stats = sampler.sample(x_T, noise, conds[j:j + 1], max_iters=max_iters)
+        if x0.is_cuda:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        if i < 0:
+            continue
+        latencies.append(dt * 1e3)
+        iterations.append(stats.iterations)
+        evaluations.append(stats.evaluations)
+        converged.append(stats.converged)
+        outputs.append(x0.cpu())
+    return RowTiming(torch.cat(outputs), np.asarray(latencies), np.asarray(iterations), np.asarray(evaluations),
+                     np.asarray(converged))

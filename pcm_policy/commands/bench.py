@@ -1,0 +1,229 @@
+"""`pcm bench`: latency at control frequency, side by side, on one checkpoint, observations and noise
+(`configs/bench.yaml`).
+
+For each sampling schedule (`schedules`): sequential, Picard, PCM (output-space switching) and PCM-LoRA
+(weight-space switching), the PCM rows only where a PCM trained for that schedule is given, and every iterative
+row again with the schedule's `accelerated` settings. Every row samples the same `chunks` (observation, noise)
+pairs at batch 1; deviations are measured against the sequential sampler of the same schedule; a chunk slower
+than the control-period budget is a deadline miss. Optional studies: closed-loop episodes per row under the
+real-time controller, and the early-stop study (iterations capped at 1, 2, 3).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from pcm_policy.atomic import atomic_write_text
+from pcm_policy.benchmark.measure import measure_rows
+from pcm_policy.benchmark.report import add_speedups, markdown_table, plot
+from pcm_policy.benchmark.rows import build_rows, graphed_rows
+from pcm_policy.benchmark.studies import EpisodeSettings, closed_loop_rows, early_stop_study
+from pcm_policy.checkpoint import Card, load_policy
+from pcm_policy.errors import ConfigError
+from pcm_policy.observations import check_dataset, load_observations, sample_observations
+from pcm_policy.options import (check_int, check_list, check_mapping, flag, integer, lookup, number, output_dir,
+                                renamed, show, text)
+from pcm_policy.runtime import RuntimeOptions
+from pcm_policy.sampler_config import SamplerConfig, check_schedules
+from pcm_policy.tasks import TaskOptions
+
+
+@dataclass(frozen=True)
+class Config:
+    """A checked `pcm bench` config (see `configs/bench.yaml` for each key).
+
+    Attributes:
+        task: the task (its env for closed-loop studies, its control rate).
+        checkpoint: the base policy's card.
+        schedules: sampling schedules, e.g. [ddpm100, ddim10].
+        pcm: schedule -> PCM checkpoint of the output-space switching rows (schedules listed only).
+        pcm_lora: schedule -> LoRA PCM checkpoint of the weight-space switching rows.
+        accelerated: schedule -> acceleration settings of its `+aa` rows.
+        chunks: chunks per row, by schedule.
+        warmup: untimed chunks per row.
+        tol, window, stiffness: the iterative rows' tolerance, window and switching stiffness.
+        control_hz: the control frequency; budget_ms the per-chunk deadline (default one control period).
+        episodes: closed-loop episodes per row (0: none), for `episodes_schedules` (None: all).
+        seed_start: the first closed-loop reset seed.
+        early_stop: run the early-stop study, over `early_stop_chunks` chunks and `early_stop_episodes` episodes.
+        observations: a safetensors file of observation histories to sample from (None: the checkpoint's dataset).
+        runtime: seed (observation draw and noise), device, threads.
+        output_dir: where bench.json, bench.md, bench.png and metrics.json go.
+    """
+
+    task: TaskOptions
+    checkpoint: Card
+    schedules: list[str]
+    pcm: dict[str, str]
+    pcm_lora: dict[str, str]
+    accelerated: dict[str, dict]
+    chunks: dict[str, int]
+    warmup: int
+    tol: float
+    window: int | None
+    stiffness: float | None
+    control_hz: float
+    budget_ms: float | None
+    episodes: int
+    episodes_schedules: list[str] | None
+    seed_start: int
+    early_stop: bool
+    early_stop_chunks: int
+    early_stop_episodes: int
+    observations: str | None
+    runtime: RuntimeOptions
+    output_dir: Path = field(default=Path("outputs/bench"))
+
+    @classmethod
+    def from_hydra(cls, cfg: Mapping[str, Any]) -> "Config":
+        """Check every option of a composed `bench` config against the checkpoint cards, before any work.
+
+        The deprecated keys `bases`, `chunks_by_base` and `episodes_bases` still work (with a warning) for one
+        release.
+
+        Raises:
+            ConfigError: a key of the wrong type or range, a schedule beyond the policy's T or listed twice, an
+                unknown `accelerated` key, or an unregistered env when episodes run.
+            CheckpointError: an unreadable checkpoint, a PCM as the base, a base for another task, or a non-PCM
+                in a PCM map.
+            DatasetError: the checkpoint's dataset is missing (when no observation file is given).
+        """
+        runtime = RuntimeOptions.from_mapping(cfg)
+        episodes = integer(cfg, "episodes", 0)
+        early_stop = flag(cfg, "early_stop")
+        early_episodes = integer(cfg, "early_stop_episodes", 0)
+        task = TaskOptions.from_mapping(lookup(cfg, "task"))
+        if episodes > 0 or (early_stop and early_episodes > 0):
+            from pcm_policy.rollout.env import check_registered  # gymnasium only when episodes run
+
+            check_registered(task.env_id)
+        out = output_dir(cfg)
+        card = Card.open_base("checkpoint", lookup(cfg, "checkpoint", None), task=task.name)
+        observations = text(cfg, "observations", null=True)
+        if observations is None:
+            check_dataset(card.path)
+        key, value = renamed(cfg, "bases", "schedules")
+        schedules = check_schedules(key, value, card.num_train_timesteps, card.path)
+        chunks = integer(cfg, "chunks", 1)
+        key, by_schedule = renamed(cfg, "chunks_by_base", "chunks_by_schedule")
+        by_schedule = check_mapping(key, by_schedule, f"{key}.ddpm100=200")
+        for s, n in by_schedule.items():
+            check_int(f"{key}.{s}", n, 1, null=True)
+        key, chosen = renamed(cfg, "episodes_bases", "episodes_schedules")
+        chosen = check_list(key, chosen, "[ddim10]", null=True)
+        if chosen is not None and not set(chosen) <= set(schedules):
+            raise ConfigError(f"{key}={show(chosen)}: expected a list drawn from schedules={schedules} or null")
+        return cls(
+            task=task, checkpoint=card, schedules=schedules,
+            pcm=pcm_map(cfg, "pcm", schedules), pcm_lora=pcm_map(cfg, "pcm_lora", schedules),
+            accelerated=accelerated_settings(cfg, schedules),
+            chunks={s: by_schedule.get(s) or chunks for s in schedules}, warmup=integer(cfg, "warmup", 0),
+            tol=number(cfg, "tol", 0), window=integer(cfg, "window", 1, null=True),
+            stiffness=number(cfg, "stiffness", 0, low_open=True, null=True),
+            control_hz=number(cfg, "control_hz", 0, low_open=True),
+            budget_ms=number(cfg, "budget_ms", 0, low_open=True, null=True), episodes=episodes,
+            episodes_schedules=chosen, seed_start=integer(cfg, "seed_start", 0), early_stop=early_stop,
+            early_stop_chunks=integer(cfg, "early_stop_chunks", 1), early_stop_episodes=early_episodes,
+            observations=observations, runtime=runtime, output_dir=out)
+
+
+def pcm_map(cfg: Mapping[str, Any], key: str, schedules: list[str]) -> dict[str, str]:
+    """A mapping schedule -> PCM checkpoint or null (`pcm`, `pcm_lora`); the PCMs of listed schedules must be PCM
+    checkpoints. Whether each suits its row (schedule, LoRA) is the bench's call: it skips a row with the reason.
+
+    Returns:
+        The schedules listed in `schedules` that have a PCM, mapped to it.
+
+    Raises:
+        ConfigError: not a mapping, or a value that is not a path.
+        CheckpointError: an unreadable checkpoint or not a PCM.
+    """
+    value = check_mapping(key, lookup(cfg, key, None), f"{key}.ddim10=<PCM checkpoint>")
+    for s, path in value.items():
+        if path is not None and not isinstance(path, str):
+            raise ConfigError(f"{key}.{s}={show(path)}: expected a checkpoint path or null")
+        if path and s in schedules:
+            Card.open_pcm(f"{key}.{s}", path)
+    return {s: p for s, p in value.items() if p and s in schedules}
+
+
+def accelerated_settings(cfg: Mapping[str, Any], schedules: list[str]) -> dict[str, dict]:
+    """The `accelerated` mapping schedule -> acceleration settings (or null), each checked as sampler keys.
+
+    Raises:
+        ConfigError: not a mapping, an entry that is not a mapping, an unknown key or a bad value.
+    """
+    value = check_mapping("accelerated", lookup(cfg, "accelerated", None),
+                          "accelerated.ddim10.memory=3 (schedule -> settings)")
+    out = {}
+    for s, settings in value.items():
+        if settings is None:
+            continue
+        SamplerConfig().with_acceleration(settings, f"accelerated.{s}")
+        out[s] = dict(settings)
+    return out
+
+
+def run(config: Config, echo: bool = True) -> dict[str, Any]:
+    """Time every row, compare outputs, run the studies; write `bench.json`, `bench.md`, `bench.png`,
+    `metrics.json` and (with `echo`) print the table and the file paths.
+
+    Returns:
+        The report written to `bench.json`: rows (latency p50/p99 in ms, iterations, deviation from sequential in
+        normalized action units, deadline misses against the budget in ms, optional success/score), the
+        early-stop study, skipped rows.
+
+    Raises:
+        CheckpointError: a PCM that does not fit the base (nothing is written then).
+        DatasetError: the checkpoint's dataset cannot be read.
+    """
+    device, seed = config.runtime.device, config.runtime.seed
+    threads = torch.get_num_threads()
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({threads} intra-op threads)"
+    print(f"device: {device_name}; torch threads: {threads}")
+    policy, card = load_policy(config.checkpoint.path, device, expect_task=config.task.name)
+    budget_ms = config.budget_ms or 1e3 / config.control_hz
+    n = max(config.chunks.values())
+    if config.observations is not None:
+        observations = load_observations(config.observations)[:n]
+    else:
+        observations = sample_observations(config.checkpoint.path, n, seed)
+    rows, skipped = build_rows(policy, config.schedules, config.tol, config.window, config.stiffness, config.pcm,
+                               config.pcm_lora, config.accelerated, device)
+    out = config.output_dir
+    out.mkdir(parents=True, exist_ok=True)  # only once the inputs have loaded: bad input leaves no output
+    for reason in skipped:
+        print(f"skipped {reason}")
+    if device.type == "cuda":
+        rows += graphed_rows(policy, rows)
+    else:
+        skipped.append("cuda-graph rows: no CUDA device on this machine")
+        print("skipped cuda-graph rows: no CUDA device on this machine")
+
+    results, references = measure_rows(policy, rows, observations, config.chunks, seed, config.warmup, budget_ms,
+                                       device_name, threads)
+    episodes = EpisodeSettings(config.task.name, config.task.env_id, config.task.max_steps, config.control_hz,
+                               config.budget_ms, seed, config.seed_start)
+    if config.episodes > 0:
+        closed_loop_rows(policy, rows, results, episodes, config.episodes, config.episodes_schedules)
+    early = (early_stop_study(policy, rows, observations, references, config.early_stop_chunks, seed, episodes,
+                              config.early_stop_episodes, config.episodes_schedules) if config.early_stop else [])
+    add_speedups(results)
+    report = {"command": "bench", "task": card["task"], "checkpoint": str(config.checkpoint.given),
+              "device": device_name, "threads": threads, "control_hz": config.control_hz, "budget_ms": budget_ms,
+              "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results],
+              "early_stop": early, "skipped": skipped}
+    atomic_write_text(out / "bench.json", json.dumps(report, indent=2))
+    atomic_write_text(out / "bench.md", markdown_table(report))
+    atomic_write_text(out / "metrics.json", json.dumps({k: report[k] for k in ("command", "task", "device", "threads")}
+                                                       | {"rows": len(results), "bench": str(out / "bench.json")}, indent=2))
+    plot(results, out / "bench.png", budget_ms)
+    if echo:
+        print((out / "bench.md").read_text())
+        for name in ("bench.json", "bench.md", "bench.png"):
+            print(f"{name}: {out / name}")
+    return report

@@ -1,0 +1,128 @@
+"""`pcm eval`: closed-loop rollouts on Diffusion Policy's test seeds (100000 + i), with videos and aggregate metrics
+(`configs/eval.yaml`). A trained checkpoint runs with any sampler (`policy=checkpoint`), or the task's scripted
+expert acts from simulator state (`policy=expert`)."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from pcm_policy.atomic import atomic_write_text
+from pcm_policy.checkpoint import Card, load_policy
+from pcm_policy.options import choice, integer, lookup, output_dir
+from pcm_policy.pcm.attach import check_sampler, load_sampler
+from pcm_policy.rollout.env import check_registered
+from pcm_policy.rollout.expert import rollout_expert
+from pcm_policy.rollout.results import summarize
+from pcm_policy.rollout.vectorized import ChunkAgent, rollout_policy
+from pcm_policy.runtime import RuntimeOptions
+from pcm_policy.sampler_config import SamplerConfig
+from pcm_policy.tasks import TaskOptions
+
+
+@dataclass(frozen=True)
+class Config:
+    """A checked `pcm eval` config.
+
+    Attributes:
+        task: the task and env the episodes run in.
+        checkpoint: the base policy's card (None for `policy=expert`).
+        sampler: the sampler config and, for a switching sampler, its PCM checkpoint.
+        pcm_checkpoint: the sampler's PCM (None for the other samplers).
+        episodes: episodes to run (reset seeds seed_start, seed_start + 1, ...).
+        n_envs: envs per vectorised wave.
+        vector: `sync` or `async`.
+        seed_start: the first reset seed (Diffusion Policy's test seeds start at 100000).
+        videos: episodes recorded as mp4.
+        runtime: device, threads, determinism.
+        output_dir: where metrics.json, episodes.jsonl and videos/ go.
+    """
+
+    task: TaskOptions
+    checkpoint: Card | None
+    sampler: SamplerConfig | None
+    pcm_checkpoint: str | None
+    episodes: int
+    n_envs: int
+    vector: str
+    seed_start: int
+    videos: int
+    runtime: RuntimeOptions
+    output_dir: Path
+
+    @classmethod
+    def from_hydra(cls, cfg: Mapping[str, Any]) -> "Config":
+        """Check every option of a composed `eval` config, the checkpoint's card and the sampler against it,
+        before any env starts.
+
+        Raises:
+            ConfigError: a key of the wrong type or range, an unregistered env, or a sampler the checkpoint
+                cannot run.
+            CheckpointError: an unreadable or PCM checkpoint, or one trained for another task.
+        """
+        runtime = RuntimeOptions.from_mapping(cfg)
+        task = TaskOptions.from_mapping(lookup(cfg, "task"))
+        check_registered(task.env_id)
+        out = output_dir(cfg)
+        counts = dict(episodes=integer(cfg, "episodes", 1), n_envs=integer(cfg, "n_envs", 1),
+                      vector=choice(cfg, "vector", ("sync", "async")), seed_start=integer(cfg, "seed_start", 0),
+                      videos=integer(cfg, "videos", 0))
+        if choice(cfg, "policy.name", ("checkpoint", "expert")) == "expert":
+            return cls(task, None, None, None, **counts, runtime=runtime, output_dir=out)
+        card = Card.open_base("checkpoint", lookup(cfg, "checkpoint", None), task=task.name)
+        group = lookup(cfg, "sampler")
+        sampler = check_sampler(group, "sampler", card.num_train_timesteps, card.path)
+        pcm = group.get("pcm_checkpoint") if sampler.needs_pcm else None
+        return cls(task, card, sampler, pcm, **counts, runtime=runtime, output_dir=out)
+
+
+def run(config: Config) -> dict[str, Any]:
+    """Run the episodes; write `metrics.json`, `episodes.jsonl` (one `EpisodeResult` per line) and videos.
+
+    Returns:
+        The metrics: `summarize`'s keys (success rate, Wilson interval, score, ...), `task`, `wall_s` (s), the
+        policy and, for a checkpoint, the sampler label, device, threads, and per-chunk statistics (`ChunkAgent.
+        summary`); `videos` lists the mp4 files.
+
+    Raises:
+        CheckpointError: the checkpoint or its PCM does not load (corrupt weights, a PCM for another base).
+    """
+    task, out = config.task, config.output_dir
+    video_dir = out / "videos" if config.videos > 0 else None
+    fps = int(task.control_hz)
+    t0 = time.perf_counter()
+    if config.checkpoint is None:
+        results = rollout_expert(task.spec, task.env_id, config.episodes, task.max_steps, config.seed_start,
+                                 video_dir, config.videos, fps)
+        extra: dict[str, Any] = {"policy": "expert"}
+    else:
+        device = config.runtime.device
+        policy, _ = load_policy(config.checkpoint.path, device, expect_task=task.name)
+        sampler = load_sampler(policy, config.sampler, device, config.pcm_checkpoint)
+        agent = ChunkAgent(policy, sampler, seed=config.seed_start)
+        results = rollout_policy(agent, task.env_id, config.episodes, config.n_envs, policy.config.n_obs_steps,
+                                 policy.config.n_action_steps, task.max_steps, config.seed_start, config.vector,
+                                 video_dir, config.videos, fps)
+        extra = {"policy": config.checkpoint.given, "sampler": sampler.label, "device": str(device),
+                 "threads": torch.get_num_threads(), **agent.summary()}
+    metrics = {"command": "eval", "task": task.name, **summarize(results, task.name),
+               "wall_s": round(time.perf_counter() - t0, 2), **extra}
+    if video_dir is not None and video_dir.exists():
+        metrics["videos"] = sorted(str(p) for p in video_dir.glob("*.mp4"))
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "episodes.jsonl", "".join(json.dumps(asdict(r)) + "\n" for r in results))
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    cov = f", mean max coverage {metrics['mean_max_coverage']:.3f}" if "mean_max_coverage" in metrics else ""
+    lo, hi = metrics["success_ci95"]
+    n = metrics["episodes"]
+    print(f"{task.name}: success {metrics['success_rate']:.2f} (95% Wilson interval [{lo:.2f}, {hi:.2f}]), "
+          f"score {metrics['score']:.3f} over {n} episode{'s' if n != 1 else ''}{cov}")
+    for video in metrics.get("videos", []):
+        print(f"video: {video}")
+    print(f"metrics: {os.path.join(out, 'metrics.json')}")
+    return metrics

@@ -1,0 +1,218 @@
+"""The one registry of tasks: every per-task fact in one place, read by the envs, the commands and the configs.
+
+A task ties together the env (gymnasium id, simulator, robosuite env name, control rate, time limit), the
+observation it gives (named parts of the flat low-dim vector), its scripted expert and collector (entry points,
+resolved lazily so nothing here imports a simulator), how an episode is scored, and what ships in `data/` (the
+dataset file, how many episodes it holds and the command that regenerates it, the base policy). The Hydra task
+configs (`configs/task/*.yaml`) read their defaults from here through the `${registry:<name>,<field>}` resolver that
+`pcm_policy.config.compose` registers. Nothing here knows of diffusion, and it imports nothing of the package
+but its errors and option checks.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from pcm_policy.errors import ConfigError, DatasetError
+from pcm_policy.options import check_int, check_number, check_text
+
+SCORES = ("coverage", "success")
+PUSHT_SUCCESS_COVERAGE = 0.95  # Diffusion Policy's PushT success threshold on the block/goal coverage
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task's facts.
+
+    Attributes:
+        name: the config name (`task=<name>`).
+        env_id: the gymnasium id `envs` registers for it.
+        entry_point: the env class, `module:Class` (gymnasium's convention).
+        env_kwargs: keyword arguments of the env class.
+        robosuite_env: robosuite's env name (robomimic tasks), else None.
+        control_hz: control frequency (Hz).
+        max_steps: evaluation time limit in control steps (Diffusion Policy's convention).
+        obs_layout: the low-dim observation as (part name, size) in order, e.g. PushT's 9 keypoints x 2 + agent
+            position 2 = 20.
+        action_dim: Da of the env's action (robomimic: 7 delta actions).
+        score: `coverage` (PushT: clip(max coverage / 0.95, 0, 1)) or `success` (the success rate).
+        expert: the scripted demonstrator, `module:factory` taking (task, env) after `env.reset`.
+        collector: the dataset writer, `module:function` taking (task, path, episodes, seed, keep_failed,
+            max_steps, overwrite, images) (`envs.collect_pusht.collect_task`, `envs.collect_robomimic.collect_task`).
+        collects_images: the collector can also record camera images (`pcm collect images=true`).
+        dataset_kind: the dataset format its collector writes and the loaders read.
+        dataset_path: the shipped (or regenerable) scripted-expert dataset, relative to the repository root.
+        dataset_episodes: episodes in that dataset (seed 0).
+        dataset_shipped: whether the dataset is in the repository (else only its command ships).
+        base: the shipped base policy checkpoint, relative to the repository root.
+    """
+
+    name: str
+    env_id: str
+    entry_point: str
+    env_kwargs: tuple[tuple[str, Any], ...]
+    robosuite_env: str | None
+    control_hz: float
+    max_steps: int
+    obs_layout: tuple[tuple[str, int], ...]
+    action_dim: int
+    score: str
+    expert: str
+    collector: str
+    collects_images: bool
+    dataset_kind: str
+    dataset_path: str
+    dataset_episodes: int
+    dataset_shipped: bool
+    base: str
+
+    @property
+    def obs_dim(self) -> int:
+        """Do, the size of the flat low-dim observation."""
+        return sum(size for _, size in self.obs_layout)
+
+    @property
+    def data_dir(self) -> str:
+        """The folder of the task's shipped data, e.g. `data/pusht`."""
+        return self.dataset_path.rsplit("/", 1)[0]
+
+    @property
+    def collect_command(self) -> str:
+        """The command that regenerates the scripted-expert dataset."""
+        return f"pcm collect task={self.name} episodes={self.dataset_episodes} seed=0 output_dir={self.data_dir}"
+
+    def episode_score(self, success: bool, max_coverage: float | None) -> float:
+        """An episode's score in [0, 1]: clip(max coverage / 0.95, 0, 1) for `coverage` tasks with a coverage,
+        else 1.0 on success and 0.0 otherwise."""
+        if self.score == "coverage" and max_coverage is not None:
+            return float(min(max(max_coverage / PUSHT_SUCCESS_COVERAGE, 0.0), 1.0))
+        return float(success)
+
+
+_ROBOMIMIC_OBS = (("object", 0), ("robot0_eef_pos", 3), ("robot0_eef_quat", 4), ("robot0_gripper_qpos", 2))
+
+
+def _robomimic(name: str, robosuite_env: str, object_dim: int, episodes: int, shipped: bool) -> Task:
+    layout = tuple((k, object_dim if k == "object" else d) for k, d in _ROBOMIMIC_OBS)
+    return Task(name=name, env_id=f"pcm/{robosuite_env}-v0", entry_point="envs.robomimic_env:RobomimicLowDimEnv",
+                env_kwargs=(("task", robosuite_env),), robosuite_env=robosuite_env, control_hz=20, max_steps=400,
+                obs_layout=layout, action_dim=7, score="success", expert="envs.experts:make_expert",
+                collector="envs.collect_robomimic:collect_task", collects_images=False, dataset_kind="robomimic_hdf5",
+                dataset_path=f"data/{name}/{name}_expert.hdf5", dataset_episodes=episodes, dataset_shipped=shipped,
+                base=f"data/{name}/base")
+
+
+TASKS: dict[str, Task] = {t.name: t for t in (
+    Task(name="pusht", env_id="pcm/PushT-v0", entry_point="envs.pusht:PushTLowDimEnv", env_kwargs=(),
+         robosuite_env=None, control_hz=10, max_steps=300,
+         obs_layout=(("keypoints", 18), ("agent_pos", 2)), action_dim=2, score="coverage",
+         expert="envs.experts:make_expert", collector="envs.collect_pusht:collect_task", collects_images=True,
+         dataset_kind="pusht_zarr",
+         dataset_path="data/pusht/pusht_expert.zarr", dataset_episodes=500, dataset_shipped=True,
+         base="data/pusht/base"),
+    _robomimic("lift", "Lift", 10, 120, shipped=True),
+    _robomimic("can", "PickPlaceCan", 14, 200, shipped=False),
+)}
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """The `task` group of a run config: a registered task and the facts a run may override.
+
+    Attributes:
+        name: the registered task.
+        env_id: the gymnasium id episodes run in (default: the task's).
+        control_hz: the control frequency (Hz).
+        max_steps: the time limit in control steps.
+
+    Raises:
+        ConfigError: an unknown task, or a value of the wrong type or range, naming `task.<key>`.
+    """
+
+    name: str
+    env_id: str
+    control_hz: float
+    max_steps: int
+
+    def __post_init__(self):
+        check_text("task.name", self.name)
+        get_task(self.name)
+        check_text("task.env_id", self.env_id)
+        check_number("task.control_hz", self.control_hz, 0, low_open=True)
+        check_int("task.max_steps", self.max_steps, 1)
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any]) -> "TaskOptions":
+        """Read the `task` group (absent keys take the registered task's values).
+
+        Raises:
+            ConfigError: see the class.
+        """
+        task = get_task(check_text("task.name", cfg.get("name")))
+        return cls(name=task.name, env_id=cfg.get("env_id", task.env_id),
+                   control_hz=cfg.get("control_hz", task.control_hz), max_steps=cfg.get("max_steps", task.max_steps))
+
+    @property
+    def spec(self) -> Task:
+        """The registered task."""
+        return TASKS[self.name]
+
+
+def get_task(name: str, key: str = "task.name") -> Task:
+    """The registered task `name`.
+
+    Raises:
+        ConfigError: no such task (the message names `key` and lists the tasks).
+    """
+    task = TASKS.get(name) if isinstance(name, str) else None
+    if task is None:
+        raise ConfigError(f"{key}={name!r}: expected one of {', '.join(TASKS)}")
+    return task
+
+
+def task_of_robosuite_env(env_name: str) -> Task:
+    """The task whose robosuite env is `env_name` (any case; `lift`/`can` task names accepted too).
+
+    Raises:
+        ConfigError: no registered task runs that robosuite env.
+    """
+    wanted = str(env_name).lower().replace("-", "_").replace("_", "")
+    for task in TASKS.values():
+        if task.robosuite_env and wanted in (task.name, task.robosuite_env.lower()):
+            return task
+    names = ", ".join(t.robosuite_env for t in TASKS.values() if t.robosuite_env)
+    raise ConfigError(f"unknown robomimic task {env_name!r}: expected one of {names} (or "
+                      f"{', '.join(t.name for t in TASKS.values() if t.robosuite_env)})")
+
+
+def resolve_entry_point(spec: str):
+    """The object a `module:attribute` entry point names (imported now, e.g. a simulator's module)."""
+    module, attribute = spec.split(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def task_field(name: str, field: str) -> Any:
+    """`getattr(get_task(name), field)`, for the configs' `${registry:<name>,<field>}` resolver."""
+    return getattr(get_task(name), field)
+
+
+def missing_dataset(path) -> DatasetError:
+    """The error for a dataset path that does not exist; for a task's scripted-expert dataset
+    (`<task>_expert.zarr` or `.hdf5`, e.g. PickPlaceCan's, which ships as its command only) it says how to
+    regenerate it.
+
+    Args:
+        path: the missing file or directory.
+
+    Returns:
+        A DatasetError to raise.
+    """
+    p = Path(path)
+    msg = f"{path}: no such file or directory"
+    for task in TASKS.values():
+        if p.name == Path(task.dataset_path).name:
+            command = task.collect_command.rsplit("output_dir=", 1)[0] + f"output_dir={p.parent}"
+            msg += f" (regenerate it with the scripted expert: {command}; see {task.data_dir}/README.md)"
+    return DatasetError(msg)
