@@ -37,6 +37,10 @@ class PolicyConfig:
         n_groups: GroupNorm groups.
         noise_scheduler: keyword arguments of the training `DDPMScheduler` (DDPM-100, squaredcos_cap_v2,
             epsilon prediction, clip_sample, fixed_small by default).
+        film_scale: FiLM conditioning with a scale and a bias (this project's design); False = a bias only
+            (imported Diffusion Policy `cond_predict_scale=False` / lerobot `use_film_scale_modulation=False`).
+        final_n_groups: GroupNorm groups of the UNet's final conv block; None = `n_groups` (imported Diffusion
+            Policy and lerobot networks use 8 there).
 
     Raises:
         PcmError: To or Ta < 1, To - 1 + Ta > H, or H not divisible by 2^(len(down_dims) - 1).
@@ -55,6 +59,12 @@ class PolicyConfig:
         num_train_timesteps=100, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon",
         clip_sample=True, variance_type="fixed_small",
     ))
+    film_scale: bool = True
+    final_n_groups: int | None = None
+
+    # Fields a card leaves out when they hold their default, so the cards of this project's own policies (and
+    # the comparisons of cards on resume and train.init_from) are what they were before the fields existed.
+    _OPTIONAL_DEFAULTS = {"film_scale": True, "final_n_groups": None}
 
     def __post_init__(self):
         self.down_dims = tuple(int(d) for d in self.down_dims)
@@ -83,9 +93,13 @@ class PolicyConfig:
         return cls(obs_dim=obs_dim, action_dim=action_dim, **{k: cfg[k] for k in keys if k in cfg})
 
     def to_dict(self) -> dict[str, Any]:
-        """All fields as plain JSON-ready values (down_dims as a list), for the checkpoint card."""
+        """All fields as plain JSON-ready values (down_dims as a list), for the checkpoint card; `film_scale` and
+        `final_n_groups` only when they differ from their defaults."""
         d = asdict(self)
         d["down_dims"] = list(self.down_dims)
+        for key, default in self._OPTIONAL_DEFAULTS.items():
+            if d[key] == default:
+                del d[key]
         return d
 
 
@@ -117,6 +131,8 @@ class DiffusionPolicy(nn.Module):
             diffusion_step_embed_dim=config.diffusion_step_embed_dim,
             kernel_size=config.kernel_size,
             n_groups=config.n_groups,
+            film_scale=config.film_scale,
+            final_n_groups=config.final_n_groups,
         )
         self.noise_scheduler = DDPMScheduler(**config.noise_scheduler)
         self._samplers: dict[tuple[SamplerConfig, int | None, torch.device], ChunkSampler] = {}
