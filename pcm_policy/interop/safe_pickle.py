@@ -75,7 +75,6 @@ def _allowlist() -> dict[tuple[str, str], Any]:
             allowed[("omegaconf.nodes", name)] = getattr(nodes, name)
     for name, typ in _BUILTIN_TYPES.items():
         allowed[("builtins", name)] = typ
-        allowed[("__builtin__", name)] = typ  # protocol-2 streams written by Python 2 name builtins so
     return allowed
 
 
@@ -83,6 +82,14 @@ class _RestrictedUnpickler(pickle.Unpickler):
     _allowed: dict[tuple[str, str], Any] = {}
 
     def find_class(self, module: str, name: str):
+        import _compat_pickle
+
+        # Protocol-2 streams (torch.save's default) name builtins the Python 2 way, e.g. int as __builtin__.long;
+        # map them back as pickle's own find_class does (fix_imports). Python 3 names are not in these tables.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
         try:
             return self._allowed[(module, name)]
         except KeyError:
