@@ -89,6 +89,18 @@ def test_card_and_config(imported):
     assert set(PolicyConfig(obs_dim=2, action_dim=2).to_dict()).isdisjoint({"film_scale", "final_n_groups"})
 
 
+def test_robomimic_layout_and_abs_action(tmp_path):
+    keys = ["object", "robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos"]
+
+    def edit(cfg):
+        OmegaConf.update(cfg, "task.name", "square_lowdim")
+        OmegaConf.update(cfg, "task.obs_keys", keys, force_add=True)
+        OmegaConf.update(cfg, "task.abs_action", True, force_add=True)
+    card = import_diffusion_policy(_rewrite(tmp_path, cfg_edit=edit)).card
+    assert card["abs_action"] is True and card["task"] is None and card["observation"]["kind"] == "robomimic_lowdim"
+    assert [e["size"] for e in card["observation"]["layout"]] == [11, 3, 4, 2]  # the object takes the rest of 20
+
+
 def test_safe_eval():
     assert safe_eval("2 if True or False else 20") == 2
     assert safe_eval("20*2") == 40 and safe_eval("'8'+'0'") == "80"
@@ -149,6 +161,7 @@ BAD = {
     "oa_step_convention": (lambda t: _rewrite(t, cfg_edit=_target("policy.oa_step_convention", False)),
                            ConfigError, "policy.oa_step_convention"),
     "step_kwargs": (lambda t: _rewrite(t, cfg_edit=_target("policy.eta", 1.0)), ConfigError, "policy.eta"),
+    "latency_steps": (lambda t: _rewrite(t, cfg_edit=_target("n_latency_steps", 1)), ConfigError, "n_latency_steps"),
 }
 
 

@@ -86,6 +86,9 @@ def import_diffusion_policy(path: str | Path) -> ImportedPolicy:
         raise CheckpointError(f"{path}: policy._target_={target!r}: only {LOWDIM_POLICY.rsplit('.', 1)[1]} "
                               "(low-dim, UNet) can be imported")
     config, sampling = _policy_config(policy_cfg, path)
+    if cfg.get("n_latency_steps", 0):
+        # DP then predicts n_action_steps + n_latency_steps actions and its env runner drops the first ones.
+        raise ConfigError(f"{path}: n_latency_steps={cfg['n_latency_steps']}: latency steps are not supported yet")
 
     which = "ema_model" if _uses_ema(cfg) else "model"
     state = payload["state_dicts"].get(which)
@@ -175,7 +178,7 @@ def _resolve(cfg, path: Path) -> dict[str, Any]:
         out = {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], (DictConfig,)) or
                OmegaConf.is_list(cfg[k]) else cfg[k]
                for k in cfg if k in ("policy", "task", "training", "task_name", "abs_action", "name",
-                                     "n_obs_steps", "n_action_steps", "horizon")}
+                                     "n_obs_steps", "n_action_steps", "n_latency_steps", "horizon")}
     except Exception as e:
         raise CheckpointError(f"{path}: cfg does not resolve ({str(e).splitlines()[0][:120]})") from None
     finally:

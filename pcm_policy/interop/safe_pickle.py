@@ -58,6 +58,7 @@ def _allowlist() -> dict[tuple[str, str], Any]:
         ("_codecs", "encode"): __import__("_codecs").encode,
         ("typing", "Any"): typing.Any,
         ("dill._dill", "_load_type"): _load_type,
+        ("dill.dill", "_load_type"): _load_type,  # dill < 0.3 named its module dill.dill
         ("torch", "Size"): torch.Size,
         ("torch", "device"): torch.device,
         ("omegaconf.dictconfig", "DictConfig"): omegaconf.DictConfig,
