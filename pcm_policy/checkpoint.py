@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from pcm_policy.atomic import atomic_path
 from pcm_policy.data.normalizer import Normalizer
-from pcm_policy.errors import CheckpointError, ConfigError
+from pcm_policy.errors import CheckpointError, ConfigError, PcmError
 from pcm_policy.options import writable_dir
 from pcm_policy.paths import resolve_path
 from pcm_policy.policy import DiffusionPolicy, PolicyConfig
@@ -229,19 +229,26 @@ class Card:
         """The Picard start a PCM was trained from (`x_T` for cards that predate the option)."""
         return self.data.get("start", "x_T")
 
-    def check_policy_shape(self, ours: Mapping[str, Any]) -> None:
-        """This checkpoint's network has the shape `ours` (a `PolicyConfig.to_dict()`), observation and action
-        sizes aside (known only once a dataset is read).
+    def check_policy_shape(self, ours: PolicyConfig) -> None:
+        """This checkpoint's network has the shape of `ours`, every field compared with its default filled in
+        (observation and action sizes aside: known only once a dataset is read).
 
         Raises:
-            CheckpointError: naming every differing key with both values.
+            CheckpointError: an unreadable policy section, or naming every differing key with both values.
         """
-        theirs = dict(self.data.get("policy", {}))
-        diff = sorted(k for k in ours if k not in ("obs_dim", "action_dim") and theirs.get(k) != ours[k])
+        def values(config: PolicyConfig) -> dict[str, Any]:
+            return {**asdict(config), "down_dims": list(config.down_dims)}
+
+        try:
+            theirs = values(PolicyConfig(**{"obs_dim": 1, "action_dim": 1, **self.data.get("policy", {})}))
+        except (TypeError, PcmError) as e:
+            raise CheckpointError(f"{self.key}={self.given}: invalid policy section in its card ({e})") from None
+        mine = values(ours)
+        diff = sorted(k for k in mine if k not in ("obs_dim", "action_dim") and theirs.get(k) != mine[k])
         if diff:
             raise CheckpointError(f"{self.key}={self.given}: checkpoint {self.path} has another policy shape "
                                   f"({', '.join(f'{k}={theirs.get(k)!r}' for k in diff)}; this run: "
-                                  f"{', '.join(f'{k}={ours[k]!r}' for k in diff)})")
+                                  f"{', '.join(f'{k}={mine[k]!r}' for k in diff)})")
 
     def check_pcm_for(self, sampler: SamplerConfig, start_key: str | None = None) -> None:
         """This PCM suits `sampler`: trained for its schedule and start, and a LoRA one for weight-space switching.

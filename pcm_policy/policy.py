@@ -48,6 +48,10 @@ class PolicyConfig:
         n_groups: GroupNorm groups.
         noise_scheduler: keyword arguments of the training `DDPMScheduler` (DDPM-100, squaredcos_cap_v2,
             epsilon prediction, clip_sample, fixed_small by default); only `NOISE_SCHEDULER_KEYS`.
+        film_scale: FiLM conditioning with a scale and a bias (this project's design); False = a bias only
+            (imported Diffusion Policy `cond_predict_scale=False` / lerobot `use_film_scale_modulation=False`).
+        final_n_groups: GroupNorm groups of the UNet's final conv block; None = `n_groups` (imported Diffusion
+            Policy and lerobot networks use 8 there); it must divide down_dims[0].
 
     Raises:
         ConfigError: a field of the wrong type or range, or shapes the UNet cannot take, naming `policy.<key>`.
@@ -66,6 +70,12 @@ class PolicyConfig:
         num_train_timesteps=100, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon",
         clip_sample=True, variance_type="fixed_small",
     ))
+    film_scale: bool = True
+    final_n_groups: int | None = None
+
+    # Fields a card leaves out when they hold their default, so the cards of this project's own policies (and
+    # the comparisons of cards on resume and train.init_from) are what they were before the fields existed.
+    _OPTIONAL_DEFAULTS = {"film_scale": True, "final_n_groups": None}
 
     def __post_init__(self):
         _check_policy(asdict(self), "policy")
@@ -98,10 +108,22 @@ class PolicyConfig:
         """T, the training timesteps of the noise schedule (100 when the schedule leaves it out)."""
         return int(self.noise_scheduler.get("num_train_timesteps", 100))
 
+    def build_network(self) -> ConditionalUnet1D:
+        """A freshly initialised action head of this shape (conditioned on the flattened To x Do history), on the
+        current default device (e.g. inside `torch.device("meta")` no memory is spent on weights)."""
+        return ConditionalUnet1D(
+            input_dim=self.action_dim, global_cond_dim=self.obs_dim * self.n_obs_steps, down_dims=self.down_dims,
+            diffusion_step_embed_dim=self.diffusion_step_embed_dim, kernel_size=self.kernel_size,
+            n_groups=self.n_groups, film_scale=self.film_scale, final_n_groups=self.final_n_groups)
+
     def to_dict(self) -> dict[str, Any]:
-        """All fields as plain JSON-ready values (down_dims as a list), for the checkpoint card."""
+        """All fields as plain JSON-ready values (down_dims as a list), for the checkpoint card; `film_scale` and
+        `final_n_groups` only when they differ from their defaults."""
         d = asdict(self)
         d["down_dims"] = list(self.down_dims)
+        for key, default in self._OPTIONAL_DEFAULTS.items():
+            if d[key] == default:
+                del d[key]
         return d
 
 
@@ -161,6 +183,10 @@ def _check_policy(values: Mapping[str, Any], key: str) -> None:
         check_number(f"{ns}.clip_sample_range", sched["clip_sample_range"], 0, low_open=True)
     if "variance_type" in sched:
         check_choice(f"{ns}.variance_type", sched["variance_type"], ("fixed_small",))
+    check_flag(k("film_scale"), values["film_scale"])
+    final = check_int(k("final_n_groups"), values["final_n_groups"], 1, null=True)
+    if final is not None and dims[0] % final:
+        raise ConfigError(f"{k('final_n_groups')}={final}: must divide {k('down_dims')}.0={dims[0]} (GroupNorm)")
 
 
 def check_clip_range(noise_scheduler: Mapping[str, Any], normalizer_mode: str | None = None,
@@ -217,14 +243,7 @@ class DiffusionPolicy(nn.Module):
         super().__init__()
         self.config = config
         self.normalizer = normalizer
-        self.model = ConditionalUnet1D(
-            input_dim=config.action_dim,
-            global_cond_dim=config.obs_dim * config.n_obs_steps,
-            down_dims=config.down_dims,
-            diffusion_step_embed_dim=config.diffusion_step_embed_dim,
-            kernel_size=config.kernel_size,
-            n_groups=config.n_groups,
-        )
+        self.model = config.build_network()
         self.noise_scheduler = DDPMScheduler(**config.noise_scheduler)
         self._samplers: dict[tuple[SamplerConfig, int | None, torch.device], ChunkSampler] = {}
         self._check_clip_range()

@@ -21,7 +21,7 @@ LAYERS = [
     ["chunk_sampler"],
     ["policy"],
     ["checkpoint"],
-    ["rollout"],
+    ["rollout", "interop"],
     ["observations", "training"],
     ["pcm"],
     ["benchmark"],

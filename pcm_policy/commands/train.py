@@ -59,7 +59,7 @@ class Config:
         settings = TrainSettings.from_mapping(lookup(cfg, "train"))
         if settings.init_from:
             card = Card.open_base("train.init_from", settings.init_from, task=task.name)
-            card.check_policy_shape(shape.to_dict())
+            card.check_policy_shape(shape)
         return cls(task, policy, dataset, settings, runtime, out)
 
     def run_config(self) -> dict[str, Any]:

@@ -3,7 +3,12 @@
 Input is an action sequence (N, H, Da) at diffusion timesteps t (N,) (one per row, so a whole Picard window
 can be evaluated in one call), conditioned on a global vector (observation history, flattened). Every residual
 block receives the timestep embedding concatenated with the global condition and applies it as a FiLM
-(per-channel scale and bias) to its first convolution's output.
+(per-channel scale and bias, or bias only) to its first convolution's output.
+
+Two switches exist for networks trained elsewhere (`pcm_policy.interop`), both defaulting to this project's own
+design: `film_scale=False` is Diffusion Policy's `cond_predict_scale=False` / lerobot's
+`use_film_scale_modulation=False` (the condition only shifts the features), and `final_n_groups` is the GroupNorm
+group count of the final conv block, which both of those implementations fix at 8 whatever `n_groups` says.
 """
 from __future__ import annotations
 
@@ -47,8 +52,9 @@ class Conv1dBlock(nn.Sequential):
 class ConditionalResidualBlock1D(nn.Module):
     """Two `Conv1dBlock`s with FiLM conditioning after the first, plus a residual connection.
 
-    FiLM: a per-channel scale and bias predicted from `cond`. The residual is a 1x1 conv when the channel count
-    changes.
+    FiLM: a per-channel scale and bias predicted from `cond` (the first `out_channels` outputs of
+    `cond_encoder.1` are the scale, the rest the bias), or a bias only with `film_scale=False`. The residual is a
+    1x1 conv when the channel count changes.
 
     Args:
         in_channels: input channels.
@@ -56,22 +62,28 @@ class ConditionalResidualBlock1D(nn.Module):
         cond_dim: size of the condition vector (timestep embedding + global condition).
         kernel_size: temporal kernel size (odd keeps the length).
         n_groups: GroupNorm groups.
+        film_scale: predict a scale as well as a bias (`cond_encoder.1` then has 2 * out_channels outputs).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, cond_dim: int, kernel_size: int, n_groups: int):
+    def __init__(self, in_channels: int, out_channels: int, cond_dim: int, kernel_size: int, n_groups: int,
+                 film_scale: bool = True):
         super().__init__()
         self.out_channels = out_channels
+        self.film_scale = film_scale
         self.conv1 = Conv1dBlock(in_channels, out_channels, kernel_size, n_groups)
         self.conv2 = Conv1dBlock(out_channels, out_channels, kernel_size, n_groups)
-        # FiLM: predict a per-channel scale and bias from the condition.
-        self.cond_encoder = nn.Sequential(nn.Mish(), nn.Linear(cond_dim, out_channels * 2))
+        # FiLM: predict a per-channel scale and bias (or only a bias) from the condition.
+        self.cond_encoder = nn.Sequential(nn.Mish(), nn.Linear(cond_dim, out_channels * (2 if film_scale else 1)))
         self.residual = nn.Conv1d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """x (N, in_channels, H), cond (N, cond_dim) -> (N, out_channels, H)."""
         out = self.conv1(x)
-        scale, bias = self.cond_encoder(cond).unsqueeze(-1).chunk(2, dim=1)
-        out = scale * out + bias
+        if self.film_scale:
+            scale, bias = self.cond_encoder(cond).unsqueeze(-1).chunk(2, dim=1)
+            out = scale * out + bias
+        else:
+            out = out + self.cond_encoder(cond).unsqueeze(-1)
         out = self.conv2(out)
         return out + self.residual(x)
 
@@ -86,6 +98,9 @@ class ConditionalUnet1D(nn.Module):
         diffusion_step_embed_dim: size of the sinusoidal timestep embedding.
         kernel_size: temporal kernel size.
         n_groups: GroupNorm groups (each of down_dims divisible by it).
+        film_scale: FiLM with a scale and a bias (True, this project's design) or a bias only.
+        final_n_groups: GroupNorm groups of the final conv block; None = `n_groups` (Diffusion Policy and lerobot
+            use 8 there whatever `n_groups` is).
     """
 
     def __init__(
@@ -96,6 +111,8 @@ class ConditionalUnet1D(nn.Module):
         diffusion_step_embed_dim: int = 256,
         kernel_size: int = 5,
         n_groups: int = 8,
+        film_scale: bool = True,
+        final_n_groups: int | None = None,
     ):
         super().__init__()
         dsed = diffusion_step_embed_dim
@@ -107,7 +124,7 @@ class ConditionalUnet1D(nn.Module):
         pairs = list(zip(dims[:-1], dims[1:]))
 
         def block(i: int, o: int) -> ConditionalResidualBlock1D:
-            return ConditionalResidualBlock1D(i, o, cond_dim, kernel_size, n_groups)
+            return ConditionalResidualBlock1D(i, o, cond_dim, kernel_size, n_groups, film_scale)
 
         self.down_modules = nn.ModuleList()
         for level, (dim_in, dim_out) in enumerate(pairs):
@@ -128,7 +145,9 @@ class ConditionalUnet1D(nn.Module):
                 nn.ConvTranspose1d(dim_in, dim_in, 4, stride=2, padding=1),
             ]))
         start = down_dims[0]
-        self.final_conv = nn.Sequential(Conv1dBlock(start, start, kernel_size, n_groups), nn.Conv1d(start, input_dim, 1))
+        final_groups = n_groups if final_n_groups is None else final_n_groups
+        self.final_conv = nn.Sequential(Conv1dBlock(start, start, kernel_size, final_groups),
+                                        nn.Conv1d(start, input_dim, 1))
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, global_cond: torch.Tensor | None = None) -> torch.Tensor:
         """Predict the network output (eps, or x0 for sample prediction) for a batch of noisy action chunks.
