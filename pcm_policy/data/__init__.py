@@ -9,9 +9,10 @@ import importlib
 
 _EXPORTS = {
     "dataset_info": "info", "detect_format": "info",
+    "ImageDataset": "image_dataset",
     "LowDimDataset": "lowdim_dataset",
     "Normalizer": "normalizer",
-    "ReplayBuffer": "replay_buffer",
+    "LazyArray": "replay_buffer", "ReplayBuffer": "replay_buffer",
     "DEFAULT_OBS_KEYS": "robomimic", "RobomimicFile": "robomimic", "write_robomimic_hdf5": "robomimic",
     "abs_action_from_10d": "rotation", "abs_action_to_10d": "rotation", "axis_angle_to_matrix": "rotation",
     "axis_angle_to_rot6d": "rotation", "matrix_to_axis_angle": "rotation", "matrix_to_rot6d": "rotation",
