@@ -122,6 +122,40 @@ def train_tiny_pcm(base: Path, out: Path, scheduler: str, steps: int) -> Path:
     return Path(out)
 
 
+ROBOMIMIC_CAMERAS = ("agentview_image", "robot0_eye_in_hand_image")
+
+
+def pusht_image_arrays(lengths=PUSHT_EPISODE_LENGTHS, seed: int = 0, dtype=np.uint8, size: int = 96) -> dict:
+    """pusht_arrays plus `img` (N, size, size, 3) in 0..255 (`dtype` uint8, or float32 as in DP's file): red = the
+    buffer row, green = the episode, blue = seeded noise, so a test can tell which frame a window holds."""
+    arrays = pusht_arrays(lengths, seed)
+    n = int(sum(lengths))
+    img = np.random.default_rng(seed + 1).integers(0, 256, (n, size, size, 3)).astype(np.uint8)
+    img[..., 0] = (np.arange(n) % 256)[:, None, None]
+    img[..., 1] = np.repeat(np.arange(len(lengths)), lengths)[:, None, None]
+    arrays["img"] = img.astype(dtype)
+    return arrays
+
+
+def write_robomimic_image_fixture(path, demo_ids=ROBOMIMIC_DEMO_IDS, lengths=ROBOMIMIC_LENGTHS, seed: int = 0,
+                                  cameras=ROBOMIMIC_CAMERAS, size: int = 84) -> Path:
+    """robomimic image hdf5 (masks as write_robomimic_fixture): the low-dim obs plus (T, size, size, 3) uint8 per
+    camera, red = the global step row, green = the camera index, blue = seeded noise."""
+    names = [f"demo_{i}" for i in demo_ids]
+    demos = robomimic_demos(lengths, seed)
+    rng, row = np.random.default_rng(seed + 1), 0
+    for demo, T in zip(demos, lengths):
+        for c, cam in enumerate(cameras):
+            img = rng.integers(0, 256, (T, size, size, 3)).astype(np.uint8)
+            img[..., 0] = (row + np.arange(T))[:, None, None] % 256
+            img[..., 1] = c
+            demo["obs"][cam] = img
+        row += T
+    masks = {"train": [n for j, n in enumerate(names) if j != 1], "valid": names[1:2]}
+    write_robomimic_hdf5(path, demos, LIFT_ENV_ARGS, masks=masks, demo_names=names)
+    return Path(path)
+
+
 # ---- the command line --------------------------------------------------------------------------------------
 def pcm(*args, cwd=None, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run `pcm ARGS` in a fresh process, as a user would (captured output)."""

@@ -101,7 +101,7 @@ class DatasetConfig:
             abs_action=self.abs_action, filter_key=self.filter_key)
 
 
-def _check_finite(path, ends: np.ndarray, arr: np.ndarray, key: str) -> None:
+def check_finite(path, ends: np.ndarray, arr: np.ndarray, key: str) -> None:
     """Raise a DatasetError naming the first episode whose `arr` rows hold NaN/inf."""
     bad_rows = ~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1)
     if bad_rows.any():
@@ -115,7 +115,7 @@ def _load_pusht(path) -> dict:
     rb = ReplayBuffer.open(path, keys=["keypoint", "state", "action"])
     ends = rb.episode_ends
     for key in ("keypoint", "state", "action"):
-        _check_finite(path, ends, rb[key], f"data/{key}")
+        check_finite(path, ends, rb[key], f"data/{key}")
     state, kp, action = rb["state"], rb["keypoint"], rb["action"]
     if state.ndim != 2 or state.shape[1] < 2:
         raise DatasetError(f"{path}: data/state must be (N, >=2), got shape {state.shape}")
@@ -126,7 +126,14 @@ def _load_pusht(path) -> dict:
     return dict(obs=obs, action=action.astype(np.float32), ends=ends, names=None, env_args=None)
 
 
-def _load_robomimic(path, obs_keys: Sequence[str], abs_action: bool, filter_key: str | None) -> dict:
+def load_robomimic(path, obs_keys: Sequence[str], abs_action: bool, filter_key: str | None) -> dict:
+    """A robomimic file's demos as one per-step array each: {"obs" (N, Do) with `obs_keys` concatenated in order,
+    "action" (N, Da) float32 (10-d rot6d with `abs_action`), "ends" (E,) exclusive cumulative ends, "names" (demo
+    names in order), "env_args" (dict or None)}.
+
+    Raises:
+        DatasetError: no demos (in `mask/<filter_key>`), an empty demo, or NaN/inf in a key (naming the episode).
+    """
     with RobomimicFile(path) as rf:
         names = rf.demo_names(filter_key)
         if not names:
@@ -239,7 +246,7 @@ class LowDimDataset(Dataset):
         if kind == "pusht_zarr":
             src = _load_pusht(path)
         elif kind == "robomimic_hdf5":
-            src = _load_robomimic(path, list(obs_keys or DEFAULT_OBS_KEYS), abs_action, filter_key)
+            src = load_robomimic(path, list(obs_keys or DEFAULT_OBS_KEYS), abs_action, filter_key)
         else:
             raise ConfigError(f"dataset kind {kind!r} is unknown; expected one of {', '.join(KINDS)}")
         n = len(src["ends"])

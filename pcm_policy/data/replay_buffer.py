@@ -311,3 +311,61 @@ class ReplayBuffer:
                 root.create_array(ENDS_KEY, data=ends, chunks=ends.shape, compressors=None, config=_ALL_CHUNKS)
             finally:
                 store.close()
+
+
+class LazyArray:
+    """One `data/<key>` array of a replay-buffer file, decoded on demand: `lazy[a:b]` reads rows a..b-1 only.
+
+    The layout and the array's chunks are checked on construction (as `ReplayBuffer.open` does), but no data is
+    read. The store is opened on first read in each process (a forked DataLoader worker reopens it rather than
+    share a zip file's handle); pickling drops the handle.
+
+    Args:
+        path: the zarr directory or `.zarr.zip`.
+        key: the array under `data/`, e.g. `img`.
+
+    Attributes:
+        path, key: as given (path as a string).
+        shape: the array's shape (N, ...); dtype: its stored dtype; chunk_rows: rows per stored chunk.
+        episode_ends: (E,) int64, the file's validated `meta/episode_ends`.
+
+    Raises:
+        DatasetError: as `ReplayBuffer.open` (a missing or unreadable store, a broken layout, no `data/<key>`, a
+            missing or truncated chunk).
+    """
+
+    def __init__(self, path: str | os.PathLike, key: str):
+        with open_zarr_group(path) as root:
+            ends, members = inspect_group(root, path)
+            if key not in members:
+                raise DatasetError(f"{path}: no array data/{key}; available: {', '.join(sorted(members))}")
+            arr = members[key]
+            check_complete(path, {f"data/{key}": arr})
+            self.shape, self.dtype, self.chunk_rows = tuple(arr.shape), np.dtype(arr.dtype), int(arr.chunks[0])
+        self.path, self.key, self.episode_ends = str(path), key, ends
+        self._handle: tuple[int, contextlib.ExitStack, zarr.Array] | None = None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        if not isinstance(rows, slice):
+            raise TypeError(f"LazyArray takes a slice of rows, got {type(rows).__name__}")
+        if self._handle is None or self._handle[0] != os.getpid():
+            stack = contextlib.ExitStack()
+            arr = stack.enter_context(open_zarr_group(self.path))[f"data/{self.key}"]
+            self._handle = (os.getpid(), stack, arr)
+        try:
+            return np.asarray(self._handle[2][rows])
+        except Exception as e:
+            raise DatasetError(f"{self.path}: cannot read data/{self.key} rows {rows.start}:{rows.stop} "
+                               f"({_one_line(e)})") from e
+
+    def close(self) -> None:
+        """Close the store if this process opened it (reading again reopens it)."""
+        if self._handle is not None and self._handle[0] == os.getpid():
+            self._handle[1].close()
+        self._handle = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_handle": None}

@@ -179,6 +179,18 @@ class RobomimicFile:
             dims.append(int(np.prod(ds.shape[1:])))
         return dims
 
+    def obs_dataset(self, demo: str, key: str) -> h5py.Dataset:
+        """The dataset `data/<demo>/obs/<key>`, unread (e.g. a camera's (T, H, W, 3) uint8 images, sliced lazily;
+        valid while the file is open).
+
+        Raises:
+            DatasetError: no demo `demo`, or it has no such obs key (the message lists those it has).
+        """
+        ds = self.demo_group(demo).get(f"obs/{key}")
+        if not isinstance(ds, h5py.Dataset):
+            raise DatasetError(f"{self.path}: data/{demo} has no obs/{key}; available: {', '.join(self.obs_keys(demo))}")
+        return ds
+
     def num_samples(self, demo: str) -> int:
         """T, the steps of `demo`: its `num_samples` attribute, else the length of its actions.
 

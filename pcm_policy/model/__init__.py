@@ -1,4 +1,5 @@
-"""Networks: the FiLM-conditioned temporal UNet action head (and LoRA adapters in `lora`)."""
+"""Networks: the FiLM-conditioned temporal UNet action head (LoRA adapters in `lora`) and the image encoder (`vision`)."""
 from pcm_policy.model.unet import ConditionalUnet1D
+from pcm_policy.model.vision import VisionEncoder, VisionEncoderConfig, build_vision_encoder
 
-__all__ = ["ConditionalUnet1D"]
+__all__ = ["ConditionalUnet1D", "VisionEncoder", "VisionEncoderConfig", "build_vision_encoder"]
