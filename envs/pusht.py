@@ -1,7 +1,9 @@
-"""PushT with Diffusion Policy's low-dim observation, on top of gym-pusht's simulator.
+"""PushT with a low-dim observation, on top of gym-pusht's simulator.
 
-Observation (20 float32): the 9 block keypoints of Diffusion Policy (world px, flattened) followed by the
-agent position. Action: absolute target position of the agent (px). 10 Hz control, 10 physics substeps.
+Observation (`observation="keypoints"`, the default; 20 float32): the 9 block keypoints of Diffusion Policy
+(world px, flattened) followed by the agent position. With `observation="agent_pos+environment_state"` (18
+float32): the agent position, then gym-pusht's `environment_state` (the T's 8 corners, world px, flattened) -
+lerobot's state-based PushT policies condition on exactly these, in this order. Action: absolute target position of the agent (px). 10 Hz control, 10 physics substeps.
 `info` carries `is_success` (coverage > 0.95, gym-pusht's test), `coverage`, `state` (agent_x, agent_y,
 block_x, block_y, block_angle) and `n_contacts`.
 
@@ -29,12 +31,17 @@ OBS_LOW, OBS_HIGH = -64.0, 576.0
 class PushTLowDimEnv(gym.Env):
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
 
+    OBSERVATIONS = {"keypoints": geo.LOWDIM_OBS_DIM, "agent_pos+environment_state": 18}
+
     def __init__(self, render_mode: str | None = "rgb_array", render_size: int = 256, image_size: int = 96,
-                 legacy_reset: bool = False):
+                 legacy_reset: bool = False, observation: str = "keypoints"):
         from gym_pusht.envs.pusht import PushTEnv  # lazy: pygame/pymunk only when an env is made
 
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be 'rgb_array' or None, got {render_mode!r}")
+        if observation not in self.OBSERVATIONS:
+            raise ValueError(f"observation must be one of {sorted(self.OBSERVATIONS)}, got {observation!r}")
+        self.observation = observation
         self.render_mode = render_mode
         self.legacy_reset = legacy_reset
         self.sim = PushTEnv(
@@ -42,7 +49,8 @@ class PushTLowDimEnv(gym.Env):
             observation_width=image_size, observation_height=image_size,
             visualization_width=render_size, visualization_height=render_size,
         )
-        self.observation_space = spaces.Box(OBS_LOW, OBS_HIGH, shape=(geo.LOWDIM_OBS_DIM,), dtype=np.float32)
+        self.observation_space = spaces.Box(OBS_LOW, OBS_HIGH, shape=(self.OBSERVATIONS[observation],),
+                                            dtype=np.float32)
         self.action_space = spaces.Box(0.0, 512.0, shape=(2,), dtype=np.float32)
         self._state: np.ndarray | None = None
 
@@ -68,7 +76,10 @@ class PushTLowDimEnv(gym.Env):
         return np.asarray(self.sim.get_obs(), dtype=np.float64)
 
     def _obs(self, state: np.ndarray) -> np.ndarray:
-        return geo.lowdim_obs_from_state(state).astype(np.float32)
+        if self.observation == "keypoints":
+            return geo.lowdim_obs_from_state(state).astype(np.float32)
+        corners = self.sim.get_keypoints(self.sim._block_shapes).reshape(-1)  # gym-pusht's environment_state
+        return np.concatenate([state[:2], corners]).astype(np.float32)
 
     def _info(self, state: np.ndarray, sim_info: dict, coverage: float, is_success: bool) -> dict[str, Any]:
         return {

@@ -29,6 +29,7 @@ from pcm_policy.options import writable_dir
 from pcm_policy.paths import resolve_path
 from pcm_policy.policy import DiffusionPolicy, PolicyConfig
 from pcm_policy.sampler_config import SamplerConfig
+from pcm_policy.tasks import TASKS
 
 POLICY_CARD = "policy.yaml"
 POLICY_WEIGHTS = "policy.safetensors"
@@ -192,6 +193,10 @@ class Card:
         if card.kind == "pcm":
             raise CheckpointError(f"{key}={path}: is a PCM checkpoint; give the base policy it was trained for "
                                   f"({card.data.get('base')})")
+        if task is not None and card.task is None and card.observation_kind is not None:
+            parts = ", ".join(f"{p['name']} {p['size']}" for p in card.data["observation"].get("layout", []))
+            raise CheckpointError(f"{key}={path}: the policy expects observation {card.observation_kind!r} ({parts}), "
+                                  f"which no env here gives (task={task})")
         if task is not None and card.task != task:
             raise CheckpointError(f"{key}={card.path}: checkpoint is for task {card.task!r}, not task={task!r}")
         return card
@@ -218,6 +223,18 @@ class Card:
     def task(self) -> str | None:
         """The task the policy was trained for."""
         return self.data.get("task")
+
+    @property
+    def observation_kind(self) -> str | None:
+        """The observation layout the policy expects (`observation.kind` of imported cards); None: its task's own."""
+        return (self.data.get("observation") or {}).get("kind")
+
+    @property
+    def env_id(self) -> str | None:
+        """The env the policy runs in: its task's env for its observation layout, else the card's `env_id`."""
+        if self.task in TASKS:
+            return TASKS[self.task].layout(self.observation_kind, self.key).env_id
+        return self.data.get("env_id")
 
     @property
     def num_train_timesteps(self) -> int:
@@ -397,7 +414,7 @@ def export_checkpoint(src: str | Path, dst: str | Path, dtype: str = "float16") 
     target = EXPORT_DTYPES.get(dtype)
     if target is None:
         raise ConfigError(f"dtype={dtype!r}: expected float16, bfloat16 or float32")
-    _check_export_target(Path(src), ckpt, Path(dst))
+    check_output_dir("output", Path(dst), Path(src), ckpt, what="the checkpoint being exported")
     weights = read_weights(ckpt / POLICY_WEIGHTS)
     weights = {k: (v if k.startswith("normalizer.") or not v.is_floating_point() else v.to(target)) for k, v in weights.items()}
     config = yaml.safe_load((ckpt / RUN_CONFIG).read_text()) if (ckpt / RUN_CONFIG).is_file() else None
@@ -405,15 +422,19 @@ def export_checkpoint(src: str | Path, dst: str | Path, dtype: str = "float16") 
     return save_checkpoint(dst, card, weights, config=config)
 
 
-def _check_export_target(src: Path, ckpt: Path, dst: Path) -> None:
-    """The output replaces at most an older checkpoint directory: never the source, a folder holding it, a file,
-    or a directory of something else (save_checkpoint swaps the whole directory)."""
-    writable_dir("output", dst)  # a directory, or creatable in a writable one
+def check_output_dir(key: str, dst: Path, *sources: Path, what: str = "its source") -> None:
+    """A checkpoint directory to be written (option `key`) replaces at most an older checkpoint directory: never
+    one of `sources`, a folder holding one, a file, or a directory of something else (save_checkpoint swaps the
+    whole directory). Nothing is created.
+
+    Raises:
+        ConfigError: naming `key` and why (`what` names the source in the message).
+    """
+    writable_dir(key, dst)  # a directory, or creatable in a writable one
     target = dst.resolve()
-    for protected in {src.resolve(), ckpt.resolve()}:
+    for protected in {p.resolve() for p in sources}:
         if target == protected or target in protected.parents:
-            raise ConfigError(f"output={dst}: would replace the checkpoint being exported ({src}); "
-                              "choose a new directory")
+            raise ConfigError(f"{key}={dst}: would replace {what} ({sources[0]}); choose a new directory")
     if dst.is_dir():
         if any(dst.iterdir()) and not ((dst / POLICY_WEIGHTS).is_file() and (dst / POLICY_CARD).is_file()):
-            raise ConfigError(f"output={dst}: exists and is not a checkpoint directory (refusing to replace it)")
+            raise ConfigError(f"{key}={dst}: exists and is not a checkpoint directory (refusing to replace it)")

@@ -2,6 +2,7 @@
 
     pcm data info PATH [--json]
     pcm export CHECKPOINT OUTPUT [--dtype float16]
+    pcm import diffusion-policy|lerobot PATH output_dir=DIR [dataset.path=FILE]
     pcm train task=pusht dataset.path=... train.steps=200 output_dir=...   (and eval, collect, train-pcm, bench, demo)
 
 User errors (bad files, unknown keys, missing devices) print one line on stderr and exit with status 2.
@@ -21,6 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from pcm_policy.commands import COMMANDS, command_module, compose_command, run_command  # noqa: E402
 from pcm_policy.commands import data as data_command  # noqa: E402
 from pcm_policy.commands import export as export_command  # noqa: E402
+from pcm_policy.commands import import_policy as import_command  # noqa: E402
 from pcm_policy.errors import PcmError  # noqa: E402
 
 EXIT_USER_ERROR = 2
@@ -40,11 +42,11 @@ def _run_plain(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `pcm` argument parser: `data info`, `export`, and the Hydra-override commands of
+    """The `pcm` argument parser: `data info`, `export`, `import`, and the Hydra-override commands of
     `pcm_policy.commands.COMMANDS`; each subparser's `func` runs its command on the parsed args."""
     parser = argparse.ArgumentParser(prog="pcm", description="Fast, exact diffusion-policy control (Picard Consistency Models).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (data_command, export_command):
+    for module in (data_command, export_command, import_command):
         module.add_parser(sub)
     for p in sub.choices.values():
         p.set_defaults(func=_run_plain)

@@ -19,9 +19,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pcm_policy.atomic import atomic_path
-from pcm_policy.checkpoint import read_run_config
+from pcm_policy.checkpoint import RUN_CONFIG, read_run_config
 from pcm_policy.data.stacked_windows import Windows, build_dataset
-from pcm_policy.errors import ConfigError
+from pcm_policy.errors import CheckpointError, ConfigError
 from pcm_policy.options import check_choice, check_int, check_mapping, check_text, unknown_keys
 from pcm_policy.paths import resolve_path
 from pcm_policy.sampler_config import SamplerConfig
@@ -39,14 +39,24 @@ def dataset_path(ckpt: Path, override: str | None = None) -> Path:
     return resolve_path(override or read_run_config(ckpt)["dataset"]["path"])
 
 
-def check_dataset(ckpt: Path, override: str | None = None) -> None:
+def check_dataset(ckpt: Path, override: str | None = None, instead: str = "") -> None:
     """The dataset `dataset_observations` would read must exist (checked before any work).
 
+    Args:
+        ckpt: the checkpoint directory.
+        override: another dataset file than the checkpoint's.
+        instead: the command's other observation sources, for the message of a checkpoint that records no
+            dataset (an imported policy), e.g. "observations=closed_loop".
+
     Raises:
-        CheckpointError: the checkpoint has no readable run config.
+        CheckpointError: the checkpoint records no dataset (no run config) or an unreadable one.
         DatasetError: the dataset does not exist (naming the file and, for a scripted-expert dataset, the command
             that regenerates it).
     """
+    if not (Path(ckpt) / RUN_CONFIG).is_file():
+        raise CheckpointError(f"{ckpt}: records no dataset to draw observations from (no {RUN_CONFIG}: an imported "
+                              f"policy?); use {instead + ', or ' if instead else ''}import it with "
+                              "dataset.path=<a dataset in its observation layout>")
     path = dataset_path(ckpt, override)
     if not path.exists():
         raise missing_dataset(path)
@@ -83,6 +93,35 @@ def sample_observations(ckpt: Path, n: int, seed: int) -> torch.Tensor:
     """
     train_obs, val_obs = dataset_observations(ckpt)
     obs = torch.cat([val_obs, train_obs])
+    order = torch.randperm(len(obs), generator=torch.Generator().manual_seed(seed))
+    return obs[order[torch.arange(n) % len(obs)]]
+
+
+def rollout_observations(policy, env_id: str, max_steps: int, n: int, seed: int, seed_start: int = 200000,
+                         n_envs: int = 8) -> torch.Tensor:
+    """n observation histories the policy itself met in closed-loop rollouts (sequential DDIM with up to 10 steps;
+    reset seeds from `seed_start`, default 200000+, disjoint from the test seeds), shuffled with `seed`: for a
+    checkpoint that records no dataset (an imported policy).
+
+    Args:
+        policy: the base policy.
+        env_id: the env giving its observation (`Card.env_id`).
+        max_steps: time limit per episode (control steps).
+        n: histories wanted; enough episodes are rolled out for about 1.5 n.
+        seed: the shuffle seed.
+        seed_start: the first reset seed.
+        n_envs: vectorised envs.
+
+    Returns:
+        (n, To, Do) float32 in env units (cycled if the rollouts gave fewer).
+    """
+    from pcm_policy.rollout.visited import visited_observations  # gymnasium only for closed-loop observations
+
+    per_episode = max(1, max_steps // policy.config.n_action_steps)
+    episodes = -(-3 * n // (2 * per_episode))
+    steps = min(10, policy.config.num_train_timesteps)
+    sampler = SamplerConfig(name="sequential", scheduler="ddim", steps=steps)
+    obs = visited_observations(policy, env_id, max_steps, episodes, seed_start, sampler, n_envs)
     order = torch.randperm(len(obs), generator=torch.Generator().manual_seed(seed))
     return obs[order[torch.arange(n) % len(obs)]]
 
@@ -204,8 +243,8 @@ class ObservationSource:
         if self.kind == "closed_loop":
             if not env_id:
                 raise ConfigError(f"observations=closed_loop: the base checkpoint {base} names no env to roll out in")
-        elif self.dataset_path is None:
-            check_dataset(base)
+        else:
+            check_dataset(base, self.dataset_path, instead="observations=closed_loop")
 
     def sets(self, base_ckpt: Path, seed: int, policy=None, env_id: str | None = None, cache: Path | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:

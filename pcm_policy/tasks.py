@@ -23,19 +23,39 @@ PUSHT_SUCCESS_COVERAGE = 0.95  # Diffusion Policy's PushT success threshold on t
 
 
 @dataclass(frozen=True)
+class ObservationLayout:
+    """One flat low-dim observation a task's envs can give, and the env that gives it.
+
+    Attributes:
+        kind: its name, written in checkpoint cards (`observation.kind`).
+        parts: (part name, size) in order: the flat per-step vector is their concatenation.
+        env_id: the gymnasium id of the env that returns it.
+        env_kwargs: keyword arguments of the task's env class for it.
+    """
+
+    kind: str
+    parts: tuple[tuple[str, int], ...]
+    env_id: str
+    env_kwargs: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def size(self) -> int:
+        """Do, the size of the flat vector."""
+        return sum(size for _, size in self.parts)
+
+
+@dataclass(frozen=True)
 class Task:
     """One task's facts.
 
     Attributes:
         name: the config name (`task=<name>`).
-        env_id: the gymnasium id `envs` registers for it.
         entry_point: the env class, `module:Class` (gymnasium's convention).
-        env_kwargs: keyword arguments of the env class.
         robosuite_env: robosuite's env name (robomimic tasks), else None.
         control_hz: control frequency (Hz).
         max_steps: evaluation time limit in control steps (Diffusion Policy's convention).
-        obs_layout: the low-dim observation as (part name, size) in order, e.g. PushT's 9 keypoints x 2 + agent
-            position 2 = 20.
+        observations: the observation layouts its envs give, the task's own (its datasets', its policies') first;
+            e.g. PushT's 9 keypoints x 2 + agent position 2 = 20, and lerobot's agent position + 8 block corners.
         action_dim: Da of the env's action (robomimic: 7 delta actions).
         score: `coverage` (PushT: clip(max coverage / 0.95, 0, 1)) or `success` (the success rate).
         expert: the scripted demonstrator, `module:factory` taking (task, env) after `env.reset`.
@@ -50,13 +70,11 @@ class Task:
     """
 
     name: str
-    env_id: str
     entry_point: str
-    env_kwargs: tuple[tuple[str, Any], ...]
     robosuite_env: str | None
     control_hz: float
     max_steps: int
-    obs_layout: tuple[tuple[str, int], ...]
+    observations: tuple[ObservationLayout, ...]
     action_dim: int
     score: str
     expert: str
@@ -69,9 +87,33 @@ class Task:
     base: str
 
     @property
+    def env_id(self) -> str:
+        """The gymnasium id of the task's own observation layout."""
+        return self.observations[0].env_id
+
+    @property
+    def obs_layout(self) -> tuple[tuple[str, int], ...]:
+        """The task's own observation layout, (part name, size) in order."""
+        return self.observations[0].parts
+
+    @property
     def obs_dim(self) -> int:
-        """Do, the size of the flat low-dim observation."""
-        return sum(size for _, size in self.obs_layout)
+        """Do, the size of the task's own flat low-dim observation."""
+        return self.observations[0].size
+
+    def layout(self, kind: str | None, key: str = "checkpoint") -> ObservationLayout:
+        """The observation layout `kind` (None: the task's own).
+
+        Raises:
+            ConfigError: no env of this task gives that observation (the message names `key`).
+        """
+        if kind is None:
+            return self.observations[0]
+        for layout in self.observations:
+            if layout.kind == kind:
+                return layout
+        raise ConfigError(f"{key}: the policy expects observation {kind!r}, which no env of task {self.name} gives "
+                          f"(it gives {', '.join(o.kind for o in self.observations)})")
 
     @property
     def data_dir(self) -> str:
@@ -95,19 +137,27 @@ _ROBOMIMIC_OBS = (("object", 0), ("robot0_eef_pos", 3), ("robot0_eef_quat", 4), 
 
 
 def _robomimic(name: str, robosuite_env: str, object_dim: int, episodes: int, shipped: bool) -> Task:
-    layout = tuple((k, object_dim if k == "object" else d) for k, d in _ROBOMIMIC_OBS)
-    return Task(name=name, env_id=f"pcm/{robosuite_env}-v0", entry_point="envs.robomimic_env:RobomimicLowDimEnv",
-                env_kwargs=(("task", robosuite_env),), robosuite_env=robosuite_env, control_hz=20, max_steps=400,
-                obs_layout=layout, action_dim=7, score="success", expert="envs.experts:make_expert",
+    parts = tuple((k, object_dim if k == "object" else d) for k, d in _ROBOMIMIC_OBS)
+    layout = ObservationLayout("robomimic_lowdim", parts, f"pcm/{robosuite_env}-v0", (("task", robosuite_env),))
+    return Task(name=name, entry_point="envs.robomimic_env:RobomimicLowDimEnv", robosuite_env=robosuite_env,
+                control_hz=20, max_steps=400, observations=(layout,), action_dim=7, score="success",
+                expert="envs.experts:make_expert",
                 collector="envs.collect_robomimic:collect_task", collects_images=False, dataset_kind="robomimic_hdf5",
                 dataset_path=f"data/{name}/{name}_expert.hdf5", dataset_episodes=episodes, dataset_shipped=shipped,
                 base=f"data/{name}/base")
 
 
 TASKS: dict[str, Task] = {t.name: t for t in (
-    Task(name="pusht", env_id="pcm/PushT-v0", entry_point="envs.pusht:PushTLowDimEnv", env_kwargs=(),
-         robosuite_env=None, control_hz=10, max_steps=300,
-         obs_layout=(("keypoints", 18), ("agent_pos", 2)), action_dim=2, score="coverage",
+    Task(name="pusht", entry_point="envs.pusht:PushTLowDimEnv", robosuite_env=None, control_hz=10, max_steps=300,
+         observations=(
+             # Diffusion Policy's low-dim PushT: its 9 block keypoints, then the agent position
+             ObservationLayout("dp_pusht_lowdim", (("keypoints", 18), ("agent_pos", 2)), "pcm/PushT-v0"),
+             # lerobot's state-based PushT (gym-pusht `environment_state_agent_pos`), in lerobot's conditioning
+             # order: the agent position (`observation.state`), then the T's 8 corners (`observation.environment_state`)
+             ObservationLayout("lerobot_pusht_keypoints", (("observation.state", 2),
+                                                           ("observation.environment_state", 16)),
+                               "pcm/PushT-envstate-v0", (("observation", "agent_pos+environment_state"),))),
+         action_dim=2, score="coverage",
          expert="envs.experts:make_expert", collector="envs.collect_pusht:collect_task", collects_images=True,
          dataset_kind="pusht_zarr",
          dataset_path="data/pusht/pusht_expert.zarr", dataset_episodes=500, dataset_shipped=True,
@@ -158,6 +208,16 @@ class TaskOptions:
     def spec(self) -> Task:
         """The registered task."""
         return TASKS[self.name]
+
+    def env_for(self, observation_kind: str | None, key: str = "checkpoint") -> str:
+        """The env id an episode of a policy with observation `observation_kind` runs in: the env of that layout
+        (None: the task's own), unless the run overrides `task.env_id`.
+
+        Raises:
+            ConfigError: no env of the task gives that observation.
+        """
+        layout = self.spec.layout(observation_kind, key)
+        return layout.env_id if self.env_id == self.spec.env_id else self.env_id
 
 
 def get_task(name: str, key: str = "task.name") -> Task:

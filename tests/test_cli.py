@@ -11,7 +11,7 @@ from tests.fixtures import pusht_arrays, write_pusht_zarr
 
 pytestmark = pytest.mark.integration  # real `pcm` processes, as a user runs them
 
-SUBCOMMANDS = ["data", "train", "eval", "collect", "train-pcm", "bench", "demo", "export"]
+SUBCOMMANDS = ["data", "train", "eval", "collect", "train-pcm", "bench", "demo", "export", "import"]
 
 
 def pcm(*args, cwd=None):
@@ -43,6 +43,8 @@ def test_help_for_every_subcommand(capsys):
             assert "info" in out and "summarise a PushT zarr or robomimic hdf5" in out
         elif name == "export":
             assert "--dtype {float16,bfloat16,float32}" in out and "checkpoint" in out and "output" in out
+        elif name == "import":
+            assert "{diffusion-policy,lerobot}" in out and "configs/import_policy.yaml" in out
         else:  # Hydra-override commands list their common keys and the config they override
             config = name.replace("-", "_")
             assert "Common overrides:" in out and "--print-config" in out and f"configs/{config}.yaml" in out

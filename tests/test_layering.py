@@ -36,7 +36,8 @@ LAZY_IMPORTS = {
     ("pcm_policy.data.image_dataset", "pcm_policy.data.replay_buffer"): "zarr only where a PushT buffer is read",
     ("pcm_policy.observations", "pcm_policy.rollout.visited"): "gymnasium only for closed-loop observations",
     ("pcm_policy.benchmark.studies", "pcm_policy.rollout.controlled"): "gymnasium only when the bench runs episodes",
-    ("pcm_policy.commands.bench", "pcm_policy.rollout.env"): "gymnasium only when the bench runs episodes",
+    ("pcm_policy.commands.bench", "pcm_policy.rollout.env"): "gymnasium only when the bench runs episodes or "
+                                                                "rollouts",
 }
 
 

@@ -10,6 +10,7 @@ real-time controller, and the early-stop study (iterations capped at 1, 2, 3).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +25,10 @@ from pcm_policy.benchmark.rows import build_rows, graphed_rows
 from pcm_policy.benchmark.studies import EpisodeSettings, closed_loop_rows, early_stop_study
 from pcm_policy.checkpoint import Card, load_policy
 from pcm_policy.errors import ConfigError
-from pcm_policy.observations import check_dataset, load_observations, sample_observations
+from pcm_policy.observations import check_dataset, load_observations, rollout_observations, sample_observations
 from pcm_policy.options import (check_int, check_list, check_mapping, flag, integer, lookup, number, output_dir,
                                 renamed, show, text)
+from pcm_policy.paths import resolve_path
 from pcm_policy.runtime import RuntimeOptions
 from pcm_policy.sampler_config import SamplerConfig, check_schedules
 from pcm_policy.tasks import TaskOptions
@@ -50,7 +52,8 @@ class Config:
         episodes: closed-loop episodes per row (0: none), for `episodes_schedules` (None: all).
         seed_start: the first closed-loop reset seed.
         early_stop: run the early-stop study, over `early_stop_chunks` chunks and `early_stop_episodes` episodes.
-        observations: a safetensors file of observation histories to sample from (None: the checkpoint's dataset).
+        observations: where observation histories come from: None (the checkpoint's dataset), a safetensors file,
+            or `closed_loop` (rollouts of the policy itself, for a checkpoint that records no dataset).
         runtime: seed (observation draw and noise), device, threads.
         output_dir: where bench.json, bench.md, bench.png and metrics.json go.
     """
@@ -97,15 +100,19 @@ class Config:
         early_stop = flag(cfg, "early_stop")
         early_episodes = integer(cfg, "early_stop_episodes", 0)
         task = TaskOptions.from_mapping(lookup(cfg, "task"))
-        if episodes > 0 or (early_stop and early_episodes > 0):
-            from pcm_policy.rollout.env import check_registered  # gymnasium only when episodes run
-
-            check_registered(task.env_id)
         out = output_dir(cfg)
         card = Card.open_base("checkpoint", lookup(cfg, "checkpoint", None), task=task.name)
         observations = text(cfg, "observations", null=True)
         if observations is None:
-            check_dataset(card.path)
+            check_dataset(card.path, instead="observations=closed_loop or observations=<file>")
+        elif observations != "closed_loop" and not resolve_path(observations).is_file():
+            raise ConfigError(f"observations={observations}: no such file (a safetensors file of observation "
+                              "histories, closed_loop, or null for the checkpoint's dataset)")
+        if episodes > 0 or (early_stop and early_episodes > 0) or observations == "closed_loop":
+            from pcm_policy.rollout.env import check_registered  # gymnasium only when episodes or rollouts run
+
+            task = dataclasses.replace(task, env_id=task.env_for(card.observation_kind))  # the env giving its input
+            check_registered(task.env_id)
         key, value = renamed(cfg, "bases", "schedules")
         schedules = check_schedules(key, value, card.num_train_timesteps, card.path)
         chunks = integer(cfg, "chunks", 1)
@@ -188,7 +195,9 @@ def run(config: Config, echo: bool = True) -> dict[str, Any]:
     policy, card = load_policy(config.checkpoint.path, device, expect_task=config.task.name)
     budget_ms = config.budget_ms or 1e3 / config.control_hz
     n = max(config.chunks.values())
-    if config.observations is not None:
+    if config.observations == "closed_loop":
+        observations = rollout_observations(policy, config.task.env_id, config.task.max_steps, n, seed)
+    elif config.observations is not None:
         observations = load_observations(config.observations)[:n]
     else:
         observations = sample_observations(config.checkpoint.path, n, seed)

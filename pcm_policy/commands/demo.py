@@ -83,7 +83,6 @@ class Config:
         """
         runtime = RuntimeOptions.from_mapping(cfg)
         task = TaskOptions.from_mapping(lookup(cfg, "task"))
-        check_registered(task.env_id)
         out = output_dir(cfg)
         counts = {k: integer(cfg, k, low) for k, low in
                   (("episodes", 1), ("chunks", 1), ("ddpm100_chunks", 1), ("seed_start", 0))}
@@ -93,7 +92,9 @@ class Config:
         card = None
         if resolve_path(path).exists() or Path(path) != resolve_path(task.spec.base):
             card = Card.open_base("checkpoint", path, task=task.name)
+            task = dataclasses.replace(task, env_id=task.env_for(card.observation_kind))  # the env giving its input
             check_dataset(card.path)  # the latency comparison draws its observations from it
+        check_registered(task.env_id)
         T = card.num_train_timesteps if card else None
         key, value = renamed(cfg, "bases", "schedules")
         schedules = check_schedules(key, value, T, card.path if card else None)

@@ -3,6 +3,7 @@
 expert acts from simulator state (`policy=expert`)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -67,14 +68,16 @@ class Config:
         """
         runtime = RuntimeOptions.from_mapping(cfg)
         task = TaskOptions.from_mapping(lookup(cfg, "task"))
-        check_registered(task.env_id)
         out = output_dir(cfg)
         counts = dict(episodes=integer(cfg, "episodes", 1), n_envs=integer(cfg, "n_envs", 1),
                       vector=choice(cfg, "vector", ("sync", "async")), seed_start=integer(cfg, "seed_start", 0),
                       videos=integer(cfg, "videos", 0))
         if choice(cfg, "policy.name", ("checkpoint", "expert")) == "expert":
+            check_registered(task.env_id)
             return cls(task, None, None, None, **counts, runtime=runtime, output_dir=out)
         card = Card.open_base("checkpoint", lookup(cfg, "checkpoint", None), task=task.name)
+        task = dataclasses.replace(task, env_id=task.env_for(card.observation_kind))  # the env giving its input
+        check_registered(task.env_id)
         group = lookup(cfg, "sampler")
         sampler = check_sampler(group, "sampler", card.num_train_timesteps, card.path)
         pcm = group.get("pcm_checkpoint") if sampler.needs_pcm else None

@@ -51,7 +51,7 @@ class Config:
         source = ObservationSource(kind=lookup(cfg, "observations", "dataset"), trajectories=cfg.get("trajectories"),
                                    held_out=cfg.get("eval_observations"), dataset_path=cfg.get("dataset_path"),
                                    closed_loop=ClosedLoopSettings.from_mapping(cfg.get("closed_loop")))
-        source.check(base.path, base.data.get("env_id"))
+        source.check(base.path, base.env_id)
         if source.kind == "closed_loop":
             source.closed_loop.sampler.check_steps(base.num_train_timesteps, "closed_loop.sampler", base.path)
         return cls(base, settings, source, runtime, out)
@@ -64,7 +64,7 @@ def run(config: Config) -> dict[str, Any]:
         The run's metrics (`pcm_policy.pcm.training.train_pcm`).
     """
     m = train_pcm(config.settings, config.base.path, config.observations, config.output_dir, config.runtime.seed,
-                  config.runtime.device)
+                  config.runtime.device, env_id=config.base.env_id)
     if "checkpoint" not in m:  # a torchrun rank other than 0: rank 0 reports
         return m
     for name in ("picard", "pcm", "pcm_lora"):

@@ -53,7 +53,8 @@ class ImportedPolicy:
         return policy.eval()
 
 
-def write_imported_checkpoint(imported: ImportedPolicy, output_dir: str | Path) -> Path:
+def write_imported_checkpoint(imported: ImportedPolicy, output_dir: str | Path,
+                              run_config: Mapping[str, Any] | None = None) -> Path:
     """Write `imported` as an ordinary pcm-policy checkpoint directory (atomically: all of it or nothing).
 
     The policy is built (and so checked) before anything is written.
@@ -61,6 +62,8 @@ def write_imported_checkpoint(imported: ImportedPolicy, output_dir: str | Path) 
     Args:
         imported: what an importer returned.
         output_dir: the checkpoint directory to write; an existing one is replaced.
+        run_config: a run config to save beside it (`config.yaml`: the dataset its observations come from, for
+            the commands that draw observation histories from a checkpoint's dataset); None writes none.
 
     Returns:
         `output_dir` as a Path.
@@ -72,7 +75,7 @@ def write_imported_checkpoint(imported: ImportedPolicy, output_dir: str | Path) 
     policy = imported.build_policy()
     card = dict(imported.card)
     card["policy"] = imported.config.to_dict()
-    return save_checkpoint(output_dir, card, policy.weights())
+    return save_checkpoint(output_dir, card, policy.weights(), config=run_config)
 
 
 def unet_state_shapes(config: PolicyConfig) -> dict[str, tuple[int, ...]]:

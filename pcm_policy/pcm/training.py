@@ -133,7 +133,7 @@ class PctSettings:
 
 
 def train_pcm(settings: PctSettings, base: Path, observations: ObservationSource, output_dir: Path, seed: int,
-              device: torch.device) -> dict[str, Any]:
+              device: torch.device, env_id: str | None = None) -> dict[str, Any]:
     """Collect, train, evaluate (see the module docstring); resumes from `output_dir`.
 
     Args:
@@ -143,6 +143,7 @@ def train_pcm(settings: PctSettings, base: Path, observations: ObservationSource
         output_dir: the run directory (trajectories, checkpoints, metrics.json, pct_loss.png).
         seed: the run's seed.
         device: where to train (under torchrun on CUDA: cuda:LOCAL_RANK).
+        env_id: the env the base policy runs in (closed-loop observations only; `Card.env_id`).
 
     Returns:
         The metrics also written to `output_dir/metrics.json` (iterations before/after, losses, timings in s);
@@ -154,11 +155,11 @@ def train_pcm(settings: PctSettings, base: Path, observations: ObservationSource
         DatasetError: the observation dataset is missing or corrupt.
     """
     with distributed.session(device) as ctx:
-        return _train_pcm(settings, base, observations, Path(output_dir), seed, ctx)
+        return _train_pcm(settings, base, observations, Path(output_dir), seed, env_id, ctx)
 
 
 def _train_pcm(s: PctSettings, base_ckpt: Path, source: ObservationSource, out: Path, seed: int,
-               ctx: distributed.Dist) -> dict[str, Any]:
+               env_id: str | None, ctx: distributed.Dist) -> dict[str, Any]:
     device = ctx.device
     seed_everything(seed)
     policy, base_card = ckpt_io.load_policy(base_ckpt, device)
@@ -168,7 +169,7 @@ def _train_pcm(s: PctSettings, base_ckpt: Path, source: ObservationSource, out: 
     sampler = s.sampler
     t0 = time.perf_counter()
 
-    train_obs, eval_obs = source.sets(base_ckpt, seed, policy, base_card.get("env_id"), out / "observations.safetensors")
+    train_obs, eval_obs = source.sets(base_ckpt, seed, policy, env_id, out / "observations.safetensors")
     last = len(train_obs) % s.batch_size
     if 0 < last < ctx.world_size:  # every process needs at least one row of every batch
         raise ConfigError(f"trajectories: the last batch of an epoch has {last} trajectories ({len(train_obs)} % "
@@ -192,7 +193,7 @@ def _train_pcm(s: PctSettings, base_ckpt: Path, source: ObservationSource, out: 
     total = steps_per_epoch * s.epochs
     card = {"kind": "pcm", "mode": s.mode, "lora_rank": s.lora_rank, "lora_alpha": s.lora_alpha,
             "base": str(base_ckpt), "base_fingerprint": fingerprint, "task": base_card["task"],
-            "env_id": base_card.get("env_id"), "scheduler": s.scheduler, "steps": s.steps,
+            "env_id": env_id or base_card.get("env_id"), "scheduler": s.scheduler, "steps": s.steps,
             "start": sampler.start, "observations": source.kind, "policy": base_card["policy"]}
 
     step, epoch_losses = 0, []
