@@ -118,7 +118,8 @@ def cmd_bench(args) -> int:
     # the bench samples the first `chunks` saved observations: as the saved draw cycles one seeded permutation, they
     # are exactly its own draw of `chunks` with the same seed
     rc = cli.main(["bench", f"checkpoint={args.checkpoint}", f"schedules=[{args.schedule}]", f"chunks={chunks}",
-                   f"observations={args.observations}", f"seed={seed}", "early_stop=false", f"device={args.device}",
+                   f"observations={args.observations}", f"seed={seed}", "tols=[0.1]", "early_stop=false",
+                   f"device={args.device}",
                    f"output_dir={args.output}", *args.overrides])
     if rc == 0:
         (Path(args.output) / "calibration.json").write_text(json.dumps(details, indent=2))

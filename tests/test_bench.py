@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from pcm_policy.commands import run_composed
+from pcm_policy.commands import run_command, run_composed
 from pcm_policy.config import compose
 from pcm_policy.errors import ConfigError
 
@@ -16,7 +16,7 @@ def test_bench_schema_table_and_plot(tiny_runs, tmp_path):
     cfg = compose("bench", [f"checkpoint={tiny_runs / 'base'}", "pcm.ddpm100=null", "pcm.ddim10=null",
                             "pcm_lora.ddpm100=null", "pcm_lora.ddim10=null", f"+pcm.ddpm8={tiny_runs / 'pcm_ddpm8'}",
                             f"+pcm_lora.ddpm8={tiny_runs / 'pcm_ddpm8'}", "schedules=[ddpm8,ddim4]", "chunks=3", "warmup=1",
-                            "tol=0", "early_stop_chunks=2", f"output_dir={out}", "device=cpu"])
+                            "tols=[0]", "tol=0", "early_stop_chunks=2", f"output_dir={out}", "device=cpu"])
     report = run_composed("bench", cfg)
     rows = json.loads((out / "bench.json").read_text())["rows"]
     assert [(r["sampler"], r["schedule"]) for r in rows] == [
@@ -49,7 +49,7 @@ def test_bench_closed_loop_rows_and_capped_episodes(tiny_runs, tmp_path):
     out = tmp_path / "loop"
     cfg = compose("bench", [f"checkpoint={tiny_runs / 'base'}", "pcm.ddpm100=null", "pcm.ddim10=null",
                             "pcm_lora.ddpm100=null", "pcm_lora.ddim10=null", "schedules=[ddim4]", "chunks=2", "warmup=0",
-                            "episodes=1", "episodes_schedules=[ddim4]", "early_stop_episodes=1", "early_stop_chunks=2",
+                            "tols=[0.1]", "episodes=1", "episodes_schedules=[ddim4]", "early_stop_episodes=1", "early_stop_chunks=2",
                             "task.max_steps=6", f"output_dir={out}", "device=cpu"])
     report = run_composed("bench", cfg)
     for r in report["rows"]:
@@ -58,3 +58,24 @@ def test_bench_closed_loop_rows_and_capped_episodes(tiny_runs, tmp_path):
         (s, k) for k in (1, 2, 3) for s in ("picard/ddim4", f"sequential/ddim{k}")}
     assert all(e["episodes"] == 1 and 0.0 <= e["score"] <= 1.0 for e in report["early_stop"])
     assert "| 1 | picard/ddim4 | sequential/ddim4 |" in (out / "bench.md").read_text()
+
+
+def test_tolerance_sweep_rows_summary_and_plot(tiny_runs, tmp_path):
+    """Every iterative row once per tol (same observations and noise), the rounds at the deviation bound, the plot."""
+    out = tmp_path / "sweep"
+    report = run_command("bench", [f"checkpoint={tiny_runs / 'base'}", "pcm=null", "pcm_lora.ddpm100=null",
+                                   "pcm_lora.ddim10=null", f"+pcm_lora.ddpm8={tiny_runs / 'pcm_ddpm8'}",
+                                   "schedules=[ddpm8]", "tols=[0.1,0.001,0]", "tol=0.1", "deviation_bound=1e-5",
+                                   "chunks=2", "warmup=0", "early_stop_chunks=2", f"output_dir={out}", "device=cpu"])
+    rows = {(r["sampler"], r["tol"]): r for r in report["rows"]}
+    assert set(rows) == {("sequential", None)} | {(s, t) for s in ("picard", "pcm_lora") for t in (0.1, 0.001, 0.0)}
+    assert report["tols"] == [0.1, 0.001, 0.0]
+    summary = {e["sampler"]: e for e in report["sweep"]}
+    assert set(summary) == {"picard", "pcm_lora"}
+    for e in summary.values():  # tol 0 is exact, so the bound is met at the latest there
+        assert e["tol"] is not None and e["abs_err_p99_vs_sequential"] <= 1e-5
+        assert e["iterations_mean"] == rows[(e["sampler"], e["tol"])]["iterations_mean"]
+    assert "Rounds at p99 deviation <= 1e-05" in (out / "bench.md").read_text()
+    assert (out / "bench_sweep.png").stat().st_size > 0
+    assert {e["sampler"] for e in report["early_stop"]} >= {"picard/ddpm8", "pcm_lora/ddpm8"}  # studies: tol rows
+

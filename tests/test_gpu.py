@@ -55,7 +55,7 @@ def _graph_rows_match_eager(device: str, schedules: list[str], chunks: int, atol
     """
     policy, _ = load_policy(PUSHT / "base", device)
     pcms = {s: str(PUSHT / f"pcm_lora_{s}") for s in schedules}
-    rows, skipped = build_rows(policy, schedules, tol=0.1, window=None, stiffness=None, pcms=pcms, lora_pcms=pcms,
+    rows, skipped = build_rows(policy, schedules, tols=[0.1], window=None, stiffness=None, pcms=pcms, lora_pcms=pcms,
                                accelerated={}, device=torch.device(device))
     assert not skipped and len(rows) == 4 * len(schedules)
     graphed = graphed_rows(policy, rows)

@@ -1,4 +1,5 @@
-"""The bench report: speed-ups, `bench.md` (Markdown tables) and `bench.png` (latency and rounds per row)."""
+"""The bench report: speed-ups, the tolerance sweep's accuracy-matched summary, `bench.md` (Markdown tables),
+`bench.png` (latency and rounds per row) and `bench_sweep.png` (rounds against deviation from sequential)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,29 +10,75 @@ import numpy as np
 
 def add_speedups(results: list[dict]) -> None:
     """Each row's p50 speed-up against the sequential row of its schedule and mode (a `+graph` row against the
-    CUDA-graph sequential sampler: the honest baseline), and its iteration ratio against plain Picard."""
+    CUDA-graph sequential sampler: the honest baseline), and its iteration ratio against plain Picard at the same
+    tolerance."""
     seq = {(r["schedule"], r["graph"]): r for r in results if r["algorithm"] == "sequential"}
-    picard = {r["schedule"]: r for r in results if r["sampler"] == "picard"}
+    picard = {(r["schedule"], r["tol"]): r for r in results if r["sampler"] == "picard"}
     for r in results:
         s = seq.get((r["schedule"], r["graph"]))
         r["speedup_p50_vs_sequential"] = s["latency_ms_p50"] / r["latency_ms_p50"] if s else None
-        p = picard.get(r["schedule"])
+        p = picard.get((r["schedule"], r["tol"])) or picard.get((r["schedule"], None))
         r["iteration_ratio_vs_picard"] = p["iterations_mean"] / r["iterations_mean"] if p else None
 
 
+def sweep_summary(results: list[dict], bound: float) -> list[dict[str, Any]]:
+    """Accuracy-matched comparison: for every sampler and schedule of the sweep (eager rows), the first tolerance,
+    from the loosest, whose chunks lie within `bound` of the sequential sample at p99, and what it cost there.
+
+    Args:
+        results: the bench rows (each iterative sampler once per tol).
+        bound: the p99 deviation bound (normalized action units).
+
+    Returns:
+        One entry per (sampler, schedule), in row order: {"sampler", "schedule", "bound", "tol", "iterations_mean",
+        "evaluations_mean", "latency_ms_p50", "abs_err_p99_vs_sequential"}; `tol` and the figures are None where no
+        tol met the bound (then `best_p99` is the smallest p99 deviation reached).
+    """
+    curves: dict[tuple[str, str], list[dict]] = {}
+    for r in results:
+        if r["tol"] is not None and not r["graph"]:
+            curves.setdefault((r["sampler"], r["schedule"]), []).append(r)
+    out = []
+    for (sampler, schedule), rows in curves.items():
+        rows = sorted(rows, key=lambda r: -r["tol"])
+        met = next((r for r in rows if r["abs_err_p99_vs_sequential"] <= bound), None)
+        entry = {"sampler": sampler, "schedule": schedule, "bound": bound, "tol": None, "iterations_mean": None,
+                 "evaluations_mean": None, "latency_ms_p50": None, "abs_err_p99_vs_sequential": None,
+                 "best_p99": min(r["abs_err_p99_vs_sequential"] for r in rows)}
+        if met is not None:
+            entry.update({k: met[k] for k in ("tol", "iterations_mean", "evaluations_mean", "latency_ms_p50",
+                                              "abs_err_p99_vs_sequential")})
+        out.append(entry)
+    return out
+
+
 def markdown_table(report: Mapping[str, Any]) -> str:
-    """A bench report (`bench.json`'s content) as Markdown (`bench.md`): the row table, the early-stop table, skipped rows."""
+    """A bench report (`bench.json`'s content) as Markdown (`bench.md`): the accuracy-matched summary of the
+    tolerance sweep, the row table, the early-stop table, skipped rows."""
     lines = [f"Device: {report['device']}; threads: {report['threads']}; control {report['control_hz']} Hz, "
              f"budget {report['budget_ms']:.0f} ms per chunk; checkpoint `{report['checkpoint']}`", "",
-             "| sampler | schedule | window | tol | iterations | evaluations | p50 ms | p99 ms | speedup p50 | "
-             "iter. ratio vs Picard | max abs err | p99 chunk err | deadline misses | success | score |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             ]
     fmt = lambda v, f: "" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, f)  # noqa: E731
+    if report.get("sweep"):
+        bound = report["sweep"][0]["bound"]
+        lines += [f"Rounds at p99 deviation <= {bound:g} from sequential (the first tol, from the loosest, that meets "
+                  "it; normalized action units):", "",
+                  "| sampler | schedule | tol | rounds | evaluations | p50 ms | p99 dev |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {e['sampler']} | {e['schedule']} | {fmt(e['tol'], 'g') or 'not met'} | "
+                  f"{fmt(e['iterations_mean'], '.2f')} | {fmt(e['evaluations_mean'], '.1f')} | "
+                  f"{fmt(e['latency_ms_p50'], '.1f')} | "
+                  f"{fmt(e['abs_err_p99_vs_sequential'], '.2e') or 'best ' + format(e['best_p99'], '.2e')} |"
+                  for e in report["sweep"]]
+        lines.append("")
+    lines += ["| sampler | schedule | window | tol | iterations | evaluations | p50 ms | p99 ms | speedup p50 | "
+              "iter. ratio vs Picard | p50 dev | p99 dev | max dev | deadline misses | success | score |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         lines.append(f"| {r['sampler']} | {r['schedule']} | {r['window']} | {fmt(r['tol'], 'g')} | {r['iterations_mean']:.2f} | "
                      f"{r['evaluations_mean']:.1f} | {r['latency_ms_p50']:.1f} | {r['latency_ms_p99']:.1f} | "
                      f"{fmt(r.get('speedup_p50_vs_sequential'), '.2f')} | {fmt(r.get('iteration_ratio_vs_picard'), '.2f')} | "
-                     f"{r['max_abs_err_vs_sequential']:.2e} | {fmt(r.get('abs_err_p99_vs_sequential'), '.2e')} | {r['deadline_misses']}/{r['chunks']} | "
+                     f"{fmt(r.get('abs_err_p50_vs_sequential'), '.2e')} | {fmt(r.get('abs_err_p99_vs_sequential'), '.2e')} | "
+                     f"{r['max_abs_err_vs_sequential']:.2e} | {r['deadline_misses']}/{r['chunks']} | "
                      f"{fmt(r.get('success_rate'), '.2f')} | {fmt(r.get('score'), '.3f')} |")
     if report.get("early_stop"):
         lines += ["", "Early stop: iterations capped at 1, 2, 3 (mean abs action error vs the sequential sampler of the "
@@ -72,3 +119,39 @@ def plot(results: list[dict], path: Path, budget_ms: float) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_sweep(results: list[dict], path: Path) -> None:
+    """Write `path` (PNG): mean rounds against p99 deviation from sequential (log x), one curve per sampler over the
+    tolerance sweep, one panel per schedule (eager rows).
+
+    Args:
+        results: the bench rows.
+        path: the PNG to write.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    schedules = list(dict.fromkeys(r["schedule"] for r in results if r["tol"] is not None))
+    fig, axes = plt.subplots(1, max(1, len(schedules)), figsize=(5.5 * max(1, len(schedules)), 4.2), squeeze=False)
+    for ax, schedule in zip(axes[0], schedules):
+        curves: dict[str, list[dict]] = {}
+        for r in results:
+            if r["schedule"] == schedule and r["tol"] is not None and not r["graph"]:
+                curves.setdefault(r["sampler"], []).append(r)
+        for sampler, rows in curves.items():
+            rows = sorted(rows, key=lambda r: r["abs_err_p99_vs_sequential"])
+            ax.plot([max(r["abs_err_p99_vs_sequential"], 1e-9) for r in rows], [r["iterations_mean"] for r in rows],
+                    "o-", label=sampler, ms=4)
+        ax.axvline(1e-2, color="grey", ls="--", lw=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("p99 deviation from sequential (normalized)")
+        ax.set_ylabel("mean rounds")
+        ax.set_title(schedule)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -50,15 +50,15 @@ class Row:
         return f"{self.config.variant}{'+graph' if self.graph else ''}/{self.schedule}"
 
 
-def build_rows(policy, schedules: list[str], tol: float, window: int | None, stiffness: float | None,
+def build_rows(policy, schedules: list[str], tols: Sequence[float], window: int | None, stiffness: float | None,
                pcms: Mapping[str, str], lora_pcms: Mapping[str, str], accelerated: Mapping[str, Mapping[str, Any]],
                device) -> tuple[list[Row], list[str]]:
-    """The bench rows for every schedule.
+    """The bench rows for every schedule: its sequential row, then every iterative row at every tolerance.
 
     Args:
         policy: the base policy.
         schedules: schedule names, e.g. [ddpm100, ddim10].
-        tol: the Picard rows' tolerance.
+        tols: the iterative rows' tolerances (a sweep: each iterative sampler once per tol, in this order).
         window: the Picard window (None: all steps).
         stiffness: the switching stiffness (None: the samplers' default).
         pcms: schedule -> PCM checkpoint for the output-space switching rows.
@@ -78,9 +78,10 @@ def build_rows(policy, schedules: list[str], tol: float, window: int | None, sti
     rows, skipped = [], []
     for schedule in schedules:
         kind, steps = parse_schedule(schedule)
-        plain = SamplerConfig(name="picard", scheduler=kind, steps=steps, tol=tol, window=window)
-        variants = [plain] + ([plain.with_acceleration(accelerated[schedule], f"accelerated.{schedule}")]
-                              if accelerated.get(schedule) else [])
+        plain = SamplerConfig(name="picard", scheduler=kind, steps=steps, window=window)
+        accelerated_variant = ([plain.with_acceleration(accelerated[schedule], f"accelerated.{schedule}")]
+                               if accelerated.get(schedule) else [])
+        variants = [dataclasses.replace(v, tol=t) for v in [plain] + accelerated_variant for t in tols]
         rows.append(Row(policy.sampler(SamplerConfig(name="sequential", scheduler=kind, steps=steps)), schedule))
         rows += [Row(policy.sampler(variant), schedule) for variant in variants]
         for name, paths in (("pcm", pcms), ("pcm_lora", lora_pcms)):

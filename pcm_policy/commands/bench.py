@@ -20,14 +20,14 @@ import torch
 
 from pcm_policy.atomic import atomic_write_text
 from pcm_policy.benchmark.measure import measure_rows
-from pcm_policy.benchmark.report import add_speedups, markdown_table, plot
+from pcm_policy.benchmark.report import add_speedups, markdown_table, plot, plot_sweep, sweep_summary
 from pcm_policy.benchmark.rows import build_rows, graphed_rows
 from pcm_policy.benchmark.studies import EpisodeSettings, closed_loop_rows, early_stop_study
 from pcm_policy.checkpoint import Card, load_policy
 from pcm_policy.errors import ConfigError
 from pcm_policy.observations import check_dataset, load_observations, rollout_observations, sample_observations
-from pcm_policy.options import (check_int, check_list, check_mapping, flag, integer, lookup, number, output_dir,
-                                renamed, show, text)
+from pcm_policy.options import (check_int, check_list, check_mapping, check_number, flag, integer, lookup, number,
+                                output_dir, renamed, show, text)
 from pcm_policy.paths import resolve_path
 from pcm_policy.runtime import RuntimeOptions
 from pcm_policy.sampler_config import SamplerConfig, check_schedules
@@ -47,7 +47,10 @@ class Config:
         accelerated: schedule -> acceleration settings of its `+aa` rows.
         chunks: chunks per row, by schedule.
         warmup: untimed chunks per row.
-        tol, window, stiffness: the iterative rows' tolerance, window and switching stiffness.
+        tols: the tolerance sweep: every iterative row once per tol (the accuracy-matched comparison).
+        tol: the tolerance of the rows the studies and bench.png use (added to the sweep when not in it).
+        deviation_bound: the p99 deviation from sequential the sweep summary matches samplers at.
+        window, stiffness: the iterative rows' window and switching stiffness.
         control_hz: the control frequency; budget_ms the per-chunk deadline (default one control period).
         episodes: closed-loop episodes per row (0: none), for `episodes_schedules` (None: all).
         seed_start: the first closed-loop reset seed.
@@ -66,7 +69,9 @@ class Config:
     accelerated: dict[str, dict]
     chunks: dict[str, int]
     warmup: int
+    tols: list[float]
     tol: float
+    deviation_bound: float
     window: int | None
     stiffness: float | None
     control_hz: float
@@ -129,13 +134,27 @@ class Config:
             pcm=pcm_map(cfg, "pcm", schedules), pcm_lora=pcm_map(cfg, "pcm_lora", schedules),
             accelerated=accelerated_settings(cfg, schedules),
             chunks={s: by_schedule.get(s) or chunks for s in schedules}, warmup=integer(cfg, "warmup", 0),
-            tol=number(cfg, "tol", 0), window=integer(cfg, "window", 1, null=True),
+            tols=tolerances(cfg), tol=number(cfg, "tol", 0),
+            deviation_bound=number(cfg, "deviation_bound", 0, low_open=True), window=integer(cfg, "window", 1, null=True),
             stiffness=number(cfg, "stiffness", 0, low_open=True, null=True),
             control_hz=number(cfg, "control_hz", 0, low_open=True),
             budget_ms=number(cfg, "budget_ms", 0, low_open=True, null=True), episodes=episodes,
             episodes_schedules=chosen, seed_start=integer(cfg, "seed_start", 0), early_stop=early_stop,
             early_stop_chunks=integer(cfg, "early_stop_chunks", 1), early_stop_episodes=early_episodes,
             observations=observations, runtime=runtime, output_dir=out)
+
+
+def tolerances(cfg: Mapping[str, Any]) -> list[float]:
+    """The sweep's tolerances (`tols`): a non-empty list of distinct numbers >= 0, loosest first.
+
+    Raises:
+        ConfigError: not a non-empty list, a bad entry, or one listed twice.
+    """
+    values = check_list("tols", lookup(cfg, "tols"), "[0.3,0.1,0.03,0.01]")
+    tols = [check_number(f"tols.{i}", v, 0) for i, v in enumerate(values)]
+    if len(set(tols)) != len(tols):
+        raise ConfigError(f"tols={values}: lists a tolerance twice")
+    return sorted(tols, reverse=True)
 
 
 def pcm_map(cfg: Mapping[str, Any], key: str, schedules: list[str]) -> dict[str, str]:
@@ -201,7 +220,8 @@ def run(config: Config, echo: bool = True) -> dict[str, Any]:
         observations = load_observations(config.observations)[:n]
     else:
         observations = sample_observations(config.checkpoint.path, n, seed)
-    rows, skipped = build_rows(policy, config.schedules, config.tol, config.window, config.stiffness, config.pcm,
+    tols = sorted(set(config.tols) | {config.tol}, reverse=True)
+    rows, skipped = build_rows(policy, config.schedules, tols, config.window, config.stiffness, config.pcm,
                                config.pcm_lora, config.accelerated, device)
     out = config.output_dir
     out.mkdir(parents=True, exist_ok=True)  # only once the inputs have loaded: bad input leaves no output
@@ -217,22 +237,31 @@ def run(config: Config, echo: bool = True) -> dict[str, Any]:
                                        device_name, threads)
     episodes = EpisodeSettings(config.task.name, config.task.env_id, config.task.max_steps, config.control_hz,
                                config.budget_ms, seed, config.seed_start)
+    # the studies and the latency plot: the sequential rows and the iterative rows at `tol`
+    studied = [i for i, row in enumerate(rows) if row.config.name == "sequential" or row.config.tol == config.tol]
     if config.episodes > 0:
-        closed_loop_rows(policy, rows, results, episodes, config.episodes, config.episodes_schedules)
-    early = (early_stop_study(policy, rows, observations, references, config.early_stop_chunks, seed, episodes,
-                              config.early_stop_episodes, config.episodes_schedules) if config.early_stop else [])
+        closed_loop_rows(policy, [rows[i] for i in studied], [results[i] for i in studied], episodes,
+                         config.episodes, config.episodes_schedules)
+    early = (early_stop_study(policy, [rows[i] for i in studied], observations, references, config.early_stop_chunks,
+                              seed, episodes, config.early_stop_episodes, config.episodes_schedules)
+             if config.early_stop else [])
     add_speedups(results)
+    sweep = sweep_summary(results, config.deviation_bound) if len(tols) > 1 else []
     report = {"command": "bench", "task": card["task"], "checkpoint": str(config.checkpoint.given),
               "device": device_name, "threads": threads, "control_hz": config.control_hz, "budget_ms": budget_ms,
-              "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results],
-              "early_stop": early, "skipped": skipped}
+              "tols": tols, "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results],
+              "sweep": sweep, "early_stop": early, "skipped": skipped}
     atomic_write_text(out / "bench.json", json.dumps(report, indent=2))
     atomic_write_text(out / "bench.md", markdown_table(report))
     atomic_write_text(out / "metrics.json", json.dumps({k: report[k] for k in ("command", "task", "device", "threads")}
                                                        | {"rows": len(results), "bench": str(out / "bench.json")}, indent=2))
-    plot(results, out / "bench.png", budget_ms)
+    plot([results[i] for i in studied], out / "bench.png", budget_ms)
+    plots = ["bench.png"]
+    if sweep:
+        plot_sweep(results, out / "bench_sweep.png")
+        plots.append("bench_sweep.png")
     if echo:
         print((out / "bench.md").read_text())
-        for name in ("bench.json", "bench.md", "bench.png"):
+        for name in ("bench.json", "bench.md", *plots):
             print(f"{name}: {out / name}")
     return report
