@@ -230,6 +230,23 @@ class Card:
         return (self.data.get("observation") or {}).get("kind")
 
     @property
+    def observation_parts(self) -> list[tuple[str, int]] | None:
+        """The (name, size) parts of the observation the card lists (imported policies), else None."""
+        layout = (self.data.get("observation") or {}).get("layout")
+        return [(p["name"], int(p["size"])) for p in layout] if layout else None
+
+    def check_closed_loop(self) -> None:
+        """The policy can act in this project's envs.
+
+        Raises:
+            CheckpointError: absolute-action robomimic policies (their 10-d rot6d actions need an absolute
+                controller the envs here do not run yet).
+        """
+        if self.data.get("abs_action"):
+            raise CheckpointError(f"{self.key}={self.given}: an absolute-action policy (abs_action: true); its "
+                                  "actions need an absolute controller the envs here do not run yet")
+
+    @property
     def env_id(self) -> str | None:
         """The env the policy runs in: its task's env for its observation layout, else the card's `env_id`."""
         if self.task in TASKS:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from pcm_policy.errors import ConfigError, DatasetError
 from pcm_policy.options import check_int, check_number, check_text
@@ -209,14 +209,23 @@ class TaskOptions:
         """The registered task."""
         return TASKS[self.name]
 
-    def env_for(self, observation_kind: str | None, key: str = "checkpoint") -> str:
+    def env_for(self, observation_kind: str | None, parts: Sequence[tuple[str, int]] | None = None,
+                key: str = "checkpoint") -> str:
         """The env id an episode of a policy with observation `observation_kind` runs in: the env of that layout
         (None: the task's own), unless the run overrides `task.env_id`.
 
+        Args:
+            observation_kind: the layout the policy expects (None: the task's own).
+            parts: the policy's (name, size) parts, when its card lists them: they must be the env's.
+            key: the option naming the policy, for messages.
+
         Raises:
-            ConfigError: no env of the task gives that observation.
+            ConfigError: no env of the task gives that observation, or gives its parts in another order or size.
         """
         layout = self.spec.layout(observation_kind, key)
+        if parts is not None and tuple(map(tuple, parts)) != layout.parts:
+            raise ConfigError(f"{key}: the policy's observation parts {list(map(tuple, parts))} are not the "
+                              f"{layout.kind} env's {list(layout.parts)} (another order or size)")
         return layout.env_id if self.env_id == self.spec.env_id else self.env_id
 
 

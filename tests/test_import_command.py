@@ -105,3 +105,25 @@ def test_commands_that_need_a_dataset_name_the_other_sources(imported, tmp_path,
                    f"output_dir={tmp_path / 'b'}", needles=["records no dataset", "observations=closed_loop"])
     assert_refused(capsys, tmp_path, "train-pcm", f"base={imported / 'lerobot'}", f"output_dir={tmp_path / 'p'}",
                    needles=["records no dataset", "observations=closed_loop", "dataset.path"])
+
+
+@pytest.mark.parametrize("edit,needles", [
+    pytest.param(lambda card: card["observation"]["layout"].reverse(), ["observation parts", "another order"],
+                 id="parts in another order"),
+    pytest.param(lambda card: card.update(abs_action=True), ["absolute-action"], id="absolute actions"),
+    pytest.param(lambda card: card.update(task=None, observation={"kind": "lerobot_state", "layout": [
+        {"name": "observation.state", "size": 7}]}), ["lerobot_state", "observation.state 7", "no env"],
+        id="an observation no env gives"),
+])
+def test_eval_refuses_a_policy_no_env_here_can_run(imported, tmp_path, capsys, edit, needles):
+    import shutil
+
+    import yaml
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(imported / "dp", ckpt)
+    card = yaml.safe_load((ckpt / "policy.yaml").read_text())
+    edit(card)
+    (ckpt / "policy.yaml").write_text(yaml.safe_dump(card))
+    assert_refused(capsys, tmp_path, "eval", f"checkpoint={ckpt}", "device=cpu", f"output_dir={tmp_path / 'e'}",
+                   needles=needles)

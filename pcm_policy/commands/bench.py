@@ -116,7 +116,8 @@ class Config:
         if episodes > 0 or (early_stop and early_episodes > 0) or observations == "closed_loop":
             from pcm_policy.rollout.env import check_registered  # gymnasium only when episodes or rollouts run
 
-            task = dataclasses.replace(task, env_id=task.env_for(card.observation_kind))  # the env giving its input
+            card.check_closed_loop()
+            task = dataclasses.replace(task, env_id=task.env_for(card.observation_kind, card.observation_parts))
             check_registered(task.env_id)
         key, value = renamed(cfg, "bases", "schedules")
         schedules = check_schedules(key, value, card.num_train_timesteps, card.path)

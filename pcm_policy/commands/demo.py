@@ -92,7 +92,8 @@ class Config:
         card = None
         if resolve_path(path).exists() or Path(path) != resolve_path(task.spec.base):
             card = Card.open_base("checkpoint", path, task=task.name)
-            task = dataclasses.replace(task, env_id=task.env_for(card.observation_kind))  # the env giving its input
+            card.check_closed_loop()
+            task = dataclasses.replace(task, env_id=task.env_for(card.observation_kind, card.observation_parts))
             check_dataset(card.path)  # the latency comparison draws its observations from it
         check_registered(task.env_id)
         T = card.num_train_timesteps if card else None

@@ -76,7 +76,8 @@ class Config:
             check_registered(task.env_id)
             return cls(task, None, None, None, **counts, runtime=runtime, output_dir=out)
         card = Card.open_base("checkpoint", lookup(cfg, "checkpoint", None), task=task.name)
-        task = dataclasses.replace(task, env_id=task.env_for(card.observation_kind))  # the env giving its input
+        card.check_closed_loop()
+        task = dataclasses.replace(task, env_id=task.env_for(card.observation_kind, card.observation_parts))
         check_registered(task.env_id)
         group = lookup(cfg, "sampler")
         sampler = check_sampler(group, "sampler", card.num_train_timesteps, card.path)
