@@ -3,7 +3,8 @@
 Observation (`observation="keypoints"`, the default; 20 float32): the 9 block keypoints of Diffusion Policy
 (world px, flattened) followed by the agent position. With `observation="agent_pos+environment_state"` (18
 float32): the agent position, then gym-pusht's `environment_state` (the T's 8 corners, world px, flattened) -
-lerobot's state-based PushT policies condition on exactly these, in this order. Action: absolute target position of the agent (px). 10 Hz control, 10 physics substeps.
+lerobot's state-based PushT policies condition on exactly these, in this order. Action: absolute target
+position of the agent (px). 10 Hz control, 10 physics substeps.
 `info` carries `is_success` (coverage > 0.95, gym-pusht's test), `coverage`, `state` (agent_x, agent_y,
 block_x, block_y, block_angle) and `n_contacts`.
 

@@ -60,6 +60,6 @@ def measure_rows(policy, rows: list[Row], observations: torch.Tensor, chunks: Ma
             "_latencies": t.latencies,
         })
         r = results[-1]
-        print(f"{row.name:20s} tol {c.tol if iterative else '-':<6} p50 {r['latency_ms_p50']:7.1f} ms  p99 {r['latency_ms_p99']:7.1f} ms  "
-              f"iters {r['iterations_mean']:5.2f}  err {err:.2e}")
+        print(f"{row.name:20s} tol {c.tol if iterative else '-':<6} p50 {r['latency_ms_p50']:7.1f} ms  "
+              f"p99 {r['latency_ms_p99']:7.1f} ms  iters {r['iterations_mean']:5.2f}  err {err:.2e}")
     return results, references

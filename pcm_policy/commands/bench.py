@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -84,7 +84,7 @@ class Config:
     early_stop_episodes: int
     observations: str | None
     runtime: RuntimeOptions
-    output_dir: Path = field(default=Path("outputs/bench"))
+    output_dir: Path
 
     @classmethod
     def from_hydra(cls, cfg: Mapping[str, Any]) -> "Config":
@@ -136,7 +136,8 @@ class Config:
             accelerated=accelerated_settings(cfg, schedules),
             chunks={s: by_schedule.get(s) or chunks for s in schedules}, warmup=integer(cfg, "warmup", 0),
             tols=tolerances(cfg), tol=number(cfg, "tol", 0),
-            deviation_bound=number(cfg, "deviation_bound", 0, low_open=True), window=integer(cfg, "window", 1, null=True),
+            deviation_bound=number(cfg, "deviation_bound", 0, low_open=True),
+            window=integer(cfg, "window", 1, null=True),
             stiffness=number(cfg, "stiffness", 0, low_open=True, null=True),
             control_hz=number(cfg, "control_hz", 0, low_open=True),
             budget_ms=number(cfg, "budget_ms", 0, low_open=True, null=True), episodes=episodes,
@@ -254,8 +255,9 @@ def run(config: Config, echo: bool = True) -> dict[str, Any]:
               "sweep": sweep, "early_stop": early, "skipped": skipped}
     atomic_write_text(out / "bench.json", json.dumps(report, indent=2))
     atomic_write_text(out / "bench.md", markdown_table(report))
-    atomic_write_text(out / "metrics.json", json.dumps({k: report[k] for k in ("command", "task", "device", "threads")}
-                                                       | {"rows": len(results), "bench": str(out / "bench.json")}, indent=2))
+    summary = {k: report[k] for k in ("command", "task", "device", "threads")}
+    atomic_write_text(out / "metrics.json",
+                      json.dumps(summary | {"rows": len(results), "bench": str(out / "bench.json")}, indent=2))
     plot([results[i] for i in studied], out / "bench.png", budget_ms)
     plots = ["bench.png"]
     if sweep:

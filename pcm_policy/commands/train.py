@@ -82,8 +82,8 @@ def run(config: Config) -> dict[str, Any]:
     Returns:
         The run's metrics (`pcm_policy.training.train`).
     """
-    metrics = train(config.run_config(), config.train, config.dataset, config.policy, config.task.name, config.task.env_id,
-                    config.runtime.seed, config.runtime.device, config.output_dir)
+    metrics = train(config.run_config(), config.train, config.dataset, config.policy, config.task.name,
+                    config.task.env_id, config.runtime.seed, config.runtime.device, config.output_dir)
     if "checkpoint" in metrics:  # (a torchrun rank other than 0 returns only its rank: rank 0 reports)
         print(f"checkpoint: {metrics['checkpoint']}")
         print(f"metrics: {os.path.join(config.output_dir, 'metrics.json')}")
