@@ -125,6 +125,7 @@ CASES = [_case(*c) for c in [
         (TP + ["eval_tol=-1"], ["eval_tol=-1"]),
         (TP + ["collect_tol=-1"], ["collect_tol=-1"]),
         (TP + ["max_k=0"], ["max_k=0"]),
+        (TP + ["slot_weighting=last"], ["slot_weighting='last'"]),
         (TP + ["checkpoint_every=0"], ["checkpoint_every=0"]),
         (TP + ["eval_window=9"], ["eval_window=9", "steps=8"]),
         (TP + ["collect_max_iters=0"], ["collect_max_iters=0"]),

@@ -110,3 +110,29 @@ def test_pct_loss_gradients_and_weighting():
         l.backward()
         opt.step()
     assert l.item() < first
+
+
+def test_slot_weights_aim_the_loss_at_chosen_slots():
+    from pcm_policy.pcm.loss import slot_weights
+
+    for name in ("uniform", "linear", "final"):
+        w = slot_weights(name, 11)
+        assert w.shape == (11,) and abs(w.mean().item() - 1) < 1e-6
+    assert slot_weights("linear", 11)[0] == 0 and slot_weights("linear", 11)[-1] > slot_weights("linear", 11)[5]
+    assert slot_weights("final", 11)[:-1].abs().sum() == 0
+    sch, x_T, noise, cond = setup("ddim", 10, B=2)
+    base = Toy(seed=4, gain=1.0, hidden=16)
+    iterates, xstar = collect_picard_trajectory(base, sch, x_T, noise, cond, tol=1e-6)
+    coeffs = StepCoefficients.from_scheduler(sch, x_T.device, x_T.dtype)
+    nt = coeffs.noise_terms(noise)
+    pcm = copy.deepcopy(base)
+    Xk = iterates[0]
+    sq = (picard_step(pcm, coeffs.unclipped(), Xk, nt, cond) - xstar).pow(2).detach()  # (S+1, B, H, Da)
+    per_slot = sq.reshape(sq.shape[0], -1).mean(1)
+    assert per_slot[-1] > 0
+    # weights of mean 1 over S+1 slots: 'final' is exactly the output slot's mean squared error, 'linear' the
+    # index-weighted average of the slots' errors
+    final = pct_loss(pcm, coeffs, Xk, 0, xstar, nt, cond, slot_weight=slot_weights("final", 11))
+    torch.testing.assert_close(final.detach(), per_slot[-1])
+    linear = pct_loss(pcm, coeffs, Xk, 0, xstar, nt, cond, slot_weight=slot_weights("linear", 11))
+    torch.testing.assert_close(linear.detach(), (slot_weights("linear", 11).double() * per_slot).mean())

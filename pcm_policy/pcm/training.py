@@ -34,7 +34,7 @@ from pcm_policy.observations import ObservationSource
 from pcm_policy.options import check_choice, check_int, check_number
 from pcm_policy.pcm.attach import build_pcm_network, pcm_denoiser
 from pcm_policy.pcm.held_out import evaluate_iterations
-from pcm_policy.pcm.loss import pct_loss
+from pcm_policy.pcm.loss import SLOT_WEIGHTINGS, pct_loss, slot_weights
 from pcm_policy.pcm.trajectories import TrajectorySet, collect
 from pcm_policy.runtime import seed_everything
 from pcm_policy.sampler_config import SCHEDULERS, STARTS, SamplerConfig
@@ -59,6 +59,8 @@ class PctSettings:
         collect_tol: convergence tolerance of the collected fixed points X*.
         collect_max_iters: cap on collection rounds (None: until converged).
         max_k: train on iterates k < max_k only (None: all).
+        slot_weighting: loss weights over the window's slots: `uniform`, `linear` (toward the last slots), `final`
+            (the output slot alone); see `pcm_policy.pcm.loss.slot_weights`.
         epochs: passes over the trajectories.
         batch_size: global batch (divisible by the torchrun processes).
         lr: Adam learning rate.
@@ -83,6 +85,7 @@ class PctSettings:
     collect_tol: float = 1e-3
     collect_max_iters: int | None = None
     max_k: int | None = 1
+    slot_weighting: str = "uniform"
     epochs: int = 20
     batch_size: int = 32
     lr: float = 5e-4
@@ -104,6 +107,7 @@ class PctSettings:
         check_number("collect_tol", self.collect_tol, 0)
         check_int("collect_max_iters", self.collect_max_iters, 1, null=True)
         check_int("max_k", self.max_k, 1, null=True)
+        check_choice("slot_weighting", self.slot_weighting, SLOT_WEIGHTINGS)
         check_int("epochs", self.epochs, 1)
         distributed.require_divisible(check_int("batch_size", self.batch_size, 1), "batch_size")
         check_number("lr", self.lr, 0, low_open=True)
@@ -180,6 +184,7 @@ def _train_pcm(s: PctSettings, base_ckpt: Path, source: ObservationSource, out: 
     collect_s = time.perf_counter() - t0
     alpha = trajectories.alpha().to(device)
     coeffs = StepCoefficients.from_scheduler(policy.scheduler_for(sampler), device, torch.float32)
+    slot_weight = slot_weights(s.slot_weighting, s.steps + 1).to(device)
 
     net = build_pcm_network(policy.model, s.mode, s.lora_rank, s.lora_alpha).to(device)
     eval_kw = dict(tol=s.eval_tol, window=s.eval_window, stiffness=s.stiffness, seed=seed + 1, accel=s.eval_accel)
@@ -194,7 +199,8 @@ def _train_pcm(s: PctSettings, base_ckpt: Path, source: ObservationSource, out: 
     card = {"kind": "pcm", "mode": s.mode, "lora_rank": s.lora_rank, "lora_alpha": s.lora_alpha,
             "base": str(base_ckpt), "base_fingerprint": fingerprint, "task": base_card["task"],
             "env_id": env_id or base_card.get("env_id"), "scheduler": s.scheduler, "steps": s.steps,
-            "start": sampler.start, "observations": source.kind, "policy": base_card["policy"]}
+            "start": sampler.start, "observations": source.kind,
+            "slot_weighting": s.slot_weighting, "policy": base_card["policy"]}
 
     step, epoch_losses = 0, []
     latest = ckpt_io.latest_checkpoint(out)
@@ -216,7 +222,8 @@ def _train_pcm(s: PctSettings, base_ckpt: Path, source: ObservationSource, out: 
                 rows = ctx.shard(len(idx))
                 xk, k, xstar, noise, cond = xk[:, rows], k[rows], xstar[:, rows], noise[:, rows], cond[rows]
             weight = ctx.loss_weight(len(idx))  # 1.0 unless an epoch's last batch splits unevenly
-            loss = pct_loss(pcm, coeffs, xk, k, xstar, coeffs.noise_terms(noise), cond, alpha=alpha)
+            loss = pct_loss(pcm, coeffs, xk, k, xstar, coeffs.noise_terms(noise), cond, alpha=alpha,
+                            slot_weight=slot_weight)
             optimizer.zero_grad(set_to_none=True)
             (loss * weight).backward()
             optimizer.step()
