@@ -1,7 +1,7 @@
 """`pcm`: the command-line entry point; it parses arguments and dispatches to `pcm_policy.commands`.
 
     pcm data info PATH [--json]
-    pcm export CHECKPOINT OUTPUT [--dtype float16]
+    pcm export CHECKPOINT OUTPUT [--format pcm|lerobot|diffusion-policy] [--dtype float16]
     pcm import diffusion-policy|lerobot PATH output_dir=DIR [dataset.path=FILE]
     pcm train task=pusht dataset.path=... train.steps=200 output_dir=...   (and eval, collect, train-pcm, bench, demo)
 

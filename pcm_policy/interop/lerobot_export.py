@@ -1,0 +1,187 @@
+"""Export a base policy as a lerobot diffusion policy directory (lerobot >= 0.4's `save_pretrained` layout).
+
+Written: `config.json` (the `DiffusionConfig` fields), `model.safetensors` (the UNet under `diffusion.unet.`),
+and the processor files: `policy_preprocessor.json` (rename, to-batch, device, normalizer steps) with the
+normalizer's statistics in `policy_preprocessor_step_3_normalizer_processor.safetensors`, and
+`policy_postprocessor.json` (unnormalizer, device) with
+`policy_postprocessor_step_0_unnormalizer_processor.safetensors`. Every feature uses MIN_MAX normalization.
+
+Inputs: a policy whose observation is lerobot's (`observation.state`, then `observation.environment_state`, e.g.
+an imported lerobot PushT policy) keeps both features; any other per-step observation becomes one
+`observation.state` vector of the same size and order.
+
+Statistics: lerobot stores float32 min/max and computes the map from them, so a min/max pair is searched among
+the float32 neighbours of the exact pre-image for which `import_lerobot`'s formula gives back the policy's own
+float32 scale and offset; the round trip import(export(p)) is then bit for bit. Where no pair within
+`SEARCH_ULPS` steps does, the exact pre-image rounded to float32 is kept (a float32 rounding away) and the dim is
+counted in the returned report.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from pcm_policy.atomic import atomic_path
+from pcm_policy.interop.exporting import ExportSource, check_export_target
+from pcm_policy.interop.lerobot import (ACTION, CONFIG, EPS, OBS_ENV, OBS_STATE, POSTPROCESSOR, PREPROCESSOR,
+                                        UNET_PREFIX, WEIGHTS, source_name)
+
+PRE_STATE = "policy_preprocessor_step_3_normalizer_processor.safetensors"
+POST_STATE = "policy_postprocessor_step_0_unnormalizer_processor.safetensors"
+NORM_MAP = {"STATE": "MIN_MAX", "ENV": "MIN_MAX", "ACTION": "MIN_MAX"}
+SEARCH_ULPS = 16  # float32 neighbours tried on each side of the exact min and max
+
+
+def export_lerobot(checkpoint: str | Path, output: str | Path) -> dict[str, Any]:
+    """Write the base policy at `checkpoint` as a lerobot policy directory (atomically).
+
+    Args:
+        checkpoint: a base policy checkpoint or run directory.
+        output: the directory to write; it may replace an earlier lerobot export only.
+
+    Returns:
+        {"path": output, "features": {name: size}, "inexact_dims": dims whose statistics could not give back
+        the policy's float32 normalizer bit for bit (0 in every case measured)}.
+
+    Raises:
+        CheckpointError: no readable checkpoint, or a PCM checkpoint.
+        ConfigError: a policy lerobot's UNet cannot hold, or an output that is the source or other data.
+    """
+    output = Path(output)
+    source = ExportSource.read(checkpoint, "lerobot")
+    check_export_target("output", output, source.checkpoint, lambda p: p.is_dir() and (p / CONFIG).is_file()
+                        and (p / WEIGHTS).is_file())
+    c = source.config
+    layout = _layout(source)
+    obs_stats, inexact = _min_max(source.normalizer["obs"])
+    action_stats, inexact_action = _min_max(source.normalizer["action"])
+    # lerobot's normalizer and unnormalizer both hold min/max/mean/std of every feature.
+    state, start = {}, 0
+    for name, size in layout:
+        part = {k: v[start:start + size] for k, v in source.normalizer["obs"].items()}
+        state.update(_stats(name, obs_stats, part, start, size))
+        start += size
+    state.update(_stats(ACTION, action_stats, source.normalizer["action"], 0, c.action_dim))
+
+    input_features = {name: {"type": "STATE" if name == OBS_STATE else "ENV", "shape": [size]}
+                      for name, size in layout}
+    output_features = {ACTION: {"type": "ACTION", "shape": [c.action_dim]}}
+    with atomic_path(output) as tmp:
+        tmp.mkdir()
+        (tmp / CONFIG).write_text(json.dumps(_config(source, input_features, output_features), indent=4))
+        save_file(source.renamed(UNET_PREFIX, source_name), str(tmp / WEIGHTS))
+        save_file(state, str(tmp / PRE_STATE))
+        save_file(dict(state), str(tmp / POST_STATE))
+        (tmp / PREPROCESSOR).write_text(json.dumps(_preprocessor({**input_features, **output_features}), indent=2))
+        (tmp / POSTPROCESSOR).write_text(json.dumps(_postprocessor(output_features), indent=2))
+    return {"path": output, "features": dict(layout), "inexact_dims": inexact + inexact_action}
+
+
+def _stats(name: str, min_max: dict[str, torch.Tensor], own: dict[str, torch.Tensor], start: int, size: int
+           ) -> dict[str, torch.Tensor]:
+    """`<name>.{min,max,mean,std}` for one feature: the exported min/max, the policy's own mean/std where it has
+    them, else the mid-point and half-width of [min, max] (lerobot's MIN_MAX map does not read them)."""
+    lo, hi = (min_max[k][start:start + size].clone() for k in ("min", "max"))
+    mean = own["mean"].clone() if "mean" in own else ((lo.double() + hi.double()) / 2).float()
+    std = own["std"].clone() if "std" in own else ((hi.double() - lo.double()) / 2).float()
+    return {f"{name}.min": lo, f"{name}.max": hi, f"{name}.mean": mean, f"{name}.std": std}
+
+
+def _layout(source: ExportSource) -> list[tuple[str, int]]:
+    parts = [(p["name"], int(p["size"])) for p in (source.card.get("observation") or {}).get("layout", [])]
+    names = [n for n, _ in parts]
+    if names in ([OBS_STATE], [OBS_STATE, OBS_ENV]):
+        return parts
+    return [(OBS_STATE, source.config.obs_dim)]
+
+
+def _field(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`import_lerobot`'s MIN_MAX map from float32 statistics (processor layout), as the float32 it stores."""
+    lo, hi = lo.astype(np.float64), hi.astype(np.float64)
+    d = hi - lo
+    d = np.where(d == 0, EPS, d)
+    scale = 2.0 / d
+    return (scale.astype(np.float32), (-scale * lo - 1.0).astype(np.float32))
+
+
+def _min_max(stats: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+    """float32 (min, max) per dim whose MIN_MAX map is the field's scale and offset bit for bit: the policy's own
+    min/max where they give it, else a pair within `SEARCH_ULPS` float32 steps of the exact pre-image;
+    (stats, dims without one)."""
+    scale = stats["scale"].numpy().astype(np.float32)
+    offset = stats["offset"].numpy().astype(np.float32)
+    s64, o64 = scale.astype(np.float64), offset.astype(np.float64)
+    lo_exact, hi_exact = (-1.0 - o64) / s64, (1.0 - o64) / s64
+    if "min" in stats and "max" in stats:  # the policy's own statistics, where they give its map exactly
+        own_lo, own_hi = stats["min"].numpy().astype(np.float32), stats["max"].numpy().astype(np.float32)
+        s_own, o_own = _field(own_lo, own_hi)
+        own = (s_own == scale) & (o_own == offset)
+        lo_exact, hi_exact = np.where(own, own_lo, lo_exact), np.where(own, own_hi, hi_exact)
+    lo_out, hi_out = lo_exact.astype(np.float32), hi_exact.astype(np.float32)
+    inexact = 0
+    for i in range(scale.shape[0]):
+        lo_c = _neighbours(np.float32(lo_exact[i]), SEARCH_ULPS)
+        hi_c = _neighbours(np.float32(hi_exact[i]), SEARCH_ULPS)
+        lo_grid, hi_grid = np.meshgrid(lo_c, hi_c, indexing="ij")
+        s, o = _field(lo_grid.ravel(), hi_grid.ravel())
+        hit = np.flatnonzero((s == scale[i]) & (o == offset[i]))
+        if hit.size:
+            lo_out[i], hi_out[i] = lo_grid.ravel()[hit[0]], hi_grid.ravel()[hit[0]]
+        else:
+            inexact += 1
+    return {"min": torch.from_numpy(lo_out), "max": torch.from_numpy(hi_out)}, inexact
+
+
+def _neighbours(x: np.float32, n: int) -> np.ndarray:
+    """`x` and the float32 values up to `n` steps above and below it, nearest first (the nearest pair wins)."""
+    out, up, down = [x], x, x
+    for _ in range(n):
+        up, down = np.nextafter(up, np.float32(np.inf)), np.nextafter(down, np.float32(-np.inf))
+        out += [up, down]
+    return np.array(out, dtype=np.float32)
+
+
+def _config(source: ExportSource, input_features, output_features) -> dict[str, Any]:
+    """lerobot's `DiffusionConfig` fields (state inputs; the vision fields at lerobot's defaults, unused)."""
+    c, ns = source.config, source.noise_scheduler
+    return {
+        "type": "diffusion", "n_obs_steps": c.n_obs_steps, "input_features": input_features,
+        "output_features": output_features, "device": "cpu", "use_amp": False,
+        "horizon": c.horizon, "n_action_steps": c.n_action_steps, "normalization_mapping": dict(NORM_MAP),
+        "drop_n_last_frames": c.horizon - c.n_action_steps - c.n_obs_steps + 1,
+        "vision_backbone": "resnet18", "crop_shape": None, "crop_is_random": True,
+        "pretrained_backbone_weights": None, "use_group_norm": True, "spatial_softmax_num_keypoints": 32,
+        "use_separate_rgb_encoder_per_camera": False,
+        "down_dims": list(c.down_dims), "kernel_size": c.kernel_size, "n_groups": c.n_groups,
+        "diffusion_step_embed_dim": c.diffusion_step_embed_dim, "use_film_scale_modulation": c.film_scale,
+        "noise_scheduler_type": "DDPM", "num_train_timesteps": ns["num_train_timesteps"],
+        "beta_schedule": ns["beta_schedule"], "beta_start": ns["beta_start"], "beta_end": ns["beta_end"],
+        "prediction_type": ns["prediction_type"], "clip_sample": ns["clip_sample"],
+        "clip_sample_range": ns["clip_sample_range"], "num_inference_steps": None,
+        "do_mask_loss_for_padding": False,
+    }
+
+
+def _norm_step(registry_name: str, features, state_file: str) -> dict[str, Any]:
+    return {"registry_name": registry_name,
+            "config": {"eps": EPS, "features": features, "norm_map": dict(NORM_MAP)},
+            "state_file": state_file}
+
+
+def _preprocessor(features) -> dict[str, Any]:
+    return {"name": "policy_preprocessor", "steps": [
+        {"registry_name": "rename_observations_processor", "config": {"rename_map": {}}},
+        {"registry_name": "to_batch_processor", "config": {}},
+        {"registry_name": "device_processor", "config": {"device": "cpu", "float_dtype": None}},
+        _norm_step("normalizer_processor", features, PRE_STATE)]}
+
+
+def _postprocessor(features) -> dict[str, Any]:
+    return {"name": "policy_postprocessor", "steps": [
+        _norm_step("unnormalizer_processor", features, POST_STATE),
+        {"registry_name": "device_processor", "config": {"device": "cpu", "float_dtype": None}}]}
