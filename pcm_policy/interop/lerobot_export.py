@@ -46,7 +46,8 @@ def export_lerobot(checkpoint: str | Path, output: str | Path) -> dict[str, Any]
 
     Returns:
         {"path": output, "features": {name: size}, "inexact_dims": dims whose statistics could not give back
-        the policy's float32 normalizer bit for bit (0 in every case measured)}.
+        the policy's float32 normalizer bit for bit (0 for this project's policies and lerobot 0.4's MIN_MAX
+        ones; 2 of 18 for the lerobot 0.3.3 fixture)}.
 
     Raises:
         CheckpointError: no readable checkpoint, or a PCM checkpoint.
