@@ -3,7 +3,10 @@
 Observation (`observation="keypoints"`, the default; 20 float32): the 9 block keypoints of Diffusion Policy
 (world px, flattened) followed by the agent position. With `observation="agent_pos+environment_state"` (18
 float32): the agent position, then gym-pusht's `environment_state` (the T's 8 corners, world px, flattened) -
-lerobot's state-based PushT policies condition on exactly these, in this order. Action: absolute target
+lerobot's state-based PushT policies condition on exactly these, in this order. With `observation="agent_pos+image"`
+(Diffusion Policy's image PushT, gym-pusht's `pixels_agent_pos`): a dict of `obs`, the agent position (2 float32),
+and `image`, the policy-sized frame as one channel-first camera (1, 3, image_size, image_size) uint8 - the frame
+the collector stores in `data/img`. Action: absolute target
 position of the agent (px). 10 Hz control, 10 physics substeps.
 `info` carries `is_success` (coverage > 0.95, gym-pusht's test), `coverage`, `state` (agent_x, agent_y,
 block_x, block_y, block_angle) and `n_contacts`.
@@ -32,7 +35,7 @@ OBS_LOW, OBS_HIGH = -64.0, 576.0
 class PushTLowDimEnv(gym.Env):
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
 
-    OBSERVATIONS = {"keypoints": geo.LOWDIM_OBS_DIM, "agent_pos+environment_state": 18}
+    OBSERVATIONS = {"keypoints": geo.LOWDIM_OBS_DIM, "agent_pos+environment_state": 18, "agent_pos+image": 2}
 
     def __init__(self, render_mode: str | None = "rgb_array", render_size: int = 256, image_size: int = 96,
                  legacy_reset: bool = False, observation: str = "keypoints"):
@@ -52,6 +55,10 @@ class PushTLowDimEnv(gym.Env):
         )
         self.observation_space = spaces.Box(OBS_LOW, OBS_HIGH, shape=(self.OBSERVATIONS[observation],),
                                             dtype=np.float32)
+        if observation == "agent_pos+image":
+            self.observation_space = spaces.Dict({
+                "obs": self.observation_space,
+                "image": spaces.Box(0, 255, shape=(1, 3, image_size, image_size), dtype=np.uint8)})
         self.action_space = spaces.Box(0.0, 512.0, shape=(2,), dtype=np.float32)
         self._state: np.ndarray | None = None
 
@@ -76,9 +83,12 @@ class PushTLowDimEnv(gym.Env):
         """Current (agent_x, agent_y, block_x, block_y, block_angle in [0, 2 pi)) as float64."""
         return np.asarray(self.sim.get_obs(), dtype=np.float64)
 
-    def _obs(self, state: np.ndarray) -> np.ndarray:
+    def _obs(self, state: np.ndarray) -> np.ndarray | dict[str, np.ndarray]:
         if self.observation == "keypoints":
             return geo.lowdim_obs_from_state(state).astype(np.float32)
+        if self.observation == "agent_pos+image":
+            return {"obs": state[:2].astype(np.float32),
+                    "image": np.ascontiguousarray(self.render_image().transpose(2, 0, 1)[None])}
         corners = self.sim.get_keypoints(self.sim._block_shapes).reshape(-1)  # gym-pusht's environment_state
         return np.concatenate([state[:2], corners]).astype(np.float32)
 

@@ -29,7 +29,7 @@ from pcm_policy.options import writable_dir
 from pcm_policy.paths import resolve_path
 from pcm_policy.policy import DiffusionPolicy, PolicyConfig
 from pcm_policy.sampler_config import SamplerConfig
-from pcm_policy.tasks import TASKS
+from pcm_policy.tasks import TASKS, cameras_of_env
 
 POLICY_CARD = "policy.yaml"
 POLICY_WEIGHTS = "policy.safetensors"
@@ -247,6 +247,27 @@ class Card:
                                   "actions need an absolute controller the envs here do not run yet")
 
     @property
+    def cameras(self) -> tuple[str, ...]:
+        """The camera images the policy sees (its `policy.camera_keys`; empty for a low-dim policy)."""
+        return tuple((self.data.get("policy") or {}).get("camera_keys") or ())
+
+    def check_env_gives_cameras(self, env_id: str) -> None:
+        """The env an episode runs in gives the images the policy sees (a low-dim env for a low-dim policy).
+
+        Raises:
+            ConfigError: naming the missing camera input (or the images a low-dim policy cannot take) and the env.
+        """
+        given = cameras_of_env(env_id)
+        if given is None or given == self.cameras:
+            return
+        if self.cameras:
+            missing = [c for c in self.cameras if c not in given] or list(self.cameras)
+            raise ConfigError(f"{self.key}={self.given}: the policy needs camera image {', '.join(missing)}, which "
+                              f"env {env_id} does not give (it gives {', '.join(given) or 'low-dim observations only'})")
+        raise ConfigError(f"{self.key}={self.given}: a low-dim policy, but env {env_id} gives camera images "
+                          f"({', '.join(given)}); use the task's low-dim env")
+
+    @property
     def env_id(self) -> str | None:
         """The env the policy runs in: its task's env for its observation layout, else the card's `env_id`."""
         if self.task in TASKS:
@@ -394,14 +415,22 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu", expect_tas
     return policy, card
 
 
-def weights_fingerprint(model: torch.nn.Module) -> str:
+def weights_fingerprint(model: torch.nn.Module, *more: torch.nn.Module) -> str:
     """A short hash of a network's weights (fp32 values), to tie a PCM to the exact base it was trained from.
+
+    Args:
+        model: the network (a base policy's action head).
+        more: further networks its outputs depend on (an image policy's encoder: `DiffusionPolicy.trained_modules`);
+            their entries are named `<i>.<name>` (i = 1, 2, ...), so a low-dim policy's hash is its head's alone.
 
     Returns:
         The first 16 hex digits of the SHA-256 of every state-dict entry (name, then fp32 bytes), sorted by name.
     """
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    entries = dict(model.state_dict())
+    for i, extra in enumerate(more, start=1):
+        entries.update({f"{i}.{k}": v for k, v in extra.state_dict().items()})
+    for name, tensor in sorted(entries.items()):
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]

@@ -7,6 +7,10 @@
   read the dataset (the GPU check carries them);
 - `ObservationSource`: PCT's training and held-out histories, from the dataset or from closed-loop rollouts of
   the base policy (`pcm_policy.rollout.visited`).
+
+A set of histories is a tensor (n, To, Do) for a low-dim policy and, for an image policy, a mapping {"obs":
+(n, To, Do), "image": (n, To, cameras, 3, H, W) uint8} (`pcm_policy.policy.select_observations` indexes both).
+Image frames are read only for the histories drawn.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from pcm_policy.data.stacked_windows import Windows, build_dataset
 from pcm_policy.errors import CheckpointError, ConfigError
 from pcm_policy.options import check_choice, check_int, check_mapping, check_text, unknown_keys
 from pcm_policy.paths import resolve_path
+from pcm_policy.policy import concat_observations, observation_count, select_observations
 from pcm_policy.sampler_config import SamplerConfig
 from pcm_policy.tasks import missing_dataset
 
@@ -62,11 +67,9 @@ def check_dataset(ckpt: Path, override: str | None = None, instead: str = "") ->
         raise missing_dataset(path)
 
 
-def dataset_observations(ckpt: Path, override: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(training, validation) observation histories, each (N, To, Do) float32 in env units, of the dataset a
-    checkpoint was trained on (read from its saved run config, same split and seed; `override` replaces the file).
-
-    An empty validation split (`dataset.val_ratio=0`, or too few episodes) gives an empty (0, To, Do) tensor.
+def dataset_windows(ckpt: Path, override: str | None = None) -> tuple[Windows, Windows | None]:
+    """(training, validation or None when empty) windows of the dataset a checkpoint was trained on (read from its
+    saved run config, same split and seed; `override` replaces the file); an image policy's frames stay unread.
 
     Raises:
         CheckpointError: the checkpoint has no readable run config (`config.yaml`).
@@ -75,26 +78,58 @@ def dataset_observations(ckpt: Path, override: str | None = None) -> tuple[torch
     run_cfg = read_run_config(ckpt)
     run_cfg["dataset"]["path"] = str(dataset_path(ckpt, override))
     dataset = build_dataset(run_cfg)
-    train_obs = Windows.from_dataset(dataset).obs
     validation = dataset.get_validation_dataset()
-    return train_obs, (Windows.from_dataset(validation).obs if len(validation) else train_obs[:0])
+    return Windows.from_dataset(dataset), (Windows.from_dataset(validation) if len(validation) else None)
 
 
-def sample_observations(ckpt: Path, n: int, seed: int) -> torch.Tensor:
+def windows_observations(parts: list[Windows | None], idx: torch.Tensor):
+    """The observation histories at `idx` (1-d long) of the windows `parts` taken one after the other (None parts
+    skipped), in `idx` order; an image dataset's frames are read for those windows only."""
+    parts = [p for p in parts if p is not None]
+    sizes = torch.tensor([len(p) for p in parts])
+    starts = torch.cumsum(sizes, 0) - sizes
+    owner = torch.bucketize(idx, torch.cumsum(sizes, 0), right=True)
+    pieces, positions = [], []
+    for j, part in enumerate(parts):
+        at = torch.nonzero(owner == j).flatten()
+        if len(at):
+            pieces.append(part.observations(idx[at] - starts[j]))
+            positions.append(at)
+    order = torch.argsort(torch.cat(positions))
+    return select_observations(concat_observations(pieces), order)
+
+
+def dataset_observations(ckpt: Path, override: str | None = None):
+    """(training, validation) observation histories of the dataset a checkpoint was trained on (`dataset_windows`),
+    each (N, To, Do) float32 in env units (an image policy's: with every window's frames, see the module).
+
+    An empty validation split (`dataset.val_ratio=0`, or too few episodes) gives an empty set.
+
+    Raises:
+        CheckpointError: the checkpoint has no readable run config (`config.yaml`).
+        ConfigError, DatasetError: as `pcm_policy.data.stacked_windows.build_dataset`.
+    """
+    train, val = dataset_windows(ckpt, override)
+    train_obs = train.observations(torch.arange(len(train)))
+    return train_obs, (val.observations(torch.arange(len(val))) if val is not None
+                       else select_observations(train_obs, slice(0, 0)))
+
+
+def sample_observations(ckpt: Path, n: int, seed: int):
     """n observation histories from a checkpoint's dataset (validation first, then training), shuffled with
     `seed` and cycled to n.
 
     Returns:
-        (n, To, Do) float32 in env units.
+        (n, To, Do) float32 in env units (an image policy's: with their frames, see the module).
 
     Raises:
         CheckpointError: no run config at `ckpt`.
         DatasetError: the checkpoint's dataset is missing or unreadable.
     """
-    train_obs, val_obs = dataset_observations(ckpt)
-    obs = torch.cat([val_obs, train_obs])
-    order = torch.randperm(len(obs), generator=torch.Generator().manual_seed(seed))
-    return obs[order[torch.arange(n) % len(obs)]]
+    train, val = dataset_windows(ckpt)
+    total = len(train) + (len(val) if val is not None else 0)
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
+    return windows_observations([val, train], order[torch.arange(n) % total])
 
 
 def rollout_observations(policy, env_id: str, max_steps: int, n: int, seed: int, seed_start: int = 200000,
@@ -122,8 +157,9 @@ def rollout_observations(policy, env_id: str, max_steps: int, n: int, seed: int,
     steps = min(10, policy.config.num_train_timesteps)
     sampler = SamplerConfig(name="sequential", scheduler="ddim", steps=steps)
     obs = visited_observations(policy, env_id, max_steps, episodes, seed_start, sampler, n_envs)
-    order = torch.randperm(len(obs), generator=torch.Generator().manual_seed(seed))
-    return obs[order[torch.arange(n) % len(obs)]]
+    count = observation_count(obs)
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    return select_observations(obs, order[torch.arange(n) % count])
 
 
 def save_observations(path: str | Path, observations: torch.Tensor) -> Path:
@@ -263,22 +299,40 @@ class ObservationSource:
             DatasetError: the dataset is missing, corrupt or inconsistent.
             ConfigError: closed_loop without an env to roll out in.
         """
+        g = torch.Generator().manual_seed(seed)
         if self.kind == "closed_loop":
             train_obs, held = _closed_loop_observations(policy, env_id, self.closed_loop, cache)
-        else:
-            train_obs, val_obs = dataset_observations(base_ckpt, self.dataset_path)
-            held = val_obs if len(val_obs) else train_obs[-self.held_out:]
-        g = torch.Generator().manual_seed(seed)
-        pick = torch.randperm(len(train_obs), generator=g)[:self.trajectories]
-        pick_held = torch.randperm(len(held), generator=g)[:self.held_out]
-        return train_obs[pick], held[pick_held]
+            pick = torch.randperm(observation_count(train_obs), generator=g)[:self.trajectories]
+            pick_held = torch.randperm(observation_count(held), generator=g)[:self.held_out]
+            return select_observations(train_obs, pick), select_observations(held, pick_held)
+        train, val = dataset_windows(base_ckpt, self.dataset_path)
+        n_held = len(val) if val is not None else min(self.held_out, len(train))  # else: the last training windows
+        pick = torch.randperm(len(train), generator=g)[:self.trajectories]
+        pick_held = torch.randperm(n_held, generator=g)[:self.held_out]
+        held = val.observations(pick_held) if val is not None else train.observations(len(train) - n_held + pick_held)
+        return train.observations(pick), held
 
 
-def _closed_loop_observations(policy, env_id, loop: ClosedLoopSettings, cache: Path
-                              ) -> tuple[torch.Tensor, torch.Tensor]:
+def _flatten(sets: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Named observation sets as safetensors entries: `<name>` (a tensor) or `<name>.obs` / `<name>.image`."""
+    out = {}
+    for name, value in sets.items():
+        items = value.items() if isinstance(value, Mapping) else [(None, value)]
+        out.update({name if k is None else f"{name}.{k}": v.contiguous() for k, v in items})
+    return out
+
+
+def _unflatten(tensors: Mapping[str, torch.Tensor], name: str):
+    """The observation set `name` saved by `_flatten`."""
+    if name in tensors:
+        return tensors[name]
+    return {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(name + ".")}
+
+
+def _closed_loop_observations(policy, env_id, loop: ClosedLoopSettings, cache: Path):
     if cache.is_file():
         saved = load_file(str(cache))
-        return saved["train"], saved["held_out"]
+        return _unflatten(saved, "train"), _unflatten(saved, "held_out")
     # gymnasium and the simulators load only when rollouts are asked for (not on the dataset path)
     from pcm_policy.rollout.visited import visited_observations
 
@@ -289,5 +343,5 @@ def _closed_loop_observations(policy, env_id, loop: ClosedLoopSettings, cache: P
     held = roll(loop.eval_episodes, loop.seed_start + loop.episodes)
     cache.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(cache) as tmp:
-        save_file({"train": train_obs.contiguous(), "held_out": held.contiguous()}, str(tmp))
+        save_file(_flatten({"train": train_obs, "held_out": held}), str(tmp))
     return train_obs, held

@@ -20,6 +20,7 @@ from pcm_policy.data.normalizer import Normalizer
 from pcm_policy.data.sequence_sampler import check_window
 from pcm_policy.errors import ConfigError, PcmError
 from pcm_policy.model.unet import ConditionalUnet1D
+from pcm_policy.model.vision import VisionEncoder, VisionEncoderConfig, build_vision_encoder
 from pcm_policy.options import check_choice, check_flag, check_int, check_number, show
 from pcm_policy.sampler_config import SamplerConfig
 
@@ -52,6 +53,10 @@ class PolicyConfig:
             (imported Diffusion Policy `cond_predict_scale=False` / lerobot `use_film_scale_modulation=False`).
         final_n_groups: GroupNorm groups of the UNet's final conv block; None = `n_groups` (imported Diffusion
             Policy and lerobot networks use 8 there); it must divide down_dims[0].
+        vision: the image encoder's keys (`pcm_policy.model.vision.VisionEncoderConfig`) of an image policy; None
+            for a low-dim policy.
+        camera_keys: the cameras an image policy sees, in the order of the observation's camera axis (PushT:
+            `img`); one shared encoder encodes them all. Empty for a low-dim policy.
 
     Raises:
         ConfigError: a field of the wrong type or range, or shapes the UNet cannot take, naming `policy.<key>`.
@@ -72,15 +77,31 @@ class PolicyConfig:
     ))
     film_scale: bool = True
     final_n_groups: int | None = None
+    vision: dict[str, Any] | None = None
+    camera_keys: tuple[str, ...] = ()
 
     # Fields a card leaves out when they hold their default, so the cards of this project's own policies (and
     # the comparisons of cards on resume and train.init_from) are what they were before the fields existed.
-    _OPTIONAL_DEFAULTS = {"film_scale": True, "final_n_groups": None}
+    _OPTIONAL_DEFAULTS = {"film_scale": True, "final_n_groups": None, "vision": None, "camera_keys": []}
 
     def __post_init__(self):
         _check_policy(asdict(self), "policy")
         self.down_dims = tuple(int(d) for d in self.down_dims)
         self.noise_scheduler = dict(self.noise_scheduler)
+        self.camera_keys = tuple(str(k) for k in self.camera_keys)
+        if self.vision is not None:
+            self.vision = VisionEncoderConfig.from_mapping(self.vision).to_dict()
+
+    @property
+    def vision_config(self) -> VisionEncoderConfig | None:
+        """The image encoder's config (None for a low-dim policy)."""
+        return None if self.vision is None else VisionEncoderConfig.from_mapping(self.vision)
+
+    @property
+    def step_cond_dim(self) -> int:
+        """Condition features per observation step: Do, plus F per camera for an image policy."""
+        vision = self.vision_config
+        return self.obs_dim + (len(self.camera_keys) * vision.feature_dim if vision else 0)
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any], obs_dim: int, action_dim: int, key: str = "policy"
@@ -112,7 +133,7 @@ class PolicyConfig:
         """A freshly initialised action head of this shape (conditioned on the flattened To x Do history), on the
         current default device (e.g. inside `torch.device("meta")` no memory is spent on weights)."""
         return ConditionalUnet1D(
-            input_dim=self.action_dim, global_cond_dim=self.obs_dim * self.n_obs_steps, down_dims=self.down_dims,
+            input_dim=self.action_dim, global_cond_dim=self.step_cond_dim * self.n_obs_steps, down_dims=self.down_dims,
             diffusion_step_embed_dim=self.diffusion_step_embed_dim, kernel_size=self.kernel_size,
             n_groups=self.n_groups, film_scale=self.film_scale, final_n_groups=self.final_n_groups)
 
@@ -121,6 +142,7 @@ class PolicyConfig:
         `final_n_groups` only when they differ from their defaults."""
         d = asdict(self)
         d["down_dims"] = list(self.down_dims)
+        d["camera_keys"] = list(self.camera_keys)
         for key, default in self._OPTIONAL_DEFAULTS.items():
             if d[key] == default:
                 del d[key]
@@ -187,6 +209,19 @@ def _check_policy(values: Mapping[str, Any], key: str) -> None:
     final = check_int(k("final_n_groups"), values["final_n_groups"], 1, null=True)
     if final is not None and dims[0] % final:
         raise ConfigError(f"{k('final_n_groups')}={final}: must divide {k('down_dims')}.0={dims[0]} (GroupNorm)")
+    cameras = values.get("camera_keys") or ()
+    if isinstance(cameras, str) or not isinstance(cameras, (list, tuple)) or not all(
+            isinstance(c, str) and c for c in cameras) or len(set(cameras)) != len(cameras):
+        raise ConfigError(f"{k('camera_keys')}={show(cameras)}: expected a list of distinct camera names")
+    vision = values.get("vision")
+    if vision is not None:
+        if not isinstance(vision, (Mapping, VisionEncoderConfig)):
+            raise ConfigError(f"{k('vision')}={show(vision)}: expected a mapping of encoder keys or null")
+        VisionEncoderConfig.from_mapping(vision)
+    if (vision is None) != (not cameras):
+        raise ConfigError(f"{k('camera_keys')}={show(list(cameras))} with {k('vision')}="
+                          f"{'null' if vision is None else '{...}'}: an image policy needs both an encoder and its "
+                          "cameras, a low-dim policy neither")
 
 
 def check_clip_range(noise_scheduler: Mapping[str, Any], normalizer_mode: str | None = None,
@@ -222,6 +257,40 @@ def check_clip_range(noise_scheduler: Mapping[str, Any], normalizer_mode: str | 
                               "policy.noise_scheduler.clip_sample=false")
 
 
+def split_observation(observation) -> tuple[Any, Any]:
+    """(low-dim history, images or None) of an observation given as a tensor/array or a mapping with `obs` and
+    `image` (an image dataset item's or an image env's keys).
+
+    Raises:
+        PcmError: a mapping without `obs`.
+    """
+    if isinstance(observation, Mapping):
+        if "obs" not in observation:
+            raise PcmError(f"observation mapping has keys {sorted(observation)}: expected 'obs' (and 'image')")
+        return observation["obs"], observation.get("image")
+    return observation, None
+
+
+def select_observations(observations, rows):
+    """Rows `rows` (an index tensor, array or slice) of a set of observation histories: a tensor (n, To, Do), or
+    for an image policy a mapping {"obs": (n, To, Do), "image": (n, To, cameras, 3, H, W)} (each entry indexed)."""
+    if isinstance(observations, Mapping):
+        return {k: v[rows] for k, v in observations.items()}
+    return observations[rows]
+
+
+def observation_count(observations) -> int:
+    """n, the histories in a set of observation histories (a tensor or an `obs`/`image` mapping)."""
+    return len(split_observation(observations)[0])
+
+
+def concat_observations(parts: list) -> Any:
+    """Sets of observation histories (all tensors, or all `obs`/`image` mappings) joined along the first axis."""
+    if parts and isinstance(parts[0], Mapping):
+        return {k: torch.cat([torch.as_tensor(p[k]) for p in parts]) for k in parts[0]}
+    return torch.cat([torch.as_tensor(p) for p in parts])
+
+
 @dataclass
 class ChunkResult:
     """One predicted chunk (see the field comments for shapes; actions in env units, e.g. PushT px)."""
@@ -244,6 +313,9 @@ class DiffusionPolicy(nn.Module):
         self.config = config
         self.normalizer = normalizer
         self.model = config.build_network()
+        # An image policy's encoder, run once per chunk into the global condition (never per denoising row)
+        self.encoder: VisionEncoder | None = (build_vision_encoder(config.vision_config)
+                                              if config.vision is not None else None)
         self.noise_scheduler = DDPMScheduler(**config.noise_scheduler)
         self._samplers: dict[tuple[SamplerConfig, int | None, torch.device], ChunkSampler] = {}
         self._check_clip_range()
@@ -269,24 +341,70 @@ class DiffusionPolicy(nn.Module):
         """The device of the network's parameters."""
         return next(self.model.parameters()).device
 
+    @property
+    def uses_images(self) -> bool:
+        """Whether the policy sees camera images (then every observation carries an `image` history)."""
+        return self.encoder is not None
+
+    def trained_modules(self) -> list[nn.Module]:
+        """What `pcm train` optimises (and averages in its EMA): the action head, and the image encoder of an image
+        policy (trained end to end, as Diffusion Policy does)."""
+        return [self.model] + ([self.encoder] if self.encoder is not None else [])
+
+    def trained_parameters(self) -> list[nn.Parameter]:
+        """The parameters of `trained_modules`, in a fixed order (optimizer and EMA state follow it)."""
+        return [p for m in self.trained_modules() for p in m.parameters()]
+
     # ---- training ------------------------------------------------------------------------------------
-    def global_cond(self, obs: torch.Tensor) -> torch.Tensor:
-        """The network's condition: the normalized, flattened observation history.
+    def global_cond(self, obs: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
+        """The network's condition: per observation step the normalized low-dim observation, then (an image
+        policy) each camera's encoder features (lerobot's order), flattened over the To steps.
 
         Args:
             obs: observation history (B, >= To, Do) float in env units; the first To steps are used.
+            images: an image policy's camera history (B, >= To, cameras, 3, H, W), uint8 0..255 or float in [0, 1],
+                on any device; ignored (may be None) for a low-dim policy.
 
         Returns:
-            (B, To*Do) in normalized units, on `obs`'s device.
+            (B, To * (Do + cameras * F)) in normalized units, on `obs`'s device.
 
         Raises:
-            PcmError: `obs` is not (B, >= To, Do).
+            PcmError: `obs` is not (B, >= To, Do); an image policy without images, or images of another batch,
+                history, camera count, size, channel order, dtype or range.
         """
         To = self.config.n_obs_steps
         if obs.ndim != 3 or obs.shape[1] < To or obs.shape[2] != self.config.obs_dim:
             raise PcmError(f"observation history has shape {tuple(obs.shape)}, expected (B, >={To}, {self.config.obs_dim})")
         nobs = self.normalizer.normalize("obs", obs[:, :To])
+        if self.encoder is not None:
+            cameras = len(self.config.camera_keys)
+            if images is None:
+                raise PcmError(f"this image policy needs camera images ({', '.join(self.config.camera_keys)}) with "
+                               "its observation")
+            if images.ndim != 6 or images.shape[0] != obs.shape[0] or images.shape[1] < To or images.shape[2] != cameras:
+                raise PcmError(f"observation images have shape {tuple(images.shape)}, expected "
+                               f"({obs.shape[0]}, >={To}, {cameras}, 3, H, W)")
+            features = self.encoder.encode_steps(images[:, :To].to(obs.device))
+            nobs = torch.cat([nobs, features], dim=-1)
         return nobs.reshape(obs.shape[0], -1)
+
+    def encode(self, observation) -> torch.Tensor:
+        """`global_cond` of an observation given as a history tensor (low-dim) or a mapping with `obs` and, for an
+        image policy, `image` (a dataset item's or an image env's keys); computed once per chunk.
+
+        Raises:
+            PcmError: as `global_cond`; a non-finite low-dim observation.
+        """
+        obs, images = split_observation(observation)
+        obs = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
+        if images is not None:
+            images = torch.as_tensor(images, device=self.device)
+        if obs.ndim == 2:
+            obs = obs[None]
+            images = images[None] if images is not None else None
+        if not torch.isfinite(obs).all():
+            raise PcmError("observation history contains NaN/inf")
+        return self.global_cond(obs, images)
 
     def loss_noise(self, shape, generator: torch.Generator | None = None, device=None):
         """The noise and timesteps `compute_loss` trains on.
@@ -313,7 +431,8 @@ class DiffusionPolicy(nn.Module):
         noise (epsilon prediction) or x0 (sample prediction).
 
         Args:
-            batch: {"obs": (B, >= To, Do), "action": (B, H, Da)}, float in env units.
+            batch: {"obs": (B, >= To, Do), "action": (B, H, Da)}, float in env units; an image policy's also
+                "image" (B, >= To, cameras, 3, H, W).
             generator: RNG for the noise and timesteps when `noise` is None.
             noise: (noise (B, H, Da), timesteps (B,) long) to use instead of drawing them (distributed training
                 draws them for the global batch and hands each rank its rows).
@@ -325,7 +444,7 @@ class DiffusionPolicy(nn.Module):
         Raises:
             PcmError: an observation history of the wrong shape, or a prediction type other than epsilon/sample.
         """
-        cond = self.global_cond(batch["obs"])
+        cond = self.global_cond(batch["obs"], batch.get("image"))
         trajectory = self.normalizer.normalize("action", batch["action"])
         if noise is None:
             noise = self.loss_noise(trajectory.shape, generator, trajectory.device)
@@ -420,7 +539,8 @@ class DiffusionPolicy(nn.Module):
         (`normalized_action_range`) before unnormalizing.
 
         Args:
-            obs_history: (B, To, Do) or (To, Do), float, in env units.
+            obs_history: (B, To, Do) or (To, Do), float, in env units; for an image policy a mapping
+                {"obs": that, "image": (B, To, cameras, 3, H, W) or (To, cameras, 3, H, W)} (`encode`).
             sampler: a `ChunkSampler` (see `DiffusionPolicy.sampler`) or a config (its cached sampler is used;
                 a config naming a PCM sampler needs a `ChunkSampler` built with the PCM).
             generator: RNG for the noise when `noise` is None.
@@ -435,13 +555,8 @@ class DiffusionPolicy(nn.Module):
             ConfigError: an invalid sampler config, or a PCM sampler given as a config.
         """
         sampler = self.sampler(sampler)
-        obs = torch.as_tensor(obs_history, dtype=torch.float32, device=self.device)
-        if obs.ndim == 2:
-            obs = obs[None]
-        if not torch.isfinite(obs).all():
-            raise PcmError("observation history contains NaN/inf")
-        cond = self.global_cond(obs)
-        x_T, step_noise = noise if noise is not None else sampler.make_noise(obs.shape[0], generator)
+        cond = self.encode(obs_history)
+        x_T, step_noise = noise if noise is not None else sampler.make_noise(cond.shape[0], generator)
         naction, stats = sampler.sample(x_T, step_noise, cond, should_stop=should_stop)
         if not stats.converged:
             # An early-stopped Picard estimate can lie far outside the data (early iterates are partial sums);
@@ -458,9 +573,12 @@ class DiffusionPolicy(nn.Module):
         """Everything needed to rebuild the policy's outputs: network weights and normalizer statistics.
 
         Returns:
-            {"model.<name>": tensor, "normalizer.<field>.<stat>": tensor}, contiguous CPU tensors (safetensors-ready).
+            {"model.<name>": tensor, "encoder.<name>": tensor (an image policy), "normalizer.<field>.<stat>": tensor},
+            contiguous CPU tensors (safetensors-ready).
         """
         state = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        if self.encoder is not None:
+            state.update({f"encoder.{k}": v.detach().cpu().contiguous() for k, v in self.encoder.state_dict().items()})
         state.update(self.normalizer.state_dict())
         return state
 
@@ -476,8 +594,14 @@ class DiffusionPolicy(nn.Module):
             ValueError: malformed normalizer entries.
         """
         model_state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        encoder_state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
         try:
             self.model.load_state_dict(model_state, strict=True)
+            if self.encoder is not None:
+                self.encoder.load_state_dict(encoder_state, strict=True)
+            elif encoder_state:
+                raise RuntimeError("image-encoder weights for a policy without cameras\n"
+                                   f"unexpected key encoder.{next(iter(encoder_state))}")
         except RuntimeError as e:
             first = str(e).strip().splitlines()
             raise PcmError(f"{source}: network weights do not match the configured policy shape "

@@ -31,12 +31,15 @@ class ObservationLayout:
         parts: (part name, size) in order: the flat per-step vector is their concatenation.
         env_id: the gymnasium id of the env that returns it.
         env_kwargs: keyword arguments of the task's env class for it.
+        cameras: the camera images the env gives besides the flat vector (its observation is then a dict of `obs`,
+            the vector, and `image`, (cameras, 3, H, W) uint8), in order; empty for a low-dim env.
     """
 
     kind: str
     parts: tuple[tuple[str, int], ...]
     env_id: str
     env_kwargs: tuple[tuple[str, Any], ...] = ()
+    cameras: tuple[str, ...] = ()
 
     @property
     def size(self) -> int:
@@ -121,6 +124,11 @@ class Task:
         return self.dataset_path.rsplit("/", 1)[0]
 
     @property
+    def cameras(self) -> tuple[str, ...]:
+        """The camera images of the task's own observation (empty for a low-dim task)."""
+        return self.observations[0].cameras
+
+    @property
     def collect_command(self) -> str:
         """The command that regenerates the scripted-expert dataset."""
         return f"pcm collect task={self.name} episodes={self.dataset_episodes} seed=0 output_dir={self.data_dir}"
@@ -162,7 +170,17 @@ TASKS: dict[str, Task] = {t.name: t for t in (
          dataset_kind="pusht_zarr",
          dataset_path="data/pusht/pusht_expert.zarr", dataset_episodes=500, dataset_shipped=True,
          base="data/pusht/base"),
-    _robomimic("lift", "Lift", 10, 120, shipped=True),
+    # Diffusion Policy's image PushT (gym-pusht `pixels_agent_pos`): the agent position and one 96x96 RGB camera,
+    # in DP's zarr layout with `data/img`; the collector records the frames with the same scripted expert.
+    Task(name="pusht_image", entry_point="envs.pusht:PushTLowDimEnv", robosuite_env=None, control_hz=10,
+         max_steps=300,
+         observations=(ObservationLayout("dp_pusht_image", (("agent_pos", 2),), "pcm/PushT-image-v0",
+                                         (("observation", "agent_pos+image"),), cameras=("img",)),),
+         action_dim=2, score="coverage", expert="envs.experts:make_expert",
+         collector="envs.collect_pusht:collect_task", collects_images=True, dataset_kind="pusht_zarr",
+         dataset_path="data/pusht_image/pusht_image_expert.zarr", dataset_episodes=200, dataset_shipped=False,
+         base="data/pusht_image/base"),
+    _robomimic("lift", "Lift", 10, 120, shipped=False),
     _robomimic("can", "PickPlaceCan", 14, 200, shipped=False),
 )}
 
@@ -227,6 +245,15 @@ class TaskOptions:
             raise ConfigError(f"{key}: the policy's observation parts {list(map(tuple, parts))} are not the "
                               f"{layout.kind} env's {list(layout.parts)} (another order or size)")
         return layout.env_id if self.env_id == self.spec.env_id else self.env_id
+
+
+def cameras_of_env(env_id: str) -> tuple[str, ...] | None:
+    """The cameras the registered env `env_id` gives (empty for a low-dim env); None for an env of no task here."""
+    for task in TASKS.values():
+        for layout in task.observations:
+            if layout.env_id == env_id:
+                return layout.cameras
+    return None
 
 
 def get_task(name: str, key: str = "task.name") -> Task:

@@ -29,7 +29,7 @@ from pcm_policy import checkpoint as ckpt_io
 from pcm_policy import distributed
 from pcm_policy.atomic import atomic_write_text
 from pcm_policy.data.lowdim_dataset import DatasetConfig
-from pcm_policy.data.stacked_windows import Windows
+from pcm_policy.data.stacked_windows import Windows, load_dataset
 from pcm_policy.errors import CheckpointError, ConfigError, PcmError
 from pcm_policy.options import check_choice, check_int, check_number, check_text, show, unknown_keys
 from pcm_policy.paths import resolve_path
@@ -186,8 +186,10 @@ def _train(run_config: Mapping[str, Any], tcfg: TrainSettings, dataset_config: D
     device = ctx.device  # cuda:LOCAL_RANK under torchrun on CUDA
     seed_everything(seed)
 
-    dataset = dataset_config.load(policy_options["horizon"], policy_options["n_obs_steps"],
-                                  policy_options["n_action_steps"], seed)
+    if policy_options.get("vision") is not None and ctx.world_size > 1:
+        raise ConfigError("policy.vision: image policies train in one process for now (the encoder is not wrapped "
+                          "in DistributedDataParallel); run without torchrun")
+    dataset = load_dataset(dataset_config, policy_options, seed)
     val_dataset = dataset.get_validation_dataset()
     train_windows = Windows.from_dataset(dataset)
     val_windows = Windows.from_dataset(val_dataset) if len(val_dataset) else None
@@ -201,11 +203,11 @@ def _train(run_config: Mapping[str, Any], tcfg: TrainSettings, dataset_config: D
     model = ctx.wrap(policy.model)  # DDP (or the network itself): the forward pass whose gradients are averaged
 
     steps = tcfg.steps
-    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=tcfg.lr, betas=tcfg.betas,
+    optimizer = torch.optim.AdamW(policy.trained_parameters(), lr=tcfg.lr, betas=tcfg.betas,
                                   weight_decay=tcfg.weight_decay)
     lr_schedule = get_scheduler(tcfg.lr_scheduler, optimizer, num_warmup_steps=min(tcfg.warmup_steps, steps // 10),
                                 num_training_steps=steps)
-    ema = EMAModel(policy.model.parameters(), decay=tcfg.ema_max_decay, use_ema_warmup=True,
+    ema = EMAModel(policy.trained_parameters(), decay=tcfg.ema_max_decay, use_ema_warmup=True,
                    power=tcfg.ema_power, inv_gamma=1.0)
 
     start_step = 0
@@ -238,14 +240,13 @@ def _train(run_config: Mapping[str, Any], tcfg: TrainSettings, dataset_config: D
                 gen = torch.Generator(device=device).manual_seed(seed * 7919 + step)
                 noise, timesteps = policy.loss_noise((len(idx), *train_windows.action.shape[1:]), gen, device)
                 rows = ctx.shard(len(idx))
-                batch = {"obs": train_windows.obs[idx[rows]].to(device),
-                         "action": train_windows.action[idx[rows]].to(device)}
+                batch = train_windows.batch(idx[rows], device)
                 loss = policy.compute_loss(batch, noise=(noise[rows], timesteps[rows]), model=model)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 lr_schedule.step()
-                ema.step(policy.model.parameters())
+                ema.step(policy.trained_parameters())
                 step += 1
                 # The whole batch's loss, and whether any rank got SIGINT, so all ranks stop at the same step.
                 loss_value, stop_any = ctx.mean([float(loss.detach()), float(stop["flag"])])
@@ -299,29 +300,33 @@ def _train(run_config: Mapping[str, Any], tcfg: TrainSettings, dataset_config: D
 def _val_loss(policy: DiffusionPolicy, ema: EMAModel, windows: Windows | None, seed: int, device) -> float | None:
     if windows is None or len(windows) == 0:
         return None
-    ema.store(policy.model.parameters())
-    ema.copy_to(policy.model.parameters())
+    ema.store(policy.trained_parameters())
+    ema.copy_to(policy.trained_parameters())
+    was_training = policy.training
+    policy.eval()  # the image encoder's centre crop: a deterministic validation loss
     try:
-        n = min(len(windows), 1024)
-        batch = {"obs": windows.obs[:n].to(device), "action": windows.action[:n].to(device)}
+        batch = windows.batch(torch.arange(min(len(windows), 1024)), device)
         return float(policy.compute_loss(batch, generator=torch.Generator(device=device).manual_seed(seed)))
     finally:
-        ema.restore(policy.model.parameters())
+        policy.train(was_training)
+        ema.restore(policy.trained_parameters())
 
 
 def _ema_weights(policy: DiffusionPolicy, ema: EMAModel) -> dict[str, torch.Tensor]:
-    ema.store(policy.model.parameters())
-    ema.copy_to(policy.model.parameters())
+    ema.store(policy.trained_parameters())
+    ema.copy_to(policy.trained_parameters())
     try:
         return {k: v.clone() for k, v in policy.weights().items()}
     finally:
-        ema.restore(policy.model.parameters())
+        ema.restore(policy.trained_parameters())
 
 
 def _save(out: Path, step: int, run_config, card, policy, optimizer, lr_schedule, ema, keep: int) -> None:
     train_state = {
         "step": step,
         "model": {k: v.detach().cpu() for k, v in policy.model.state_dict().items()},
+        **({"encoder": {k: v.detach().cpu() for k, v in policy.encoder.state_dict().items()}}
+           if policy.encoder is not None else {}),
         "optimizer": optimizer.state_dict(),
         "lr_schedule": lr_schedule.state_dict(),
         "ema": ema.state_dict(),
@@ -346,6 +351,8 @@ def _init_weights(init_from: str, card: Mapping[str, Any], policy: DiffusionPoli
     state = ckpt_io.read_weights(ckpt / ckpt_io.POLICY_WEIGHTS)
     # copy_ casts, so fp16 exported weights start an fp32 run
     policy.model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
+    if policy.encoder is not None:
+        policy.encoder.load_state_dict({k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")})
 
 
 def _resume(latest: Path, card, policy, optimizer, lr_schedule, ema) -> int:
@@ -363,6 +370,8 @@ def _resume(latest: Path, card, policy, optimizer, lr_schedule, ema) -> int:
     # The saved normalizer wins over the one just fitted; then the online (non-EMA) weights continue training.
     policy.load_weights(ckpt_io.read_weights(latest / ckpt_io.POLICY_WEIGHTS), source=str(latest))
     policy.model.load_state_dict(state["model"])
+    if policy.encoder is not None:
+        policy.encoder.load_state_dict(state["encoder"])
     return int(state["step"])
 
 

@@ -93,7 +93,8 @@ def calibrate(checkpoint, schedule: str, device: str, observations, seed: int, b
     policy, _ = load_policy(resolve_path(checkpoint), resolve_device(device))
     kind, steps = parse_schedule(schedule)
     row = Row(policy.sampler(SamplerConfig(name="sequential", scheduler=kind, steps=steps)), schedule)
-    latencies = time_row(policy, row, observations[:3], seed, warmup=1, progress=False).latencies
+    conds = policy.global_cond(observations[:3].to(policy.device))
+    latencies = time_row(policy, row, conds, seed, warmup=1, progress=False).latencies
     sequential_ms = float(np.median(latencies))
     chunks = int(budget_s * 1e3 / (ROW_COST_FACTOR * sequential_ms))
     chunks = max(low, min(high, chunks, len(observations)))

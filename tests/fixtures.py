@@ -2,7 +2,7 @@
 broken variant), tiny training runs, and the command-line runners and refusal checks.
 
 The PushT writer uses zarr directly rather than ReplayBuffer.save, so reader tests do not only test the
-library against itself.
+library against itself; zarr is imported there only, so the GPU machine (no zarr) can use the hdf5 writers.
 """
 from __future__ import annotations
 
@@ -10,9 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numcodecs
 import numpy as np
-import zarr
 
 from pcm_policy.commands import run_command
 from pcm_policy.data.robomimic import write_robomimic_hdf5
@@ -50,6 +48,9 @@ def write_pusht_zarr(path, lengths=PUSHT_EPISODE_LENGTHS, seed: int = 0, chunk_l
 
     `arrays` (as returned by pusht_arrays, possibly edited) overrides the generated data.
     """
+    import numcodecs
+    import zarr
+
     path = Path(path)
     arrays = arrays if arrays is not None else pusht_arrays(lengths, seed)
     store = zarr.storage.ZipStore(path, mode="w") if path.suffix == ".zip" else zarr.storage.LocalStore(path)

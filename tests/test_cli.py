@@ -58,45 +58,66 @@ def test_print_config_applies_overrides():
     assert cfg["control_hz"] == cfg["task"]["control_hz"]  # interpolations are resolved
 
 
-def test_data_info_json_for_both_formats(pusht_zarr_dir, pusht_zarr_zip, robomimic_hdf5):
+def _here(capsys, *args) -> tuple[int, str, list[str]]:
+    """`pcm ARGS` in this process, through the same `main` as the `pcm` script: (exit status, stdout, non-empty
+    stderr lines). The real-process tests above and below cover the script itself."""
+    from pcm_policy.cli import main
+
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, [line for line in captured.err.splitlines() if line.strip()]
+
+
+def _one_line_error(result, *needles) -> None:
+    code, _, err = result
+    assert code == 2 and len(err) == 1 and err[0].startswith("pcm: error: "), (code, err)
+    for needle in needles:
+        assert needle in err[0], err[0]
+
+
+def test_data_info_json_for_both_formats(capsys, pusht_zarr_dir, pusht_zarr_zip, robomimic_hdf5):
     for path, fmt in [(pusht_zarr_dir, "zarr"), (pusht_zarr_zip, "zarr"), (robomimic_hdf5, "robomimic")]:
-        result = pcm("data", "info", path, "--json")
-        assert result.returncode == 0, result.stderr
-        info = json.loads(result.stdout)
+        code, out, err = _here(capsys, "data", "info", path, "--json")
+        assert code == 0, err
+        info = json.loads(out)
         assert info["format"] == fmt and info["episodes"] > 0 and info["steps"] > 0 and info["arrays"]
-    info = json.loads(pcm("data", "info", robomimic_hdf5, "--json").stdout)
+    info = json.loads(_here(capsys, "data", "info", robomimic_hdf5, "--json")[1])
     assert "actions" in info["arrays"] and any(k.startswith("obs/") for k in info["arrays"])
 
 
-def test_data_info_bad_inputs(tmp_path):
-    assert_one_line_error(pcm("data", "info", tmp_path / "missing.zarr", "--json"), "missing.zarr")
+def test_data_info_bad_inputs(capsys, tmp_path):
+    _one_line_error(_here(capsys, "data", "info", tmp_path / "missing.zarr", "--json"), "missing.zarr")
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"\x00garbage" * 10)
-    assert_one_line_error(pcm("data", "info", junk), "junk.bin")
+    _one_line_error(_here(capsys, "data", "info", junk), "junk.bin")
     arrays = pusht_arrays()
     arrays["episode_ends"] = np.array([12, 21, 36, 400])
     bad = write_pusht_zarr(tmp_path / "ends.zarr", arrays=arrays)
-    assert_one_line_error(pcm("data", "info", bad), "ends.zarr", "episode_ends")
+    _one_line_error(_here(capsys, "data", "info", bad), "ends.zarr", "episode_ends")
     nodata = tmp_path / "nodata.hdf5"
     with h5py.File(nodata, "w") as f:
         f.create_group("mask")
-    assert_one_line_error(pcm("data", "info", nodata), "nodata.hdf5", "data")
+    _one_line_error(_here(capsys, "data", "info", nodata), "nodata.hdf5", "data")
 
 
-def test_unknown_key_missing_dataset_and_bad_device(tmp_path, pusht_zarr_dir):
+def test_unknown_key_in_a_real_process():
     assert_one_line_error(pcm("train", "train.stepz=3"), "train.stepz")
-    assert_one_line_error(pcm("train", "task=nope"), "task/nope")
-    assert_one_line_error(pcm("train", f"dataset.path={tmp_path / 'none.zarr'}", f"output_dir={tmp_path / 'o'}"),
-                          "none.zarr")
-    assert_one_line_error(pcm("train", f"dataset.path={pusht_zarr_dir}", "device=cuda:3", f"output_dir={tmp_path / 'o'}"),
-                          "device")
+
+
+def test_unknown_task_missing_dataset_and_bad_device(capsys, tmp_path, pusht_zarr_dir):
+    _one_line_error(_here(capsys, "train", "task=nope"), "task/nope")
+    _one_line_error(_here(capsys, "train", f"dataset.path={tmp_path / 'none.zarr'}", f"output_dir={tmp_path / 'o'}"),
+                    "none.zarr")
+    _one_line_error(_here(capsys, "train", f"dataset.path={pusht_zarr_dir}", "device=cuda:3",
+                          f"output_dir={tmp_path / 'o'}"), "device")
     assert not (tmp_path / "o").exists()
 
 
-def test_eval_and_pcm_need_checkpoints(tmp_path):
-    assert_one_line_error(pcm("eval", f"output_dir={tmp_path / 'e'}"), "checkpoint")
-    assert_one_line_error(pcm("eval", f"checkpoint={tmp_path / 'nothing'}", f"output_dir={tmp_path / 'e'}"), "nothing")
-    assert_one_line_error(pcm("train-pcm", f"output_dir={tmp_path / 'p'}"), "base")
+def test_eval_and_pcm_need_checkpoints(capsys, tmp_path):
+    _one_line_error(_here(capsys, "eval", f"output_dir={tmp_path / 'e'}"), "checkpoint")
+    _one_line_error(_here(capsys, "eval", f"checkpoint={tmp_path / 'nothing'}", f"output_dir={tmp_path / 'e'}"),
+                    "nothing")
+    _one_line_error(_here(capsys, "train-pcm", f"output_dir={tmp_path / 'p'}"), "base")
 
 
 def test_deterministic_flag(tmp_path):

@@ -130,7 +130,7 @@ def _assert_same_dataset(a_path, b_path):
 
 @pytest.mark.sim
 @pytest.mark.parametrize("task,args,name", [
-    ("pusht", ["episodes=8"], "pusht_expert.zarr"),  # failures skipped, full-length successful episodes
+    ("pusht", ["episodes=4"], "pusht_expert.zarr"),  # failures skipped, full-length successful episodes
     pytest.param("lift", ["episodes=6", "task.max_steps=40", "keep_failed=true"], "lift_expert.hdf5",
                  marks=pytest.mark.slow),  # robosuite: about 30 s
 ])
@@ -241,6 +241,7 @@ def _pct_cmd(root, out):
                 "checkpoint_every=1", "lora_rank=2")
 
 
+@pytest.mark.slow  # about 45 s of subprocesses; `pcm train`'s kill-and-resume test stays in the fast set
 def test_train_pcm_sigkill_in_collection_and_training_then_rerun_matches(pct_base):
     clean = subprocess.run(_pct_cmd(pct_base, pct_base / "clean"), capture_output=True, text=True, timeout=300)
     assert clean.returncode == 0, clean.stderr[-2000:]

@@ -95,6 +95,7 @@ def test_torchrun_train_matches_single_process_and_resumes(tmp_path, data):
     assert json.loads((multi / "metrics.json").read_text())["resumed_from"] == 2
 
 
+@pytest.mark.slow  # about 25 s; the torchrun `pcm train` test stays in the fast set
 def test_torchrun_train_pcm_matches_single_process(tmp_path, data):
     run_command("train", [f"dataset.path={data}", f"output_dir={tmp_path / 'base'}", "train.steps=20",
                             "train.batch_size=16", "train.checkpoint_every=20", "train.warmup_steps=0", *TINY])

@@ -27,6 +27,7 @@ from pcm_policy.checkpoint import load_policy
 from pcm_policy.model.lora import add_lora, scaled_denoiser
 from pcm_policy.sampling import sample_lora_switched, sample_picard, sample_sequential, sample_switched
 from pcm_policy.sampling.cuda_graph import GraphedDenoiser
+from tests.fixtures import write_robomimic_fixture
 from tests.toys import C, DA, H, Toy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,13 +60,13 @@ def _graph_rows_match_eager(device: str, schedules: list[str], chunks: int, atol
                                accelerated={}, device=torch.device(device))
     assert not skipped and len(rows) == 4 * len(schedules)
     graphed = graphed_rows(policy, rows)
-    observations = _observations(policy, chunks)
+    conds = policy.global_cond(_observations(policy, chunks).to(policy.device))
     for row, graph in zip(rows, graphed):
         assert (row.config.name, row.schedule, graph.graph) == (graph.config.name, graph.schedule, True)
         eager = Row(policy.sampler(dataclasses.replace(row.config, fixed_shape=True), pcm=row.sampler.pcm),
                     row.schedule, row.pcm_path)
-        t_eager = time_row(policy, eager, observations, 0, 0, progress=False)
-        t_graph = time_row(policy, graph, observations, 0, 1, progress=False)
+        t_eager = time_row(policy, eager, conds, 0, 0, progress=False)
+        t_graph = time_row(policy, graph, conds, 0, 1, progress=False)
         torch.testing.assert_close(t_graph.x0, t_eager.x0, rtol=0, atol=atol, msg=lambda m: f"{graph.name}: {m}")
         assert t_graph.iterations.tolist() == t_eager.iterations.tolist(), graph.name
     return graphed
@@ -149,8 +150,10 @@ TINY_POLICY = ["policy.down_dims=[32,64]", "policy.diffusion_step_embed_dim=32",
 
 
 def _train(out: Path) -> list[float]:
-    """A few `pcm train deterministic=true` steps on the shipped Lift data (hdf5: no zarr); the logged losses."""
-    _cli("train", "task=lift", f"device={DEVICE}", "deterministic=true", "seed=0", "train.steps=6",
+    """A few `pcm train deterministic=true` steps on a small robomimic Lift-layout file (hdf5: the GPU machine has
+    no zarr); the logged losses."""
+    data = write_robomimic_fixture(out.parent / f"{out.name}_lift.hdf5", lengths=(40, 30, 50))
+    _cli("train", "task=lift", f"dataset.path={data}", f"device={DEVICE}", "deterministic=true", "seed=0", "train.steps=6",
          "train.batch_size=32", "train.log_every=1", "train.checkpoint_every=6", *TINY_POLICY, f"output_dir={out}")
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     metrics = json.loads((out / "metrics.json").read_text())

@@ -83,7 +83,8 @@ def rendering_works():
 
 
 @pytest.mark.sim
-@pytest.mark.parametrize("env_id,dim", [("pcm/Lift-v0", 19), ("pcm/PickPlaceCan-v0", 23)])
+@pytest.mark.parametrize("env_id,dim", [pytest.param("pcm/Lift-v0", 19, marks=pytest.mark.slow),  # ~40 s of resets
+                                        ("pcm/PickPlaceCan-v0", 23)])
 def test_check_env(env_id, dim):
     import gymnasium as gym
     from gymnasium.utils.env_checker import check_env

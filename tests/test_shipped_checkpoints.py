@@ -22,7 +22,7 @@ def _observations(policy, n=2):
     return obs.reshape(2, 2, -1)[:n]
 
 
-@pytest.mark.parametrize("schedule", ["ddim10", "ddpm100"])
+@pytest.mark.parametrize("schedule", ["ddim10", pytest.param("ddpm100", marks=pytest.mark.slow)])  # tol 0: 100 rounds
 def test_shipped_policy_and_pcm_lora(schedule):
     policy, card = load_policy(DATA / "base")
     assert card["task"] == "pusht" and policy.config.obs_dim == 20

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from pcm_policy.chunk_sampler import ChunkSampler
 from pcm_policy.pcm.attach import load_pcm, pcm_denoiser
+from pcm_policy.policy import observation_count, select_observations
 from pcm_policy.paths import resolve_path
 from pcm_policy.sampler_config import SamplerConfig, parse_schedule
 from pcm_policy.sampling.cuda_graph import GraphedDenoiser
@@ -145,15 +146,58 @@ class RowTiming:
     converged: np.ndarray
 
 
+@dataclass
+class EncodedObservations:
+    """The network conditions of the bench's observations and what encoding each one cost.
+
+    Attributes:
+        conds: (n, C) global conditions (`DiffusionPolicy.global_cond`), on the policy's device.
+        encode_ms: wall time of each observation's encoding at batch 1, ms (n,): normalization and, for an image
+            policy, the vision encoder - paid once per chunk, never per Picard row.
+    """
+
+    conds: torch.Tensor
+    encode_ms: np.ndarray
+
+
 @torch.no_grad()
-def time_row(policy, row: Row, observations: torch.Tensor, noise_seed: int, warmup: int, max_iters=None,
-             progress: bool = True) -> RowTiming:
-    """Latency, stats and outputs of `row` over all observations (batch 1, same noise per chunk index).
+def encode_observations(policy, observations, warmup: int = 2, progress: bool = True) -> EncodedObservations:
+    """Encode every observation history once, at batch 1 as the controller does, timing each.
 
     Args:
-        policy: the base policy (its `global_cond`).
+        policy: the base policy.
+        observations: (n, To, Do) float32 in env units, or an image policy's {"obs", "image"} mapping.
+        warmup: untimed encodings of observation 0 first.
+        progress: show a progress bar.
+
+    Raises:
+        PcmError: a non-finite observation, or images the encoder refuses.
+    """
+    n = observation_count(observations)
+    conds, times = [], []
+    for i in tqdm(range(-warmup, n), desc="encode observations", unit="obs", disable=not progress, leave=False,
+                  dynamic_ncols=True):
+        one = select_observations(observations, slice(max(i, 0), max(i, 0) + 1))
+        t0 = time.perf_counter()
+        cond = policy.encode(one)
+        if cond.is_cuda:
+            torch.cuda.synchronize()
+        if i >= 0:
+            times.append((time.perf_counter() - t0) * 1e3)
+            conds.append(cond)
+    return EncodedObservations(torch.cat(conds), np.asarray(times))
+
+
+@torch.no_grad()
+def time_row(policy, row: Row, conds: torch.Tensor, noise_seed: int, warmup: int, max_iters=None,
+             progress: bool = True) -> RowTiming:
+    """Latency, stats and outputs of `row` over all observations' conditions (batch 1, same noise per chunk index):
+    the denoising alone (the observation was encoded once before, `encode_observations`).
+
+    Args:
+        policy: the base policy.
         row: the row to time.
-        observations: (n, To, Do) float32 in env units.
+        conds: (n, C) the observations' global conditions (`EncodedObservations.conds`).
         noise_seed: chunk i uses the noise of seed noise_seed + i.
         warmup: untimed chunks run first (on observation 0).
         max_iters: caps the Picard rounds (early-stop study); None: the config's.
@@ -163,9 +207,8 @@ def time_row(policy, row: Row, observations: torch.Tensor, noise_seed: int, warm
         The row's `RowTiming`.
     """
     sampler = row.sampler
-    conds = policy.global_cond(observations.to(policy.device))
     outputs, latencies, iterations, evaluations, converged = [], [], [], [], []
-    bar = tqdm(range(-warmup, len(observations)), desc=row.name, unit="chunk", disable=not progress,
+    bar = tqdm(range(-warmup, len(conds)), desc=row.name, unit="chunk", disable=not progress,
                dynamic_ncols=True, leave=False)
     for i in bar:
         j = max(i, 0)

@@ -68,7 +68,7 @@ def closed_loop_rows(policy, rows: list[Row], results: list[dict], settings: Epi
         result.update(run_episodes(policy, row.sampler, settings, episodes, row.name))
 
 
-def early_stop_study(policy, rows: list[Row], observations: torch.Tensor, references: dict[str, torch.Tensor],
+def early_stop_study(policy, rows: list[Row], conds: torch.Tensor, references: dict[str, torch.Tensor],
                      chunks: int, seed: int, settings: EpisodeSettings, episodes: int,
                      schedules: Sequence[str] | None) -> list[dict]:
     """Anytime quality: each iterative sampler capped at 1, 2, 3 sequential rounds against DDIM with as many steps.
@@ -76,7 +76,7 @@ def early_stop_study(policy, rows: list[Row], observations: torch.Tensor, refere
     Args:
         policy: the base policy.
         rows: the bench rows.
-        observations: (n, To, Do) float32 in env units.
+        conds: (n, C) the observations' global conditions (`EncodedObservations.conds`).
         references: schedule -> its sequential chunks.
         chunks: chunks per capped sampler (at most those of the reference).
         seed: the noise seed of chunk 0.
@@ -97,7 +97,7 @@ def early_stop_study(policy, rows: list[Row], observations: torch.Tensor, refere
             for row in rows:
                 if row.schedule != schedule or row.config.name == "sequential" or row.graph:
                     continue
-                x0 = time_row(policy, row, observations[:n], seed, 0, max_iters=cap, progress=False).x0
+                x0 = time_row(policy, row, conds[:n], seed, 0, max_iters=cap, progress=False).x0
                 entry = {"rounds": cap, "sampler": row.name, "reference": f"sequential/{schedule}",
                          "mean_abs_err": float((x0 - ref).abs().mean())}
                 if closed:
@@ -106,7 +106,7 @@ def early_stop_study(policy, rows: list[Row], observations: torch.Tensor, refere
                 study.append(entry)
             ddim = Row(policy.sampler(SamplerConfig(name="sequential", scheduler="ddim", steps=cap)),
                        schedule_name("ddim", cap))
-            x0 = time_row(policy, ddim, observations[:n], seed, 0, progress=False).x0
+            x0 = time_row(policy, ddim, conds[:n], seed, 0, progress=False).x0
             entry = {"rounds": cap, "sampler": f"sequential/{ddim.schedule}", "reference": f"sequential/{schedule}",
                      "mean_abs_err": float((x0 - ref).abs().mean())}
             if closed:

@@ -21,7 +21,7 @@ import torch
 from pcm_policy.atomic import atomic_write_text
 from pcm_policy.benchmark.measure import measure_rows
 from pcm_policy.benchmark.report import add_speedups, markdown_table, plot, plot_sweep, sweep_summary
-from pcm_policy.benchmark.rows import build_rows, graphed_rows
+from pcm_policy.benchmark.rows import build_rows, encode_observations, graphed_rows
 from pcm_policy.benchmark.studies import EpisodeSettings, closed_loop_rows, early_stop_study
 from pcm_policy.checkpoint import Card, load_policy
 from pcm_policy.errors import ConfigError
@@ -235,7 +235,8 @@ def run(config: Config, echo: bool = True) -> dict[str, Any]:
         skipped.append("cuda-graph rows: no CUDA device on this machine")
         print("skipped cuda-graph rows: no CUDA device on this machine")
 
-    results, references = measure_rows(policy, rows, observations, config.chunks, seed, config.warmup, budget_ms,
+    encoded = encode_observations(policy, observations)
+    results, references = measure_rows(policy, rows, encoded, config.chunks, seed, config.warmup, budget_ms,
                                        device_name, threads)
     episodes = EpisodeSettings(config.task.name, config.task.env_id, config.task.max_steps, config.control_hz,
                                config.budget_ms, seed, config.seed_start)
@@ -244,7 +245,7 @@ def run(config: Config, echo: bool = True) -> dict[str, Any]:
     if config.episodes > 0:
         closed_loop_rows(policy, [rows[i] for i in studied], [results[i] for i in studied], episodes,
                          config.episodes, config.episodes_schedules)
-    early = (early_stop_study(policy, [rows[i] for i in studied], observations, references, config.early_stop_chunks,
+    early = (early_stop_study(policy, [rows[i] for i in studied], encoded.conds, references, config.early_stop_chunks,
                               seed, episodes, config.early_stop_episodes, config.episodes_schedules)
              if config.early_stop else [])
     add_speedups(results)

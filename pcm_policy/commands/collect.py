@@ -55,6 +55,7 @@ class Config:
         keep_failed, overwrite, images = flag(cfg, "keep_failed"), flag(cfg, "overwrite"), flag(cfg, "images")
         if images and not task.collects_images:
             raise ConfigError(f"images=true: the {task.name} collector records no images (task={task.name})")
+        images = images or bool(task.cameras)  # an image task's dataset always holds its camera frames
         name = text(cfg, "output_name", null=True)
         if name is not None and (Path(name).name != name or name in (".", "..")):
             raise ConfigError(f"output_name={name!r}: a file name inside output_dir, not a path")

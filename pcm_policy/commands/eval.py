@@ -79,6 +79,7 @@ class Config:
         card.check_closed_loop()
         task = dataclasses.replace(task, env_id=task.env_for(card.observation_kind, card.observation_parts))
         check_registered(task.env_id)
+        card.check_env_gives_cameras(task.env_id)
         group = lookup(cfg, "sampler")
         sampler = check_sampler(group, "sampler", card.num_train_timesteps, card.path)
         pcm = group.get("pcm_checkpoint") if sampler.needs_pcm else None

@@ -123,11 +123,24 @@ class EpisodeLog:
                 "rejected_observations": self.rejected_observations}
 
 
+def _step_observation(obs) -> np.ndarray | dict[str, np.ndarray]:
+    """One env observation as the history keeps it: float32 (Do,), or an image env's dict with `obs` as float32."""
+    if isinstance(obs, dict):
+        return {k: np.asarray(v, dtype=np.float32) if k == "obs" else np.asarray(v) for k, v in obs.items()}
+    return np.asarray(obs, dtype=np.float32)
+
+
+def _finite(obs) -> bool:
+    """Whether the low-dim part of an observation is finite (camera frames are uint8)."""
+    return bool(np.all(np.isfinite(obs["obs"] if isinstance(obs, dict) else obs)))
+
+
 class Controller:
     """Runs a policy at control frequency: observation history, action queue, per-chunk deadlines.
 
     `policy` needs `config` (n_obs_steps, n_action_steps, horizon) and `predict_chunk(obs (1, To, Do) float32,
-    sampler, generator=, should_stop=)` returning `.action_pred` (1, H, Da) and `.stats` (iterations,
+    sampler, generator=, should_stop=)` (an image env's observation - a dict of `obs` (Do,) and `image` (cameras,
+    3, H, W) - is kept as such and passed as {"obs": (1, To, Do), "image": (1, To, cameras, 3, H, W)}) returning `.action_pred` (1, H, Da) and `.stats` (iterations,
     evaluations, converged). `clock` is the time source of chunk latencies and deadlines: a `now()` function
     in seconds (default `time.perf_counter`) or a `ChunkClock`; `config.fixed_latency_ms` replaces it with a
     `FixedLatencyClock`.
@@ -171,8 +184,8 @@ class Controller:
         Raises:
             ValueError: `obs` is not finite.
         """
-        obs = np.asarray(obs, dtype=np.float32)
-        if not np.all(np.isfinite(obs)):
+        obs = _step_observation(obs)
+        if not _finite(obs):
             raise ValueError("first observation of the episode is not finite")
         self.history.clear()
         self.history.extend([obs] * self.n_obs_steps)
@@ -180,17 +193,22 @@ class Controller:
 
     def observe(self, obs: np.ndarray, log: EpisodeLog) -> None:
         """Append an observation (Do,) to the history; a non-finite one is dropped and counted in `log`."""
-        obs = np.asarray(obs, dtype=np.float32)
-        if np.all(np.isfinite(obs)):
+        obs = _step_observation(obs)
+        if _finite(obs):
             self.history.append(obs)
         else:
             log.rejected_observations += 1  # keep planning from the last good history
 
-    def history_snapshot(self) -> np.ndarray:
-        """A read-only copy of the observation history, (To, Do) float32, oldest first."""
-        obs = np.stack(self.history)
-        obs.flags.writeable = False
-        return obs
+    def history_snapshot(self) -> np.ndarray | dict[str, np.ndarray]:
+        """A read-only copy of the observation history, (To, Do) float32, oldest first (an image env's: a dict of
+        that and the camera history (To, cameras, 3, H, W))."""
+        if isinstance(self.history[0], dict):
+            snapshot = {k: np.stack([h[k] for h in self.history]) for k in self.history[0]}
+        else:
+            snapshot = {None: np.stack(self.history)}
+        for value in snapshot.values():
+            value.flags.writeable = False
+        return snapshot.get(None, snapshot)
 
     # ---- one chunk ---------------------------------------------------------------------------------------
     def _budget_s(self, queued: int) -> float:
@@ -213,7 +231,11 @@ class Controller:
             (actions (cover, Da) float32 in env units for control steps step..step+cover-1, its `ChunkRecord`).
         """
         history = self.history_snapshot() if history is None else history
-        obs = torch.tensor(history, dtype=torch.float32)[None]  # a copy: the snapshot is read-only
+        if isinstance(history, dict):  # copies: the snapshot is read-only
+            obs = {"obs": torch.tensor(history["obs"], dtype=torch.float32)[None],
+                   "image": torch.tensor(history["image"])[None]}
+        else:
+            obs = torch.tensor(history, dtype=torch.float32)[None]
         elapsed = self.clock.start()
         should_stop = None if deadline_s is None else (lambda: past_deadline(elapsed(), deadline_s))
         chunk = self.policy.predict_chunk(obs, self.sampler, generator=self.generator, should_stop=should_stop)

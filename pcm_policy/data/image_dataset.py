@@ -331,6 +331,13 @@ class ImageDataset(Dataset):
         bs, be, ss, _ = self.lowdim.sampler.indices[idx]
         return bs + np.clip(np.arange(self.lowdim.n_obs_steps) - ss, 0, be - bs - 1)
 
+    def window_images(self, indices: Sequence[int]) -> torch.Tensor:
+        """The frames of windows `indices`, (n, To, N, 3, H, W) uint8, each frame decoded once per call."""
+        rows = np.stack([self.window_rows(i) for i in indices])  # (n, To)
+        unique, inverse = np.unique(rows, return_inverse=True)
+        frames = self.images.read(unique)[inverse.reshape(rows.shape)]  # (n, To, N, H, W, 3)
+        return torch.from_numpy(np.ascontiguousarray(frames.transpose(0, 1, 2, 5, 3, 4)))
+
     def __len__(self) -> int:
         return len(self.lowdim)
 

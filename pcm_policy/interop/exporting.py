@@ -51,14 +51,17 @@ class ExportSource:
 
         Raises:
             CheckpointError: no readable checkpoint, or a PCM checkpoint.
-            ConfigError: a policy the format cannot hold (its final block's GroupNorm groups, an unknown
-                noise-schedule key).
+            ConfigError: a policy the format cannot hold (an image policy, its final block's GroupNorm groups, an
+                unknown noise-schedule key).
         """
         ckpt = resolve_checkpoint(path)
         card = read_card(ckpt)
         if card.get("kind") != "base":
             raise CheckpointError(f"{ckpt}: kind={card.get('kind')!r}: only base policies export (a PCM runs only "
                                   "with this project's samplers; export its base)")
+        if (card.get("policy") or {}).get("vision") is not None:
+            raise ConfigError(f"{ckpt}: policy.vision: an image policy; export writes low-dim policies only for now "
+                              f"(the {fmt} image layout is not written yet)")
         policy, card = load_policy(ckpt)
         config = policy.config
         final_groups = config.final_n_groups or config.n_groups

@@ -64,7 +64,7 @@ def load_pcm(path: str | Path, policy, device: torch.device | str = "cpu") -> tu
     card = ckpt_io.read_card(ckpt)
     if card.get("kind") != "pcm":
         raise CheckpointError(f"{ckpt}: not a PCM checkpoint (kind={card.get('kind')!r})")
-    fingerprint = ckpt_io.weights_fingerprint(policy.model)
+    fingerprint = ckpt_io.weights_fingerprint(*policy.trained_modules())
     if card.get("base_fingerprint") != fingerprint:
         raise CheckpointError(f"{ckpt}: PCM was trained for another base policy ({card.get('base')}); "
                               "train one for this checkpoint with `pcm train-pcm base=...`")

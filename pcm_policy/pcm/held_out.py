@@ -9,6 +9,7 @@ import torch
 
 from pcm_policy.chunk_sampler import ChunkSampler
 from pcm_policy.pcm.attach import pcm_denoiser
+from pcm_policy.policy import observation_count, select_observations
 from pcm_policy.sampler_config import SamplerConfig
 
 
@@ -24,7 +25,7 @@ def evaluate_iterations(policy, net, sampler: SamplerConfig, observations: torch
         policy: the base policy.
         net: the PCM network (full copy or LoRA).
         sampler: the schedule (scheduler, steps, start) the PCM is trained for.
-        observations: (N, To, Do) float32 in env units.
+        observations: (N, To, Do) float32 in env units (an image policy's: with their frames).
         tol: convergence tolerance of the Picard rows.
         window: Picard window (None: all S steps).
         stiffness: switching stiffness of the PCM rows (None: the samplers' default).
@@ -50,8 +51,8 @@ def evaluate_iterations(policy, net, sampler: SamplerConfig, observations: torch
             config = SamplerConfig(name=name, stiffness=stiffness if name != "picard" else None, **variant)
             samplers[name + ("+aa" if config.accel == "anderson" else "")] = build(config, pcm)
     rows: dict[str, list[tuple[int, int, float]]] = {name: [] for name in samplers}
-    for i in range(len(observations)):
-        cond = policy.global_cond(observations[i:i + 1].to(policy.device))
+    for i in range(observation_count(observations)):
+        cond = policy.encode(select_observations(observations, slice(i, i + 1)))
         x_T, noise = policy.make_noise(1, sampler, torch.Generator().manual_seed(seed + i))
         ref, _ = reference.sample(x_T, noise, cond)
         for name, chunk_sampler in samplers.items():

@@ -36,6 +36,7 @@ from pcm_policy.pcm.attach import build_pcm_network, pcm_denoiser
 from pcm_policy.pcm.held_out import evaluate_iterations
 from pcm_policy.pcm.loss import SLOT_WEIGHTINGS, pct_loss, slot_weights
 from pcm_policy.pcm.trajectories import TrajectorySet, collect
+from pcm_policy.policy import observation_count
 from pcm_policy.runtime import seed_everything
 from pcm_policy.sampler_config import SCHEDULERS, STARTS, SamplerConfig
 from pcm_policy.sampling.schedule import StepCoefficients
@@ -169,15 +170,16 @@ def _train_pcm(s: PctSettings, base_ckpt: Path, source: ObservationSource, out: 
     policy, base_card = ckpt_io.load_policy(base_ckpt, device)
     for p in policy.model.parameters():
         p.requires_grad_(False)
-    fingerprint = ckpt_io.weights_fingerprint(policy.model)
+    fingerprint = ckpt_io.weights_fingerprint(*policy.trained_modules())
     sampler = s.sampler
     t0 = time.perf_counter()
 
     train_obs, eval_obs = source.sets(base_ckpt, seed, policy, env_id, out / "observations.safetensors")
-    last = len(train_obs) % s.batch_size
+    last = observation_count(train_obs) % s.batch_size
     if 0 < last < ctx.world_size:  # every process needs at least one row of every batch
-        raise ConfigError(f"trajectories: the last batch of an epoch has {last} trajectories ({len(train_obs)} % "
-                          f"batch_size={s.batch_size}), fewer than the {ctx.world_size} processes")
+        raise ConfigError(f"trajectories: the last batch of an epoch has {last} trajectories "
+                          f"({observation_count(train_obs)} % batch_size={s.batch_size}), fewer than the "
+                          f"{ctx.world_size} processes")
     shards = collect(policy, sampler, train_obs, out, fingerprint, s.collect_batch, s.collect_tol,
                      s.collect_max_iters, seed, source.kind, ctx)
     trajectories = TrajectorySet(shards)

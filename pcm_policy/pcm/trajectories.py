@@ -17,6 +17,7 @@ from pcm_policy import distributed
 from pcm_policy.atomic import atomic_path, atomic_write_text
 from pcm_policy.errors import ConfigError
 from pcm_policy.pcm.loss import iterate_variances
+from pcm_policy.policy import observation_count, select_observations
 from pcm_policy.sampler_config import SamplerConfig
 from pcm_policy.sampling.picard import picard_loop, prepare, single_model_map, tile_cond
 from pcm_policy.sampling.schedule import StepCoefficients
@@ -71,7 +72,8 @@ def collect(policy, sampler: SamplerConfig, observations: torch.Tensor, out: Pat
     Args:
         policy: the base policy.
         sampler: the Picard config (scheduler, steps, start) of the schedule the PCM is trained for.
-        observations: (N, To, Do) float32 in env units.
+        observations: (N, To, Do) float32 in env units (an image policy's: with their frames,
+            `pcm_policy.observations`).
         out: the run directory.
         fingerprint: the base weights' fingerprint, recorded in `trajectories/meta.json`.
         batch: observations per shard (one batched Picard run each).
@@ -100,7 +102,7 @@ def collect(policy, sampler: SamplerConfig, observations: torch.Tensor, out: Pat
         atomic_write_text(meta_path, json.dumps(meta, indent=2))
     ctx.barrier()  # the directory exists before any rank writes into it
     scheduler = policy.scheduler_for(sampler)
-    batches = list(torch.split(torch.arange(len(observations)), batch))
+    batches = list(torch.split(torch.arange(observation_count(observations)), batch))
     shards = [traj_dir / f"batch_{b:04d}.safetensors" for b in range(len(batches))]
     mine = range(ctx.rank, len(batches), ctx.world_size)
     bar = tqdm(total=len(mine), desc="collect Picard trajectories", unit="batch", dynamic_ncols=True,
@@ -108,8 +110,7 @@ def collect(policy, sampler: SamplerConfig, observations: torch.Tensor, out: Pat
     for b in mine:
         rows, shard = batches[b], shards[b]
         if not shard.is_file():
-            obs = observations[rows].to(policy.device)
-            cond = policy.global_cond(obs)
+            cond = policy.encode(select_observations(observations, rows))  # (an image policy: its encoder, once)
             x_T, noise = policy.make_noise(len(rows), sampler, torch.Generator().manual_seed(seed * 100_003 + b))
             iterates, fixed = collect_picard_trajectory(policy.denoiser, scheduler, x_T, noise, cond,
                                                         tol=tol, max_iters=max_iters,

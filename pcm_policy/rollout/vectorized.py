@@ -25,9 +25,10 @@ from pcm_policy.rollout.results import EpisodeResult
 class ChunkAgent:
     """Batched policy calls: (N, To, Do) observation histories -> (N, Ta, Da) actions, with timing.
 
-    `agent(obs)` takes a float array (N, To, Do) in env units and returns float32 actions (N, Ta, Da) in env
+    `agent(obs)` takes a float array (N, To, Do) in env units - for an image policy a dict of that (`obs`) and
+    its camera history (`image`, (N, To, cameras, 3, H, W) uint8) - and returns float32 actions (N, Ta, Da) in env
     units (`DiffusionPolicy.predict_chunk`, which raises PcmError for a non-finite observation), recording each
-    call's statistics.
+    call's statistics (the image encoding is part of each call's latency).
 
     Args:
         policy: the `DiffusionPolicy`.
@@ -50,9 +51,11 @@ class ChunkAgent:
         self.evaluations: list[int] = []
         self.exact: list[bool] = []
 
-    def __call__(self, obs: np.ndarray) -> np.ndarray:
+    def __call__(self, obs: np.ndarray | dict[str, np.ndarray]) -> np.ndarray:
         t0 = time.perf_counter()
-        chunk = self.policy.predict_chunk(torch.as_tensor(obs, dtype=torch.float32), self.sampler, generator=self.generator)
+        if not isinstance(obs, dict):
+            obs = torch.as_tensor(obs, dtype=torch.float32)
+        chunk = self.policy.predict_chunk(obs, self.sampler, generator=self.generator)
         self.latencies_ms.append((time.perf_counter() - t0) * 1e3)
         self.iterations.append(int(chunk.stats.iterations))
         self.evaluations.append(int(chunk.stats.evaluations))
@@ -69,6 +72,13 @@ class ChunkAgent:
                 "exact_fraction": float(np.mean(self.exact))}
 
 
+def take_rows(obs: np.ndarray | dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray | dict[str, np.ndarray]:
+    """Rows `rows` of a vector env's observation: an array, or each entry of a dict observation (image envs)."""
+    if isinstance(obs, dict):
+        return {k: v[rows] for k, v in obs.items()}
+    return obs[rows]
+
+
 def rollout_policy(agent: Callable[[np.ndarray], np.ndarray], env_id: str, episodes: int, n_envs: int,
                    n_obs_steps: int, n_action_steps: int, max_steps: int, seed_start: int = 100000,
                    vector: str = "sync", video_dir: Path | None = None, n_videos: int = 0, fps: int = 10,
@@ -79,7 +89,8 @@ def rollout_policy(agent: Callable[[np.ndarray], np.ndarray], env_id: str, episo
     limit) or its first success.
 
     Args:
-        agent: `agent(obs)` maps observation histories (n, n_obs_steps, Do) in env units to actions
+        agent: `agent(obs)` maps observation histories (n, n_obs_steps, Do) in env units (for an image env, a dict
+            of them and the camera histories) to actions
             (n, n_action_steps, Da) in env units (e.g. a `ChunkAgent`); called once per control chunk with the
             still-running envs' rows.
         env_id: a gymnasium id registered by `envs`.
@@ -125,7 +136,7 @@ def rollout_policy(agent: Callable[[np.ndarray], np.ndarray], env_id: str, episo
             while not done.all():
                 actions = np.zeros((n_envs, n_action_steps, *vec.single_action_space.shape[1:]), dtype=np.float32)
                 active = np.flatnonzero(~done)
-                actions[active] = agent(obs[active])
+                actions[active] = agent(take_rows(obs, active))
                 obs, _, terminated, truncated, info = vec.step(actions)
                 for i in active:
                     cov = info.get("episode_max_coverage")

@@ -18,14 +18,19 @@ from pcm_policy.rollout.vectorized import ChunkAgent, rollout_policy
 
 
 class _RecordingAgent:
-    """Wraps a chunk agent (obs (N, To, Do) -> actions (N, Ta, Da)) and keeps every observation batch it sees."""
+    """Wraps a chunk agent (obs (N, To, Do) -> actions (N, Ta, Da)) and keeps every observation batch it sees (an
+    image env's: the low-dim history as float32 and the camera history as given)."""
 
     def __init__(self, agent):
         self.agent = agent
-        self.seen: list[np.ndarray] = []
+        self.seen: list[np.ndarray | dict[str, np.ndarray]] = []
 
-    def __call__(self, obs: np.ndarray) -> np.ndarray:
-        self.seen.append(np.array(obs, dtype=np.float32, copy=True))
+    def __call__(self, obs: np.ndarray | dict[str, np.ndarray]) -> np.ndarray:
+        if isinstance(obs, dict):
+            self.seen.append({k: np.array(v, dtype=np.float32 if k == "obs" else None, copy=True)
+                              for k, v in obs.items()})
+        else:
+            self.seen.append(np.array(obs, dtype=np.float32, copy=True))
         return self.agent(obs)
 
 
@@ -44,7 +49,8 @@ def visited_observations(policy, env_id: str, max_steps: int, episodes: int, see
         progress: show a progress bar.
 
     Returns:
-        (N, To, Do) float32 in env units: one history per env and chunk request, non-finite ones dropped.
+        (N, To, Do) float32 in env units: one history per env and chunk request, non-finite ones dropped (an image
+        env's: {"obs": that, "image": (N, To, cameras, 3, H, W) uint8}).
 
     Raises:
         ConfigError: `env_id` is empty (the checkpoint names no env to roll out in), or an invalid sampler config.
@@ -55,6 +61,10 @@ def visited_observations(policy, env_id: str, max_steps: int, episodes: int, see
     c = policy.config
     rollout_policy(agent, env_id, episodes, n_envs, c.n_obs_steps, c.n_action_steps, max_steps, seed_start,
                    progress=progress)
-    obs = np.concatenate(agent.seen, axis=0)
-    keep = np.isfinite(obs).all(axis=(1, 2))  # a finished env may report a stale/invalid history
-    return torch.from_numpy(obs[keep])
+    if isinstance(agent.seen[0], dict):
+        seen = {k: np.concatenate([s[k] for s in agent.seen], axis=0) for k in agent.seen[0]}
+    else:
+        seen = {"obs": np.concatenate(agent.seen, axis=0)}
+    keep = np.isfinite(seen["obs"]).all(axis=(1, 2))  # a finished env may report a stale/invalid history
+    kept = {k: torch.from_numpy(v[keep]) for k, v in seen.items()}
+    return kept if len(kept) > 1 else kept["obs"]
