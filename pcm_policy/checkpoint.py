@@ -257,9 +257,10 @@ class Card:
         Raises:
             ConfigError: naming the missing camera input (or the images a low-dim policy cannot take) and the env.
         """
-        given = cameras_of_env(env_id)
-        if given is None or given == self.cameras:
+        layouts = cameras_of_env(env_id)
+        if layouts is None or self.cameras in layouts:
             return
+        given = layouts[0]
         if self.cameras:
             missing = [c for c in self.cameras if c not in given] or list(self.cameras)
             raise ConfigError(f"{self.key}={self.given}: the policy needs camera image {', '.join(missing)}, which "

@@ -175,7 +175,10 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Task(name="pusht_image", entry_point="envs.pusht:PushTLowDimEnv", robosuite_env=None, control_hz=10,
          max_steps=300,
          observations=(ObservationLayout("dp_pusht_image", (("agent_pos", 2),), "pcm/PushT-image-v0",
-                                         (("observation", "agent_pos+image"),), cameras=("img",)),),
+                                         (("observation", "agent_pos+image"),), cameras=("img",)),
+                       # lerobot's `diffusion_pusht`: the same env, its feature names
+                       ObservationLayout("lerobot_pusht_image", (("observation.state", 2),), "pcm/PushT-image-v0",
+                                         (("observation", "agent_pos+image"),), cameras=("observation.image",))),
          action_dim=2, score="coverage", expert="envs.experts:make_expert",
          collector="envs.collect_pusht:collect_task", collects_images=True, dataset_kind="pusht_zarr",
          dataset_path="data/pusht_image/pusht_image_expert.zarr", dataset_episodes=200, dataset_shipped=False,
@@ -247,13 +250,11 @@ class TaskOptions:
         return layout.env_id if self.env_id == self.spec.env_id else self.env_id
 
 
-def cameras_of_env(env_id: str) -> tuple[str, ...] | None:
-    """The cameras the registered env `env_id` gives (empty for a low-dim env); None for an env of no task here."""
-    for task in TASKS.values():
-        for layout in task.observations:
-            if layout.env_id == env_id:
-                return layout.cameras
-    return None
+def cameras_of_env(env_id: str) -> list[tuple[str, ...]] | None:
+    """The camera layouts the registered env `env_id` gives, one per observation layout it serves (the same frames
+    under each layout's names; `()` for a low-dim env); None for an env of no task here."""
+    found = [layout.cameras for task in TASKS.values() for layout in task.observations if layout.env_id == env_id]
+    return found or None
 
 
 def get_task(name: str, key: str = "task.name") -> Task:

@@ -12,7 +12,7 @@ from pcm_policy.commands import run_command
 from pcm_policy.data.normalizer import Normalizer
 from pcm_policy.errors import ConfigError, PcmError
 from pcm_policy.policy import DiffusionPolicy, PolicyConfig, select_observations
-from tests.fixtures import assert_refused, pusht_image_arrays, write_pusht_zarr
+from tests.fixtures import assert_refused, pusht_image_arrays, run_cli, write_pusht_zarr
 
 VISION = {"kind": "small_cnn", "image_shape": [32, 32], "crop_shape": [28, 28], "channels": [16, 16],
           "num_keypoints": 4, "feature_dim": 8}
@@ -148,7 +148,9 @@ def test_image_policy_refusals(image_run, capsys):
     ckpt = root / "run"
     assert_refused(capsys, root, "eval", f"checkpoint={ckpt}", "task=pusht_image", "task.env_id=pcm/PushT-v0",
                    f"output_dir={root / 'eval'}", needles=["needs camera image img", "pcm/PushT-v0"])
-    assert_refused(capsys, root, "export", str(ckpt), "--format", "lerobot", f"output_dir={root / 'exp'}",
+    assert_refused(capsys, root, "export", str(ckpt), "--format", "lerobot", root / "exp",
+                   needles=["policy.vision.kind='small_cnn'", "ResNet-18"])
+    assert_refused(capsys, root, "export", str(ckpt), "--format", "diffusion-policy", root / "dp.ckpt",
                    needles=["policy.vision", "image policy"])
     assert_refused(capsys, root, "train", "task=pusht_image", f"dataset.path={data}", *TINY_CLI,
                    "policy.camera_keys=[]", f"output_dir={root / 'bad'}", needles=["policy.camera_keys"])
@@ -181,3 +183,51 @@ def test_image_env_gives_the_collectors_frame_and_the_controller_plans_from_it()
     snapshot = controller.history_snapshot()
     assert snapshot["obs"].shape == (2, 2) and snapshot["image"].shape == (2, 1, 3, 96, 96)
     assert not snapshot["image"].flags.writeable
+
+
+def test_resnet18_policy_exports_to_lerobot_and_imports_back_bit_for_bit(tmp_path, capsys):
+    """The lerobot image layout (`diffusion.rgb_encoder.*` in lerobot's names, VISUAL features, MEAN_STD image
+    statistics) written by our exporter and read by our importer gives back the same weights and chunks."""
+    from pcm_policy import checkpoint as ckpt_io
+    from pcm_policy.interop.lerobot import import_lerobot
+    from pcm_policy.interop.lerobot_export import export_lerobot
+
+    torch.manual_seed(3)
+    vision = {"kind": "resnet18", "image_shape": [96, 96], "crop_shape": [84, 84], "num_keypoints": 4,
+              "feature_dim": 8, "image_mean": [0.91, 0.87, 0.85], "image_std": [0.15, 0.171, 0.2]}
+    rng = np.random.default_rng(3)
+    normalizer = Normalizer.fit({"obs": rng.uniform(10, 500, (40, 2)), "action": rng.uniform(10, 505, (40, 2))})
+    policy = DiffusionPolicy(PolicyConfig(obs_dim=2, action_dim=2, vision=vision, camera_keys=["img"],
+                                          final_n_groups=8, **TINY), normalizer).eval()  # lerobot's final block: 8
+    card = {"kind": "base", "task": "pusht_image", "env_id": None, "dataset": None, "abs_action": False,
+            "policy": policy.config.to_dict()}
+    ckpt_io.save_checkpoint(tmp_path / "ours", card, policy.weights())
+    report = export_lerobot(tmp_path / "ours", tmp_path / "lerobot")
+    cfg = json.loads((tmp_path / "lerobot" / "config.json").read_text())
+    assert cfg["input_features"]["observation.image"] == {"type": "VISUAL", "shape": [3, 96, 96]}
+    assert cfg["normalization_mapping"]["VISUAL"] == "MEAN_STD" and cfg["crop_shape"] == [84, 84]
+    assert report["inexact_dims"] == 0
+
+    back = import_lerobot(tmp_path / "lerobot")
+    assert back.card["task"] == "pusht_image" and back.card["observation"]["kind"] == "lerobot_pusht_image"
+    again = back.build_policy()
+    assert again.config.camera_keys == ("observation.image",)
+    theirs = again.weights()
+    for key, value in policy.weights().items():  # lerobot keeps min/max, not mean/std: the map itself round-trips
+        if key.startswith(("model.", "encoder.")) or key.endswith((".scale", ".offset", ".min", ".max")):
+            assert torch.equal(theirs[key], value), key
+    obs = {"obs": torch.rand(2, 2, 2) * 400 + 20,
+           "image": torch.randint(0, 256, (2, 2, 1, 3, 96, 96), dtype=torch.uint8)}
+    a = policy.predict_chunk(obs, SEQ_DDIM, generator=torch.Generator().manual_seed(0)).action_pred
+    b = again.predict_chunk(obs, SEQ_DDIM, generator=torch.Generator().manual_seed(0)).action_pred
+    assert torch.equal(a, b)
+
+    # `pcm import` writes it as a checkpoint that `eval` runs in the image env (its cameras under lerobot's names)
+    code, err = run_cli(capsys, "import", "lerobot", tmp_path / "lerobot", f"output_dir={tmp_path / 'imported'}")
+    assert code == 0, err
+    card = yaml.safe_load((tmp_path / "imported" / "policy.yaml").read_text())
+    from pcm_policy.checkpoint import Card
+    from pcm_policy.tasks import TASKS
+    Card.open_base("checkpoint", str(tmp_path / "imported"), task="pusht_image").check_env_gives_cameras(
+        TASKS["pusht_image"].env_id)
+    assert card["policy"]["camera_keys"] == ["observation.image"]

@@ -91,8 +91,9 @@ BAD = {
     # id: (fixture, file to edit, edit, error type, text the message must name)
     "act_policy": ("lerobot_pusht_keypoints", "config.json", _set("type", "act"), CheckpointError, "'type'"),
     "vqbet_policy": ("lerobot_pusht_keypoints", "config.json", _set("type", "vqbet"), CheckpointError, "'type'"),
-    "image_input": ("lerobot_pusht_keypoints", "config.json", _image_input, CheckpointError,
-                    "input_features.observation.image"),
+    # an image beside the environment state: lerobot's condition order (state, images, environment state) is not ours
+    "image_input_beside_environment_state": ("lerobot_pusht_keypoints", "config.json", _image_input, CheckpointError,
+                                             "images beside observation.environment_state"),
     "missing_config_key": ("lerobot_pusht_keypoints", "config.json", lambda d: d.pop("down_dims"), CheckpointError,
                            "'down_dims'"),
     # the config now implies other shapes than the weights have: the weights file and key are named

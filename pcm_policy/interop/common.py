@@ -32,12 +32,14 @@ class ImportedPolicy:
             per dim, env units <-> the network's normalized units.
         weights: the network's state dict under `ConditionalUnet1D`'s names, float32 CPU tensors.
         card: the checkpoint card (`policy.yaml`) without its `policy` section (added on writing).
+        encoder_weights: an image policy's encoder state dict under `VisionEncoder`'s names (None: low-dim).
     """
 
     config: PolicyConfig
     normalizer: Normalizer
     weights: dict[str, torch.Tensor]
     card: dict[str, Any]
+    encoder_weights: dict[str, torch.Tensor] | None = None
 
     def build_policy(self):
         """The `DiffusionPolicy` these parts make, in eval mode on the CPU.
@@ -48,6 +50,7 @@ class ImportedPolicy:
         """
         policy = DiffusionPolicy(self.config, self.normalizer)
         state = {f"model.{k}": v for k, v in self.weights.items()}
+        state.update({f"encoder.{k}": v for k, v in (self.encoder_weights or {}).items()})
         state.update(self.normalizer.state_dict())
         policy.load_weights(state, source=str(self.card.get("source", {}).get("path", "imported weights")))
         return policy.eval()

@@ -36,6 +36,7 @@ class ExportSource:
             float32 CPU tensors (D,).
         card: its card.
         noise_scheduler: the full `DDPMScheduler` keyword arguments (diffusers' defaults filled in).
+        encoder: an image policy's `VisionEncoder` (eval mode, float32), None for a low-dim policy.
     """
 
     checkpoint: Path
@@ -44,9 +45,10 @@ class ExportSource:
     normalizer: dict[str, dict[str, torch.Tensor]]
     card: dict[str, Any]
     noise_scheduler: dict[str, Any]
+    encoder: Any = None
 
     @classmethod
-    def read(cls, path: str | Path, fmt: str) -> "ExportSource":
+    def read(cls, path: str | Path, fmt: str, images: bool = False) -> "ExportSource":
         """Read the base policy at `path` (checkpoint or run directory) for export to `fmt`.
 
         Raises:
@@ -59,9 +61,16 @@ class ExportSource:
         if card.get("kind") != "base":
             raise CheckpointError(f"{ckpt}: kind={card.get('kind')!r}: only base policies export (a PCM runs only "
                                   "with this project's samplers; export its base)")
-        if (card.get("policy") or {}).get("vision") is not None:
-            raise ConfigError(f"{ckpt}: policy.vision: an image policy; export writes low-dim policies only for now "
-                              f"(the {fmt} image layout is not written yet)")
+        vision = (card.get("policy") or {}).get("vision")
+        if vision is not None and not images:
+            raise ConfigError(f"{ckpt}: policy.vision: an image policy; the {fmt} export writes low-dim policies "
+                              "only for now (`--format lerobot` writes ResNet-18 image policies)")
+        if vision is not None and vision.get("kind") != "resnet18":
+            raise ConfigError(f"{ckpt}: policy.vision.kind={vision.get('kind')!r}: {fmt} has ResNet-18 image "
+                              "encoders only; this encoder cannot be written there")
+        if vision is not None and vision.get("feature_dim") != 2 * vision.get("num_keypoints", 0):
+            raise ConfigError(f"{ckpt}: policy.vision.feature_dim={vision.get('feature_dim')}: {fmt}'s encoder "
+                              f"projects to 2 x num_keypoints = {2 * vision.get('num_keypoints', 0)} features")
         policy, card = load_policy(ckpt)
         config = policy.config
         final_groups = config.final_n_groups or config.n_groups
@@ -78,7 +87,8 @@ class ExportSource:
             if key.startswith("normalizer."):
                 _, field, stat = key.split(".")
                 normalizer.setdefault(field, {})[stat] = value.float()
-        return cls(ckpt, config, network, normalizer, card, {**SCHEDULER_DEFAULTS, **config.noise_scheduler})
+        return cls(ckpt, config, network, normalizer, card, {**SCHEDULER_DEFAULTS, **config.noise_scheduler},
+                   policy.encoder)
 
     def renamed(self, prefix: str, source_name: Callable[[str], str]) -> dict[str, torch.Tensor]:
         """The network weights under the other tool's names (`source_name(our name)`), with `prefix`."""

@@ -12,6 +12,11 @@ The directory holds `config.json` (the `DiffusionConfig` fields) and `model.safe
 lerobot conditions on `observation.state`, then image features, then `observation.environment_state`, per
 observation step, flattened over the steps; the imported policy takes the flat per-step observation
 [state, environment state] in env units and normalizes each part as lerobot does (one affine map per dim).
+An image policy (VISUAL inputs, lerobot's `diffusion_pusht`) imports with its encoder - ResNet-18 with GroupNorm,
+spatial-softmax keypoints and the projection under `diffusion.rgb_encoder.` - as `policy.vision`; its cameras'
+per-channel statistics become the encoder's fixed affine map (`image_mean`/`image_std`), and it takes its cameras'
+frames as the `image` history (0..255 uint8 or [0, 1] floats, as lerobot's [0, 1] frames). Supported: one shared
+encoder, state + cameras (no environment state beside images), no resize.
 Only JSON and safetensors are read: no lerobot code is needed or run.
 """
 from __future__ import annotations
@@ -25,8 +30,10 @@ import torch
 
 from pcm_policy.checkpoint import read_weights
 from pcm_policy.errors import CheckpointError, ConfigError
+from pcm_policy.errors import PcmError
 from pcm_policy.interop.common import (ImportedPolicy, affine_field, check_noise_schedule, concat_fields,
                                        convert_unet_weights, normalizer_from_fields, to_numpy64)
+from pcm_policy.model.vision import VisionEncoderConfig, build_vision_encoder, encoder_state_from_lerobot
 from pcm_policy.policy import PolicyConfig
 
 CONFIG = "config.json"
@@ -35,6 +42,7 @@ PREPROCESSOR = "policy_preprocessor.json"
 POSTPROCESSOR = "policy_postprocessor.json"
 OBS_STATE, OBS_ENV, ACTION = "observation.state", "observation.environment_state", "action"
 UNET_PREFIX = "diffusion.unet."
+ENCODER_PREFIX = "diffusion.rgb_encoder."
 OLD_PREFIXES = ("normalize_inputs.", "normalize_targets.", "unnormalize_outputs.")
 MODES = ("MIN_MAX", "MEAN_STD", "IDENTITY")
 EPS = 1e-8  # lerobot's normalization epsilon (fixed before 0.4, the processor's `eps` since)
@@ -71,8 +79,9 @@ def import_lerobot(path: str | Path) -> ImportedPolicy:
         (`source`, `observation` layout; task "pusht" for the PushT keypoints layout).
 
     Raises:
-        CheckpointError: a missing or unreadable file, another policy type, an image input, missing/unknown
-            keys or shapes that disagree with the config (one line naming the file and the key).
+        CheckpointError: a missing or unreadable file, another policy type, an image layout not supported (see the
+            module), missing/unknown keys or shapes that disagree with the config (one line naming the file and
+            the key).
         ConfigError: a scheduler, prediction type or normalization mode the samplers do not support.
     """
     root = Path(path)
@@ -89,6 +98,7 @@ def import_lerobot(path: str | Path) -> ImportedPolicy:
             hint = " (a config from before lerobot's input_features schema?)" if key == "input_features" else ""
             raise CheckpointError(f"{cfg_file}: missing key {key!r}{hint}")
     layout = _layout(cfg, cfg_file)
+    cameras = _cameras(cfg, cfg_file)
     obs_dim = sum(size for _, size in layout)
     action_dim = _feature_size(cfg["output_features"], ACTION, "ACTION", cfg_file, "output_features")
     extra_out = sorted(set(cfg["output_features"]) - {ACTION})
@@ -98,10 +108,14 @@ def import_lerobot(path: str | Path) -> ImportedPolicy:
     config = _policy_config(cfg, cfg_file, obs_dim, action_dim)
     weights_file = root / WEIGHTS
     state = read_weights(weights_file)
+    if cameras:  # the encoder's features join the condition: the UNet's shapes follow
+        config = _with_vision(cfg, cfg_file, root, config, cameras, state, weights_file)
+    allowed = (UNET_PREFIX, *OLD_PREFIXES, *((ENCODER_PREFIX,) if cameras else ()))
     for key in sorted(state):
-        if not key.startswith(UNET_PREFIX) and not key.startswith(OLD_PREFIXES):
-            raise CheckpointError(f"{weights_file}: unexpected key {key!r} (only the UNet and normalization "
-                                  "buffers are expected)")
+        if not key.startswith(allowed):
+            raise CheckpointError(f"{weights_file}: unexpected key {key!r} (only the UNet"
+                                  f"{', the image encoder' if cameras else ''} and normalization buffers are "
+                                  "expected)")
     weights = convert_unet_weights(state, UNET_PREFIX, source_name, config, weights_file,
                                    "down_dims, kernel_size, diffusion_step_embed_dim, use_film_scale_modulation, "
                                    "input_features, output_features, n_obs_steps")
@@ -112,17 +126,22 @@ def import_lerobot(path: str | Path) -> ImportedPolicy:
         norm_source = f"normalization buffers in {WEIGHTS} (lerobot < 0.4)"
     _check_action_clipping(cfg, cfg_file, action_field)
     normalizer = normalizer_from_fields(obs_field, action_field)
+    encoder_weights = _encoder_weights(config, state, weights_file) if cameras else None
 
-    pusht = [(n, s) for n, s in layout] == [(OBS_STATE, 2), (OBS_ENV, 16)] and action_dim == 2
+    pusht = [(n, s) for n, s in layout] == [(OBS_STATE, 2), (OBS_ENV, 16)] and action_dim == 2 and not cameras
+    pusht_image = ([(n, s) for n, s in layout] == [(OBS_STATE, 2)] and action_dim == 2 and len(cameras) == 1
+                   and cameras[0][1] == (96, 96))
+    kind = "lerobot_pusht_keypoints" if pusht else "lerobot_pusht_image" if pusht_image else "lerobot_state"
     card: dict[str, Any] = {
-        "kind": "base", "task": "pusht" if pusht else None, "env_id": None, "dataset": None, "abs_action": False,
+        "kind": "base", "task": "pusht" if pusht else "pusht_image" if pusht_image else None, "env_id": None,
+        "dataset": None, "abs_action": False,
         "source": {"format": "lerobot", "path": str(root), "normalization": norm_source,
                    "noise_scheduler_type": cfg["noise_scheduler_type"],
                    "num_inference_steps": cfg.get("num_inference_steps")},
-        "observation": {"kind": "lerobot_pusht_keypoints" if pusht else "lerobot_state",
-                        "layout": [{"name": n, "size": s} for n, s in layout]},
+        "observation": {"kind": kind, "layout": [{"name": n, "size": s} for n, s in layout]},
     }
-    return ImportedPolicy(config=config, normalizer=normalizer, weights=weights, card=card)
+    return ImportedPolicy(config=config, normalizer=normalizer, weights=weights, card=card,
+                          encoder_weights=encoder_weights)
 
 
 # ---- config --------------------------------------------------------------------------------------------------
@@ -159,8 +178,7 @@ def _layout(cfg: dict[str, Any], file: Path) -> list[tuple[str, int]]:
     for key, ft in features.items():
         ftype = ft.get("type") if isinstance(ft, dict) else None
         if ftype == "VISUAL":
-            raise CheckpointError(f"{file}: input_features.{key} is an image (VISUAL): policies with an image "
-                                  "encoder are not supported yet")
+            continue  # `_cameras`
         if key not in (OBS_STATE, OBS_ENV):
             raise CheckpointError(f"{file}: input_features.{key} (type {ftype!r}): only {OBS_STATE} and "
                                   f"{OBS_ENV} are supported")
@@ -168,6 +186,120 @@ def _layout(cfg: dict[str, Any], file: Path) -> list[tuple[str, int]]:
     if OBS_ENV in features:
         layout.append((OBS_ENV, _feature_size(features, OBS_ENV, "ENV", file, "input_features")))
     return layout
+
+
+def _cameras(cfg: dict[str, Any], file: Path) -> list[tuple[str, tuple[int, int]]]:
+    """(name, (H, W)) of every VISUAL input, in lerobot's stacking order (the config's); [] for a low-dim policy.
+
+    Raises:
+        CheckpointError: an image layout not supported (see the module), naming the key.
+    """
+    cameras = []
+    for key, ft in cfg["input_features"].items():
+        if not (isinstance(ft, dict) and ft.get("type") == "VISUAL"):
+            continue
+        shape = ft.get("shape")
+        if not (isinstance(shape, list) and len(shape) == 3 and shape[0] == 3
+                and all(isinstance(s, int) and s > 0 for s in shape)):
+            raise CheckpointError(f"{file}: input_features.{key}.shape={shape!r}: expected [3, H, W] (RGB)")
+        cameras.append((key, (shape[1], shape[2])))
+    if not cameras:
+        return cameras
+    unsupported = [
+        ("vision_backbone", cfg.get("vision_backbone") != "resnet18", "only resnet18 is supported"),
+        ("use_separate_rgb_encoder_per_camera", bool(cfg.get("use_separate_rgb_encoder_per_camera")),
+         "one encoder shared by every camera is supported"),
+        ("resize_shape", cfg.get("resize_shape") is not None, "resizing images before the crop is not supported"),
+        ("input_features", OBS_ENV in cfg["input_features"],
+         "images beside observation.environment_state are not supported yet"),
+        ("input_features", len({size for _, size in cameras}) > 1, "cameras of different sizes are not supported"),
+    ]
+    for key, bad, why in unsupported:
+        if bad:
+            raise CheckpointError(f"{file}: {key}={cfg.get(key)!r}: {why}" if key != "input_features" else
+                                  f"{file}: input_features: {why}")
+    return cameras
+
+
+def _with_vision(cfg, cfg_file: Path, root: Path, config: PolicyConfig, cameras, state, weights_file: Path
+                 ) -> PolicyConfig:
+    """`config` with the `vision` and `camera_keys` of a lerobot image policy (lerobot's encoder projects to
+    2 x spatial_softmax_num_keypoints features).
+
+    Raises:
+        CheckpointError: vision keys out of range, naming the config file.
+    """
+    mean, std = _image_affine(cfg, cfg_file, root, state, weights_file, [name for name, _ in cameras])
+    keypoints = cfg.get("spatial_softmax_num_keypoints")
+    crop = cfg.get("crop_shape")
+    try:
+        vision = VisionEncoderConfig(
+            kind="resnet18", image_shape=cameras[0][1], crop_shape=tuple(crop) if crop is not None else None,
+            crop_is_random=bool(cfg.get("crop_is_random", True)), num_keypoints=keypoints,
+            feature_dim=2 * keypoints if isinstance(keypoints, int) else keypoints,
+            use_group_norm=bool(cfg.get("use_group_norm", True)), image_mean=mean, image_std=std)
+        return PolicyConfig(**{**config.to_dict(), "vision": vision.to_dict(),
+                               "camera_keys": [name for name, _ in cameras]})
+    except PcmError as e:
+        raise CheckpointError(f"{cfg_file}: crop_shape/spatial_softmax_num_keypoints/input_features do not make "
+                              f"an image encoder ({str(e).splitlines()[0]})") from None
+
+
+def _encoder_weights(config: PolicyConfig, state, weights_file: Path) -> dict[str, torch.Tensor]:
+    """The `diffusion.rgb_encoder.*` weights under `VisionEncoder`'s names, checked by loading them strictly.
+
+    Raises:
+        CheckpointError: missing, unknown or misshapen entries (another crop, keypoint count or norm), naming the
+            weights file.
+    """
+    try:
+        encoder = build_vision_encoder(config.vision_config)
+        weights = encoder_state_from_lerobot(state, encoder, ENCODER_PREFIX)
+        encoder.load_state_dict(weights, strict=True)
+    except (PcmError, RuntimeError) as e:
+        first = [line.strip() for line in str(e).strip().splitlines()]
+        raise CheckpointError(f"{weights_file}: {ENCODER_PREFIX}* does not fit crop_shape/"
+                              f"spatial_softmax_num_keypoints/use_group_norm ({' '.join(first[:2])[:200]})") from None
+    return {k: v.float() for k, v in weights.items()}
+
+
+def _image_affine(cfg, cfg_file: Path, root: Path, state, weights_file: Path, names: list[str]):
+    """Per-channel (mean, std) of the encoder's affine map that makes lerobot's image normalization of [0, 1]
+    frames: MEAN_STD (x - mean) / (std + eps) (`std + eps` as lerobot divides by it), MIN_MAX 2 (x - min) /
+    (max - min) - 1, IDENTITY x. Every camera must share the statistics (one encoder, one map)."""
+    if (root / PREPROCESSOR).is_file():
+        conf, stats_state, stats_file = _processor_step(root / PREPROCESSOR, "normalizer_processor")
+        mode = _mode(conf.get("norm_map", {}), "VISUAL", root / PREPROCESSOR, "norm_map")
+        only = conf.get("normalize_observation_keys")
+        eps, prefixes = float(conf.get("eps", EPS)), {n: n for n in names}
+        if only is not None:
+            mode = "IDENTITY" if not any(n in only for n in names) else mode
+    else:
+        mode = _mode(cfg["normalization_mapping"], "VISUAL", cfg_file, "normalization_mapping")
+        stats_state, stats_file, eps = state, weights_file, EPS
+        prefixes = {n: "normalize_inputs.buffer_" + n.replace(".", "_") for n in names}
+    if mode == "IDENTITY":
+        return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    maps = []
+    for name in names:
+        stats = _stats_of(stats_state, prefixes[name])
+        for stat in {"MIN_MAX": ("min", "max"), "MEAN_STD": ("mean", "std")}[mode]:
+            value = stats.get(stat)
+            if value is None:
+                raise CheckpointError(f"{stats_file}: missing key {prefixes[name] + '.' + stat!r} ({mode} image "
+                                      "normalization needs it)")
+            if value.numel() != 3:
+                raise CheckpointError(f"{stats_file}: {prefixes[name]}.{stat} has shape {tuple(value.shape)}: "
+                                      "per-channel statistics (3, 1, 1) are supported")
+        if mode == "MEAN_STD":
+            maps.append((stats["mean"].flatten().tolist(), (stats["std"].float() + eps).flatten().tolist()))
+        else:
+            lo, hi = stats["min"].double().flatten(), stats["max"].double().flatten()
+            maps.append((((lo + hi) / 2).tolist(), ((hi - lo) / 2).tolist()))
+    if any(m != maps[0] for m in maps):
+        raise CheckpointError(f"{stats_file}: the cameras {', '.join(names)} have different image statistics; one "
+                              "shared encoder with one normalization is supported")
+    return tuple(maps[0][0]), tuple(maps[0][1])
 
 
 def _policy_config(cfg: dict[str, Any], file: Path, obs_dim: int, action_dim: int) -> PolicyConfig:

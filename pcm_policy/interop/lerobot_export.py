@@ -8,7 +8,10 @@ normalizer's statistics in `policy_preprocessor_step_3_normalizer_processor.safe
 
 Inputs: a policy whose observation is lerobot's (`observation.state`, then `observation.environment_state`, e.g.
 an imported lerobot PushT policy) keeps both features; any other per-step observation becomes one
-`observation.state` vector of the same size and order.
+`observation.state` vector of the same size and order. An image policy with a ResNet-18 encoder writes its cameras
+as VISUAL features (`observation.image` for one camera, else `observation.images.<camera>`, or the names it was
+imported with), its encoder under `diffusion.rgb_encoder.` in lerobot's names and the encoder's fixed affine map
+as MEAN_STD image statistics (mean, std) of shape (3, 1, 1).
 
 Statistics: lerobot stores float32 min/max and computes the map from them, so a min/max pair is searched among
 the float32 neighbours of the exact pre-image for which `import_lerobot`'s formula gives back the policy's own
@@ -28,12 +31,14 @@ from safetensors.torch import save_file
 
 from pcm_policy.atomic import atomic_path
 from pcm_policy.interop.exporting import ExportSource, check_export_target
-from pcm_policy.interop.lerobot import (ACTION, CONFIG, EPS, OBS_ENV, OBS_STATE, POSTPROCESSOR, PREPROCESSOR,
-                                        UNET_PREFIX, WEIGHTS, source_name)
+from pcm_policy.interop.lerobot import (ACTION, CONFIG, ENCODER_PREFIX, EPS, OBS_ENV, OBS_STATE, POSTPROCESSOR,
+                                        PREPROCESSOR, UNET_PREFIX, WEIGHTS, source_name)
+from pcm_policy.model.vision import encoder_state_to_lerobot
 
 PRE_STATE = "policy_preprocessor_step_3_normalizer_processor.safetensors"
 POST_STATE = "policy_postprocessor_step_0_unnormalizer_processor.safetensors"
 NORM_MAP = {"STATE": "MIN_MAX", "ENV": "MIN_MAX", "ACTION": "MIN_MAX"}
+IMAGE_NORM_MAP = {**NORM_MAP, "VISUAL": "MEAN_STD"}  # an image policy's: its encoder's affine map as mean/std
 SEARCH_ULPS = 16  # float32 neighbours tried on each side of the exact min and max
 
 
@@ -54,7 +59,7 @@ def export_lerobot(checkpoint: str | Path, output: str | Path) -> dict[str, Any]
         ConfigError: a policy lerobot's UNet cannot hold, or an output that is the source or other data.
     """
     output = Path(output)
-    source = ExportSource.read(checkpoint, "lerobot")
+    source = ExportSource.read(checkpoint, "lerobot", images=True)
     check_export_target("output", output, source.checkpoint, lambda p: p.is_dir() and (p / CONFIG).is_file()
                         and (p / WEIGHTS).is_file())
     c = source.config
@@ -71,15 +76,27 @@ def export_lerobot(checkpoint: str | Path, output: str | Path) -> dict[str, Any]
 
     input_features = {name: {"type": "STATE" if name == OBS_STATE else "ENV", "shape": [size]}
                       for name, size in layout}
+    network = source.renamed(UNET_PREFIX, source_name)
+    if source.encoder is not None:
+        vision = source.encoder.config
+        cameras = _camera_names(c.camera_keys)
+        for name in cameras:  # lerobot stacks the cameras in the order of its config's features
+            input_features[name] = {"type": "VISUAL", "shape": [3, *vision.image_shape]}
+            state[f"{name}.mean"] = torch.tensor(vision.image_mean, dtype=torch.float32).view(3, 1, 1)
+            state[f"{name}.std"] = _std_before_eps(vision.image_std).view(3, 1, 1)
+        network.update({k: v.float().contiguous() for k, v in encoder_state_to_lerobot(source.encoder,
+                                                                                        ENCODER_PREFIX).items()})
     output_features = {ACTION: {"type": "ACTION", "shape": [c.action_dim]}}
     with atomic_path(output) as tmp:
         tmp.mkdir()
         (tmp / CONFIG).write_text(json.dumps(_config(source, input_features, output_features), indent=4))
-        save_file(source.renamed(UNET_PREFIX, source_name), str(tmp / WEIGHTS))
+        save_file(network, str(tmp / WEIGHTS))
         save_file(state, str(tmp / PRE_STATE))
         save_file(dict(state), str(tmp / POST_STATE))
-        (tmp / PREPROCESSOR).write_text(json.dumps(_preprocessor({**input_features, **output_features}), indent=2))
-        (tmp / POSTPROCESSOR).write_text(json.dumps(_postprocessor(output_features), indent=2))
+        norm_map = IMAGE_NORM_MAP if source.encoder is not None else NORM_MAP
+        (tmp / PREPROCESSOR).write_text(json.dumps(_preprocessor({**input_features, **output_features}, norm_map),
+                                                   indent=2))
+        (tmp / POSTPROCESSOR).write_text(json.dumps(_postprocessor(output_features, norm_map), indent=2))
     return {"path": output, "features": dict(layout), "inexact_dims": inexact + inexact_action}
 
 
@@ -91,6 +108,29 @@ def _stats(name: str, min_max: dict[str, torch.Tensor], own: dict[str, torch.Ten
     mean = own["mean"].clone() if "mean" in own else ((lo.double() + hi.double()) / 2).float()
     std = own["std"].clone() if "std" in own else ((hi.double() - lo.double()) / 2).float()
     return {f"{name}.min": lo, f"{name}.max": hi, f"{name}.mean": mean, f"{name}.std": std}
+
+
+def _std_before_eps(std) -> torch.Tensor:
+    """float32 std statistics that lerobot's MEAN_STD map (and `import_lerobot`), dividing by `std + eps` in
+    float32, turns back into exactly `std` (as float32) where such a value exists within a few steps."""
+    target = torch.tensor(std, dtype=torch.float32)
+    out = (target.double() - EPS).float()
+    for i in range(len(out)):
+        for candidate in _neighbours(np.float32(out[i]), 4):
+            if torch.tensor(candidate) + EPS == target[i]:
+                out[i] = float(candidate)
+                break
+    return out
+
+
+def _camera_names(camera_keys) -> list[str]:
+    """lerobot feature names of our cameras: kept when they are lerobot's already (an imported policy), else
+    `observation.image` for a single camera and `observation.images.<camera>` for several."""
+    if all(k.startswith("observation.image") for k in camera_keys):
+        return list(camera_keys)
+    if len(camera_keys) == 1:
+        return ["observation.image"]
+    return [f"observation.images.{k}" for k in camera_keys]
 
 
 def _layout(source: ExportSource) -> list[tuple[str, int]]:
@@ -148,16 +188,17 @@ def _neighbours(x: np.float32, n: int) -> np.ndarray:
 
 
 def _config(source: ExportSource, input_features, output_features) -> dict[str, Any]:
-    """lerobot's `DiffusionConfig` fields (state inputs; the vision fields at lerobot's defaults, unused)."""
+    """lerobot's `DiffusionConfig` fields (the vision fields: the encoder's, or lerobot's defaults, unused)."""
     c, ns = source.config, source.noise_scheduler
-    return {
+    vision = source.encoder.config if source.encoder is not None else None
+    fields = {
         "type": "diffusion", "n_obs_steps": c.n_obs_steps, "input_features": input_features,
         "output_features": output_features, "device": "cpu", "use_amp": False,
         "horizon": c.horizon, "n_action_steps": c.n_action_steps, "normalization_mapping": dict(NORM_MAP),
         "drop_n_last_frames": c.horizon - c.n_action_steps - c.n_obs_steps + 1,
         "vision_backbone": "resnet18", "crop_shape": None, "crop_is_random": True,
         "pretrained_backbone_weights": None, "use_group_norm": True, "spatial_softmax_num_keypoints": 32,
-        "use_separate_rgb_encoder_per_camera": False,
+        "use_separate_rgb_encoder_per_camera": False, "resize_shape": None,
         "down_dims": list(c.down_dims), "kernel_size": c.kernel_size, "n_groups": c.n_groups,
         "diffusion_step_embed_dim": c.diffusion_step_embed_dim, "use_film_scale_modulation": c.film_scale,
         "noise_scheduler_type": "DDPM", "num_train_timesteps": ns["num_train_timesteps"],
@@ -166,23 +207,29 @@ def _config(source: ExportSource, input_features, output_features) -> dict[str, 
         "clip_sample_range": ns["clip_sample_range"], "num_inference_steps": None,
         "do_mask_loss_for_padding": False,
     }
+    if vision is not None:
+        fields.update({"crop_shape": list(vision.crop_shape) if vision.crop_shape else None,
+                       "crop_is_random": vision.crop_is_random, "use_group_norm": vision.use_group_norm,
+                       "spatial_softmax_num_keypoints": vision.num_keypoints,
+                       "normalization_mapping": dict(IMAGE_NORM_MAP)})
+    return fields
 
 
-def _norm_step(registry_name: str, features, state_file: str) -> dict[str, Any]:
+def _norm_step(registry_name: str, features, state_file: str, norm_map) -> dict[str, Any]:
     return {"registry_name": registry_name,
-            "config": {"eps": EPS, "features": features, "norm_map": dict(NORM_MAP)},
+            "config": {"eps": EPS, "features": features, "norm_map": dict(norm_map)},
             "state_file": state_file}
 
 
-def _preprocessor(features) -> dict[str, Any]:
+def _preprocessor(features, norm_map) -> dict[str, Any]:
     return {"name": "policy_preprocessor", "steps": [
         {"registry_name": "rename_observations_processor", "config": {"rename_map": {}}},
         {"registry_name": "to_batch_processor", "config": {}},
         {"registry_name": "device_processor", "config": {"device": "cpu", "float_dtype": None}},
-        _norm_step("normalizer_processor", features, PRE_STATE)]}
+        _norm_step("normalizer_processor", features, PRE_STATE, norm_map)]}
 
 
-def _postprocessor(features) -> dict[str, Any]:
+def _postprocessor(features, norm_map) -> dict[str, Any]:
     return {"name": "policy_postprocessor", "steps": [
-        _norm_step("unnormalizer_processor", features, POST_STATE),
+        _norm_step("unnormalizer_processor", features, POST_STATE, norm_map),
         {"registry_name": "device_processor", "config": {"device": "cpu", "float_dtype": None}}]}
