@@ -231,3 +231,22 @@ def test_resnet18_policy_exports_to_lerobot_and_imports_back_bit_for_bit(tmp_pat
     Card.open_base("checkpoint", str(tmp_path / "imported"), task="pusht_image").check_env_gives_cameras(
         TASKS["pusht_image"].env_id)
     assert card["policy"]["camera_keys"] == ["observation.image"]
+
+
+def test_train_on_a_robomimic_image_file_with_two_cameras(tmp_path, capsys):
+    """robomimic image hdf5 (agentview + eye-in-hand, 84x84, the robot's own state): one shared encoder over both
+    cameras; the Lift env gives no images, so eval refuses the policy in one line."""
+    from tests.fixtures import write_robomimic_image_fixture
+
+    data = write_robomimic_image_fixture(tmp_path / "image.hdf5", lengths=(14, 12, 16), size=32)
+    cameras = "policy.camera_keys=[agentview_image,robot0_eye_in_hand_image]"
+    robot_state = "dataset.obs_keys=[robot0_eef_pos,robot0_eef_quat,robot0_gripper_qpos]"  # as DP's image tasks
+    metrics = run_command("train", ["task=lift", f"dataset.path={data}", *TINY_CLI, cameras, robot_state,
+                                    "train.steps=2",
+                                    "train.batch_size=4", "train.warmup_steps=0", f"output_dir={tmp_path / 'run'}"])
+    policy, card = load_policy(tmp_path / "run")
+    assert metrics["steps"] == 2 and card["policy"]["obs_dim"] == 9  # eef pos 3 + quat 4 + gripper 2
+    assert policy.config.step_cond_dim == 9 + 2 * 8
+    capsys.readouterr()  # (the training's progress bar)
+    assert_refused(capsys, tmp_path, "eval", f"checkpoint={tmp_path / 'run'}", "task=lift",
+                   f"output_dir={tmp_path / 'eval'}", needles=["needs camera image agentview_image", "pcm/Lift-v0"])

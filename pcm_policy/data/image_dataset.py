@@ -335,7 +335,10 @@ class ImageDataset(Dataset):
         """The frames of windows `indices`, (n, To, N, 3, H, W) uint8, each frame decoded once per call."""
         rows = np.stack([self.window_rows(i) for i in indices])  # (n, To)
         unique, inverse = np.unique(rows, return_inverse=True)
-        frames = self.images.read(unique)[inverse.reshape(rows.shape)]  # (n, To, N, H, W, 3)
+        episode = np.searchsorted(self.lowdim.episode_ends, unique, side="right")
+        # one read per episode (an hdf5 reader reads one demo at a time; a zarr one is chunk-cached either way)
+        parts = [self.images.read(unique[episode == e]) for e in np.unique(episode)]
+        frames = np.concatenate(parts)[inverse.reshape(rows.shape)]  # (n, To, N, H, W, 3)
         return torch.from_numpy(np.ascontiguousarray(frames.transpose(0, 1, 2, 5, 3, 4)))
 
     def __len__(self) -> int:
