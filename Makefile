@@ -20,8 +20,9 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/pcm demo
 
+# two workers: one per core of the 2-core machine this project runs on (pytest-xdist); the tests are process-safe
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2
 
 test-slow: $(STAMP)
 	$(BIN)/pytest -q -m slow

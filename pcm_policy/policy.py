@@ -130,7 +130,7 @@ class PolicyConfig:
         return int(self.noise_scheduler.get("num_train_timesteps", 100))
 
     def build_network(self) -> ConditionalUnet1D:
-        """A freshly initialised action head of this shape (conditioned on the flattened To x Do history), on the
+        """A freshly initialised action head of this shape (conditioned on To x `step_cond_dim` features), on the
         current default device (e.g. inside `torch.device("meta")` no memory is spent on weights)."""
         return ConditionalUnet1D(
             input_dim=self.action_dim, global_cond_dim=self.step_cond_dim * self.n_obs_steps, down_dims=self.down_dims,
