@@ -263,8 +263,9 @@ class Card:
         given = layouts[0]
         if self.cameras:
             missing = [c for c in self.cameras if c not in given] or list(self.cameras)
+            gives = ", ".join(given) or "low-dim observations only"
             raise ConfigError(f"{self.key}={self.given}: the policy needs camera image {', '.join(missing)}, which "
-                              f"env {env_id} does not give (it gives {', '.join(given) or 'low-dim observations only'})")
+                              f"env {env_id} does not give (it gives {gives})")
         raise ConfigError(f"{self.key}={self.given}: a low-dim policy, but env {env_id} gives camera images "
                           f"({', '.join(given)}); use the task's low-dim env")
 

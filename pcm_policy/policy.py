@@ -381,9 +381,10 @@ class DiffusionPolicy(nn.Module):
             if images is None:
                 raise PcmError(f"this image policy needs camera images ({', '.join(self.config.camera_keys)}) with "
                                "its observation")
-            if images.ndim != 6 or images.shape[0] != obs.shape[0] or images.shape[1] < To or images.shape[2] != cameras:
+            B = obs.shape[0]
+            if images.ndim != 6 or images.shape[0] != B or images.shape[1] < To or images.shape[2] != cameras:
                 raise PcmError(f"observation images have shape {tuple(images.shape)}, expected "
-                               f"({obs.shape[0]}, >={To}, {cameras}, 3, H, W)")
+                               f"({B}, >={To}, {cameras}, 3, H, W)")
             features = self.encoder.encode_steps(images[:, :To].to(obs.device))
             nobs = torch.cat([nobs, features], dim=-1)
         return nobs.reshape(obs.shape[0], -1)
@@ -595,13 +596,13 @@ class DiffusionPolicy(nn.Module):
         """
         model_state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
         encoder_state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+        if self.encoder is None and encoder_state:
+            raise PcmError(f"{source}: image-encoder weights (encoder.{next(iter(encoder_state))}) for a policy "
+                           "without cameras")
         try:
             self.model.load_state_dict(model_state, strict=True)
             if self.encoder is not None:
                 self.encoder.load_state_dict(encoder_state, strict=True)
-            elif encoder_state:
-                raise RuntimeError("image-encoder weights for a policy without cameras\n"
-                                   f"unexpected key encoder.{next(iter(encoder_state))}")
         except RuntimeError as e:
             first = str(e).strip().splitlines()
             raise PcmError(f"{source}: network weights do not match the configured policy shape "

@@ -139,9 +139,9 @@ class Controller:
     """Runs a policy at control frequency: observation history, action queue, per-chunk deadlines.
 
     `policy` needs `config` (n_obs_steps, n_action_steps, horizon) and `predict_chunk(obs (1, To, Do) float32,
-    sampler, generator=, should_stop=)` (an image env's observation - a dict of `obs` (Do,) and `image` (cameras,
-    3, H, W) - is kept as such and passed as {"obs": (1, To, Do), "image": (1, To, cameras, 3, H, W)}) returning `.action_pred` (1, H, Da) and `.stats` (iterations,
-    evaluations, converged). `clock` is the time source of chunk latencies and deadlines: a `now()` function
+    sampler, generator=, should_stop=)` returning `.action_pred` (1, H, Da) and `.stats` (iterations,
+    evaluations, converged); an image env's observation - a dict of `obs` (Do,) and `image` (cameras, 3, H, W) -
+    is kept as such and passed as {"obs": (1, To, Do), "image": (1, To, cameras, 3, H, W)}. `clock` is the time source of chunk latencies and deadlines: a `now()` function
     in seconds (default `time.perf_counter`) or a `ChunkClock`; `config.fixed_latency_ms` replaces it with a
     `FixedLatencyClock`.
 
@@ -202,13 +202,14 @@ class Controller:
     def history_snapshot(self) -> np.ndarray | dict[str, np.ndarray]:
         """A read-only copy of the observation history, (To, Do) float32, oldest first (an image env's: a dict of
         that and the camera history (To, cameras, 3, H, W))."""
-        if isinstance(self.history[0], dict):
-            snapshot = {k: np.stack([h[k] for h in self.history]) for k in self.history[0]}
-        else:
-            snapshot = {None: np.stack(self.history)}
+        if not isinstance(self.history[0], dict):
+            obs = np.stack(self.history)
+            obs.flags.writeable = False
+            return obs
+        snapshot = {k: np.stack([h[k] for h in self.history]) for k in self.history[0]}
         for value in snapshot.values():
             value.flags.writeable = False
-        return snapshot.get(None, snapshot)
+        return snapshot
 
     # ---- one chunk ---------------------------------------------------------------------------------------
     def _budget_s(self, queued: int) -> float:
