@@ -8,11 +8,17 @@ after the task is first solved (robomimic's human demos also end right after suc
 Failed episodes are dropped unless ``keep_failed``. The file is written atomically with ``train`` (90%) and
 ``valid`` (10%) masks and the exact ``env_args`` the env was built from.
 
+With ``cameras`` (robomimic's image datasets: ``agentview``, ``robot0_eye_in_hand``) every step also records
+``obs/<camera>_image`` (T, 84, 84, 3) uint8, upright, the frame rendered with the state before the action (MuJoCo
+offscreen rendering; about 0.1 s per camera per step on a CPU). ``next_obs`` stays low-dim (the loaders read
+``obs`` only; it halves the file).
+
     python -m envs.collect_robomimic --task lift --output data/lift/lift_expert.hdf5 --episodes 110 --seed 0
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -56,11 +62,14 @@ def _record_episode(env, expert, seed: int, max_steps: int, post_success_steps: 
     expert.reset(env)
     obs = {k: [] for k in obs_keys}
     next_obs = {k: [] for k in obs_keys}
+    frames = {f"{c}_image": [] for c in env.cameras}
     actions, rewards, states = [], [], []
     cur = env.obs_dict(obs_keys)
     first_success = None
     for t in range(max_steps):
         states.append(env.get_state())
+        for key, frame in env.camera_frames().items():
+            frames[key].append(frame)
         action = np.clip(expert.act(env), -1.0, 1.0)
         _, reward, _, _, info = env.step(action)
         nxt = env.obs_dict(obs_keys)
@@ -78,7 +87,8 @@ def _record_episode(env, expert, seed: int, max_steps: int, post_success_steps: 
     dones = np.zeros(T, dtype=np.int64)
     dones[-1] = 1
     demo = {
-        "obs": {k: np.asarray(v, dtype=np.float64) for k, v in obs.items()},
+        "obs": {**{k: np.asarray(v, dtype=np.float64) for k, v in obs.items()},
+                **{k: np.stack(v).astype(np.uint8) for k, v in frames.items()}},
         "next_obs": {k: np.asarray(v, dtype=np.float64) for k, v in next_obs.items()},
         "actions": np.asarray(actions, dtype=np.float64),
         "rewards": np.asarray(rewards, dtype=np.float64),
@@ -101,6 +111,8 @@ def collect_robomimic(
     env_args: dict | None = None,
     obs_keys=RECORD_OBS_KEYS,
     overwrite: bool = False,
+    cameras: tuple[str, ...] = (),
+    camera_size: int = 84,
 ) -> dict:
     """Run the scripted expert until ``episodes`` demos are kept; write them to ``output_path``; return stats.
 
@@ -108,7 +120,10 @@ def collect_robomimic(
     With ``keep_failed`` every episode is kept (so ``episodes`` is the number of attempts).
     Crash-safe and resumable like :func:`envs.collect_pusht.collect_pusht` (finished attempts are kept in
     ``<output>.partial/`` until the file is written); an existing complete output is left alone unless
-    ``overwrite``.
+    ``overwrite``. ``cameras`` (robosuite camera names) also records their ``camera_size`` square frames.
+
+    Raises:
+        PcmError: an option out of range; the expert kept too few demos; cameras without offscreen rendering.
     """
     from envs.collect_resume import EpisodeStore, check_existing_output
     from envs.robomimic_env import RobomimicLowDimEnv
@@ -121,12 +136,13 @@ def collect_robomimic(
     existing = check_existing_output(output_path, episodes, overwrite)
     if existing is not None:
         return {"task": task, **existing}
-    env = RobomimicLowDimEnv(task, env_args=env_args)
+    env = RobomimicLowDimEnv(task, env_args=env_args, cameras=cameras, camera_size=camera_size)
     bar = None
     try:
         store = EpisodeStore(output_path, {"task": env.task, "seed": seed, "keep_failed": keep_failed,
                                            "max_steps": max_steps, "post_success_steps": post_success_steps,
-                                           "obs_keys": list(obs_keys), "env_args": env.env_args, "format": 1})
+                                           "obs_keys": list(obs_keys), "env_args": env.env_args, "format": 1,
+                                           "cameras": list(cameras), "camera_size": camera_size})
         finished = store.open()
         resumed = store.kept(finished, episodes)
         expert = make_expert(env.task)
@@ -165,7 +181,7 @@ def collect_robomimic(
                     bar.update(1)
             if bar is not None and fresh:
                 bar.set_postfix(success=f"{attempts - len(failed_seeds)}/{attempts}", resumed=resumed)
-        env_args_used = env.env_args
+        env_args_used = _recorded_env_args(env)
     finally:
         if bar is not None:
             bar.close()
@@ -199,6 +215,17 @@ def collect_robomimic(
     return stats
 
 
+def _recorded_env_args(env) -> dict:
+    """The env_args written to the file: those the env was built from, with the camera settings it recorded with
+    (robomimic rebuilds an image env from them)."""
+    env_args = copy.deepcopy(env.env_args)
+    if env.cameras:
+        env_args["env_kwargs"].update(has_offscreen_renderer=True, use_camera_obs=True, camera_names=list(env.cameras),
+                                      camera_heights=env.camera_size, camera_widths=env.camera_size,
+                                      camera_depths=False)
+    return env_args
+
+
 def collect_task(task, output_path, episodes: int, seed: int = 0, keep_failed: bool = False, max_steps: int = 400,
                  overwrite: bool = False, images: bool = False, progress: bool = True) -> dict:
     """The task registry's collector entry point for robomimic tasks (`collect_robomimic` on the task's robosuite
@@ -207,15 +234,16 @@ def collect_task(task, output_path, episodes: int, seed: int = 0, keep_failed: b
     Args:
         task: the registered `pcm_policy.tasks.Task` (a robomimic one).
         output_path, episodes, seed, keep_failed, max_steps, overwrite, progress: see `collect_robomimic`.
-        images: must be False (this collector records low-dim observations only).
+        images: also record robomimic's two cameras (always, for an image task such as `lift_image`).
 
     Raises:
-        PcmError: `images` is True.
+        PcmError: see `collect_robomimic`.
     """
-    if images:
-        raise PcmError(f"images=true: only the pusht collector records images (task={task.name})")
+    from pcm_policy.tasks import ROBOMIMIC_CAMERAS
+
+    cameras = ROBOMIMIC_CAMERAS if images or task.cameras else ()
     return collect_robomimic(task.robosuite_env, output_path, episodes, seed=seed, keep_failed=keep_failed,
-                             progress=progress, max_steps=max_steps, overwrite=overwrite)
+                             progress=progress, max_steps=max_steps, overwrite=overwrite, cameras=cameras)
 
 
 def main(argv=None) -> None:
@@ -227,9 +255,10 @@ def main(argv=None) -> None:
     p.add_argument("--keep-failed", action="store_true")
     p.add_argument("--max-steps", type=int, default=400)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--cameras", nargs="*", default=[], help="also record these cameras (agentview robot0_eye_in_hand)")
     a = p.parse_args(argv)
     stats = collect_robomimic(a.task, a.output, a.episodes, seed=a.seed, keep_failed=a.keep_failed,
-                              max_steps=a.max_steps, overwrite=a.overwrite)
+                              max_steps=a.max_steps, overwrite=a.overwrite, cameras=tuple(a.cameras))
     stats.pop("kept_seeds", None)
     print(json.dumps(stats, indent=1))
 

@@ -32,6 +32,12 @@ Conventions (documented choices):
 * ``reset(options={"initial_state": flat_state})`` resets and then loads a flat MuJoCo state
   ``[time, qpos, qvel]`` (a dataset's ``states[0]``), like robomimic's ``reset_to``; the arm controllers'
   goals are re-anchored at the loaded pose so that replay is deterministic.
+* Camera observations: with ``cameras`` (robosuite camera names, e.g. ``("agentview", "robot0_eye_in_hand")``)
+  the observation is a dict of ``obs``, the flat low-dim vector above, and ``image``, (cameras, 3, H, W) uint8
+  channel-first RGB, upright (robosuite renders bottom-up; robomimic's image datasets store the frames flipped,
+  as here). Each frame is an MuJoCo offscreen render (EGL, or ``MUJOCO_GL=osmesa``); on a CPU (Mesa's llvmpipe)
+  one 84x84 camera costs about 0.1 s per step. :meth:`camera_frames` gives the frames as the collector stores
+  them: ``<camera>_image`` (H, W, 3) uint8, robomimic's dataset keys.
 * Rendering: ``render_mode="rgb_array"`` turns on robosuite's offscreen renderer (EGL by default, or
   ``MUJOCO_GL=osmesa``) and ``render()`` returns the ``agentview`` camera as HxWx3 uint8. Without it (the
   default, as offscreen contexts cost time at every hard reset) ``render()`` returns None.
@@ -173,6 +179,8 @@ class RobomimicLowDimEnv(gym.Env):
         render_mode: str | None = None,
         render_camera: str = "agentview",
         terminate_on_success: bool = False,
+        cameras: Sequence[str] = (),
+        camera_size: int = 84,
     ):
         super().__init__()
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
@@ -185,6 +193,8 @@ class RobomimicLowDimEnv(gym.Env):
         self.render_mode = render_mode
         self.abs_action = bool(abs_action)
         self.terminate_on_success = bool(terminate_on_success)
+        self.cameras = tuple(cameras)
+        self.camera_size = int(camera_size)
 
         robosuite = _import_robosuite()
         kwargs = copy.deepcopy(self.env_args["env_kwargs"])
@@ -192,11 +202,14 @@ class RobomimicLowDimEnv(gym.Env):
         ctrl["control_delta"] = not self.abs_action
         kwargs.update(
             has_renderer=False,
-            has_offscreen_renderer=render_mode == "rgb_array",
-            use_camera_obs=False,
+            has_offscreen_renderer=render_mode == "rgb_array" or bool(self.cameras),
+            use_camera_obs=bool(self.cameras),
             ignore_done=True,
             use_object_obs=True,
         )
+        if self.cameras:
+            kwargs.update(camera_names=list(self.cameras), camera_heights=self.camera_size,
+                          camera_widths=self.camera_size, camera_depths=False)
         env_cls = robosuite.environments.base.REGISTERED_ENVS.get(self.task)
         accepted = _accepted_kwargs(env_cls) if env_cls is not None else None
         if accepted is not None:
@@ -210,6 +223,10 @@ class RobomimicLowDimEnv(gym.Env):
         except Exception as e:
             if not kwargs["has_offscreen_renderer"]:
                 raise
+            if self.cameras:
+                raise PcmError(f"robosuite {self.task}: camera observations {list(self.cameras)} need MuJoCo offscreen "
+                               f"rendering, which failed here ({type(e).__name__}: {e}); try MUJOCO_GL=egl or "
+                               f"MUJOCO_GL=osmesa") from None
             warnings.warn(f"offscreen rendering unavailable ({type(e).__name__}: {e}); render() returns None")
             kwargs["has_offscreen_renderer"] = False
             self._env = robosuite.make(self.task, **kwargs)
@@ -223,6 +240,14 @@ class RobomimicLowDimEnv(gym.Env):
         self.obs_dims = {k: int(np.asarray(spec[_KEY_TO_ROBOSUITE.get(k, k)]).size) for k in self.obs_keys}
         dim = sum(self.obs_dims.values())
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, shape=(dim,), dtype=np.float32)
+        if self.cameras:
+            missing = [c for c in self.cameras if f"{c}_image" not in spec]
+            if missing:
+                raise PcmError(f"cameras {missing} are not robosuite {self.task} cameras")
+            size = self.camera_size
+            self.observation_space = gym.spaces.Dict({
+                "obs": self.observation_space,
+                "image": gym.spaces.Box(0, 255, shape=(len(self.cameras), 3, size, size), dtype=np.uint8)})
         if self.abs_action:
             low = np.array([-np.pi] * 6 + [-1.0], dtype=np.float32)
             self.action_space = gym.spaces.Box(low, -low, dtype=np.float32)
@@ -250,6 +275,18 @@ class RobomimicLowDimEnv(gym.Env):
     def _flat_obs(self) -> np.ndarray:
         return np.concatenate([np.asarray(self.raw_obs[k]).reshape(-1) for k in self.obs_keys]).astype(np.float32)
 
+    def camera_frames(self) -> dict[str, np.ndarray]:
+        """The current frame of every camera as robomimic's datasets store it: ``<camera>_image`` -> (H, W, 3) uint8,
+        upright."""
+        return {f"{c}_image": np.ascontiguousarray(self.raw_obs[f"{c}_image"][::-1]) for c in self.cameras}
+
+    def _observation(self) -> np.ndarray | dict[str, np.ndarray]:
+        if not self.cameras:
+            return self._flat_obs()
+        frames = self.camera_frames()
+        image = np.stack([frames[f"{c}_image"].transpose(2, 0, 1) for c in self.cameras])
+        return {"obs": self._flat_obs(), "image": image}
+
     def is_success(self) -> bool:
         return bool(self._env._check_success())
 
@@ -273,7 +310,7 @@ class RobomimicLowDimEnv(gym.Env):
                 controller.update(force=True)
                 controller.reset_goal()
         self._set_raw(self._env._get_observations(force_update=True))
-        return self._flat_obs()
+        return self._observation()
 
     # -- gymnasium API -------------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
@@ -286,7 +323,7 @@ class RobomimicLowDimEnv(gym.Env):
         finally:
             np.random.set_state(saved)
         self._set_raw(raw)
-        obs = self._flat_obs()
+        obs = self._observation()
         initial_state = (options or {}).get("initial_state")
         if initial_state is not None:
             obs = self.set_state(initial_state)
@@ -300,7 +337,7 @@ class RobomimicLowDimEnv(gym.Env):
         self._set_raw(raw)
         success = self.is_success()
         terminated = bool(success and self.terminate_on_success)
-        return self._flat_obs(), float(reward), terminated, False, {"is_success": success}
+        return self._observation(), float(reward), terminated, False, {"is_success": success}
 
     def render(self):
         if not self.can_render:

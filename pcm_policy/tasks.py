@@ -63,13 +63,15 @@ class Task:
         score: `coverage` (PushT: clip(max coverage / 0.95, 0, 1)) or `success` (the success rate).
         expert: the scripted demonstrator, `module:factory` taking (task, env) after `env.reset`.
         collector: the dataset writer, `module:function` taking (task, path, episodes, seed, keep_failed,
-            max_steps, overwrite, images) (`envs.collect_pusht.collect_task`, `envs.collect_robomimic.collect_task`).
-        collects_images: the collector can also record camera images (`pcm collect images=true`).
+            max_steps, overwrite, images) (`envs.collect_pusht.collect_task`, `envs.collect_robomimic.collect_task`);
+            every collector can also record camera images (`pcm collect images=true`).
         dataset_kind: the dataset format its collector writes and the loaders read.
         dataset_path: the shipped (or regenerable) scripted-expert dataset, relative to the repository root.
         dataset_episodes: episodes in that dataset (seed 0).
         dataset_shipped: whether the dataset is in the repository (else only its command ships).
         base: the shipped base policy checkpoint, relative to the repository root.
+        shipped_pcms: the schedules (`ddpm100`, `ddim10`) whose LoRA PCM of `base` ships beside it, as
+            `<data_dir>/pcm_lora_<schedule>` (`pcm demo`'s defaults).
     """
 
     name: str
@@ -82,12 +84,12 @@ class Task:
     score: str
     expert: str
     collector: str
-    collects_images: bool
     dataset_kind: str
     dataset_path: str
     dataset_episodes: int
     dataset_shipped: bool
     base: str
+    shipped_pcms: tuple[str, ...] = ()
 
     @property
     def env_id(self) -> str:
@@ -129,6 +131,21 @@ class Task:
         return self.observations[0].cameras
 
     @property
+    def pcm_lora_ddpm100(self) -> str | None:
+        """The shipped DDPM-100 LoRA PCM of `base`, or None."""
+        return f"{self.data_dir}/pcm_lora_ddpm100" if "ddpm100" in self.shipped_pcms else None
+
+    @property
+    def pcm_lora_ddim10(self) -> str | None:
+        """The shipped DDIM-10 LoRA PCM of `base`, or None."""
+        return f"{self.data_dir}/pcm_lora_ddim10" if "ddim10" in self.shipped_pcms else None
+
+    @property
+    def demo_schedules(self) -> list[str]:
+        """`pcm demo`'s latency comparison: the schedules with a shipped PCM (DDIM-10 for a task without)."""
+        return list(self.shipped_pcms) or ["ddim10"]
+
+    @property
     def collect_command(self) -> str:
         """The command that regenerates the scripted-expert dataset."""
         return f"pcm collect task={self.name} episodes={self.dataset_episodes} seed=0 output_dir={self.data_dir}"
@@ -150,8 +167,26 @@ def _robomimic(name: str, robosuite_env: str, object_dim: int, episodes: int, sh
     return Task(name=name, entry_point="envs.robomimic_env:RobomimicLowDimEnv", robosuite_env=robosuite_env,
                 control_hz=20, max_steps=400, observations=(layout,), action_dim=7, score="success",
                 expert="envs.experts:make_expert",
-                collector="envs.collect_robomimic:collect_task", collects_images=False, dataset_kind="robomimic_hdf5",
+                collector="envs.collect_robomimic:collect_task", dataset_kind="robomimic_hdf5",
                 dataset_path=f"data/{name}/{name}_expert.hdf5", dataset_episodes=episodes, dataset_shipped=shipped,
+                base=f"data/{name}/base", shipped_pcms=("ddim10",))
+
+
+# robomimic's image tasks (Diffusion Policy's `*_image` configs): the robot's own state and two 84x84 cameras
+ROBOMIMIC_CAMERAS = ("agentview", "robot0_eye_in_hand")
+_ROBOMIMIC_ROBOT_OBS = (("robot0_eef_pos", 3), ("robot0_eef_quat", 4), ("robot0_gripper_qpos", 2))
+
+
+def _robomimic_image(name: str, robosuite_env: str, episodes: int) -> Task:
+    layout = ObservationLayout("robomimic_image", _ROBOMIMIC_ROBOT_OBS, f"pcm/{robosuite_env}-image-v0",
+                               (("task", robosuite_env), ("obs_keys", tuple(k for k, _ in _ROBOMIMIC_ROBOT_OBS)),
+                                ("cameras", ROBOMIMIC_CAMERAS)),
+                               cameras=tuple(f"{c}_image" for c in ROBOMIMIC_CAMERAS))
+    return Task(name=name, entry_point="envs.robomimic_env:RobomimicLowDimEnv", robosuite_env=robosuite_env,
+                control_hz=20, max_steps=400, observations=(layout,), action_dim=7, score="success",
+                expert="envs.experts:make_expert", collector="envs.collect_robomimic:collect_task",
+                dataset_kind="robomimic_hdf5",
+                dataset_path=f"data/{name}/{name}_expert.hdf5", dataset_episodes=episodes, dataset_shipped=False,
                 base=f"data/{name}/base")
 
 
@@ -166,10 +201,10 @@ TASKS: dict[str, Task] = {t.name: t for t in (
                                                            ("observation.environment_state", 16)),
                                "pcm/PushT-envstate-v0", (("observation", "agent_pos+environment_state"),))),
          action_dim=2, score="coverage",
-         expert="envs.experts:make_expert", collector="envs.collect_pusht:collect_task", collects_images=True,
+         expert="envs.experts:make_expert", collector="envs.collect_pusht:collect_task",
          dataset_kind="pusht_zarr",
          dataset_path="data/pusht/pusht_expert.zarr", dataset_episodes=500, dataset_shipped=True,
-         base="data/pusht/base"),
+         base="data/pusht/base", shipped_pcms=("ddpm100", "ddim10")),
     # Diffusion Policy's image PushT (gym-pusht `pixels_agent_pos`): the agent position and one 96x96 RGB camera,
     # in DP's zarr layout with `data/img`; the collector records the frames with the same scripted expert.
     Task(name="pusht_image", entry_point="envs.pusht:PushTLowDimEnv", robosuite_env=None, control_hz=10,
@@ -180,11 +215,13 @@ TASKS: dict[str, Task] = {t.name: t for t in (
                        ObservationLayout("lerobot_pusht_image", (("observation.state", 2),), "pcm/PushT-image-v0",
                                          (("observation", "agent_pos+image"),), cameras=("observation.image",))),
          action_dim=2, score="coverage", expert="envs.experts:make_expert",
-         collector="envs.collect_pusht:collect_task", collects_images=True, dataset_kind="pusht_zarr",
+         collector="envs.collect_pusht:collect_task", dataset_kind="pusht_zarr",
          dataset_path="data/pusht_image/pusht_image_expert.zarr", dataset_episodes=200, dataset_shipped=False,
-         base="data/pusht_image/base"),
+         base="data/pusht_image/base", shipped_pcms=("ddim10",)),
     _robomimic("lift", "Lift", 10, 120, shipped=False),
     _robomimic("can", "PickPlaceCan", 14, 200, shipped=False),
+    _robomimic_image("lift_image", "Lift", 100),
+    _robomimic_image("can_image", "PickPlaceCan", 200),
 )}
 
 
@@ -279,7 +316,7 @@ def task_of_robosuite_env(env_name: str) -> Task:
     for task in TASKS.values():
         if task.robosuite_env and wanted in (task.name, task.robosuite_env.lower()):
             return task
-    names = ", ".join(t.robosuite_env for t in TASKS.values() if t.robosuite_env)
+    names = ", ".join(dict.fromkeys(t.robosuite_env for t in TASKS.values() if t.robosuite_env))
     raise ConfigError(f"unknown robomimic task {env_name!r}: expected one of {names} (or "
                       f"{', '.join(t.name for t in TASKS.values() if t.robosuite_env)})")
 

@@ -71,7 +71,17 @@ class WorkStarted(BaseException):
 @pytest.fixture
 def no_work(monkeypatch):
     """Loading a dataset or weights, making an env, collecting or saving now raises WorkStarted."""
+    import importlib
+    import pkgutil
+
     import gymnasium
+
+    import pcm_policy
+
+    # every module imported first, so none binds a tripwire by name (`from pcm_policy.checkpoint import ...` in
+    # a module a refused command imports for the first time) and keeps it after the test
+    for module in pkgutil.walk_packages(pcm_policy.__path__, "pcm_policy."):
+        importlib.import_module(module.name)
 
     import envs.collect_pusht
     import envs.collect_robomimic

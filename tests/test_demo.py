@@ -33,3 +33,19 @@ def test_demo_on_a_tiny_checkpoint(tmp_path):
     assert (out / "bench" / "bench.png").stat().st_size > 0 and (out / "bench" / "bench.json").is_file()
     assert "== pcm demo: pusht on cpu" in result.stdout
     assert "pcm_lora/ddim4" in result.stdout and f"metrics: {out / 'metrics.json'}" in result.stdout
+
+
+@pytest.mark.parametrize("task,pcms", [("pusht", {"ddpm100": "data/pusht/pcm_lora_ddpm100",
+                                                  "ddim10": "data/pusht/pcm_lora_ddim10"}),
+                                       ("pusht_image", {"ddpm100": None, "ddim10": "data/pusht_image/pcm_lora_ddim10"}),
+                                       ("can", {"ddpm100": None, "ddim10": "data/can/pcm_lora_ddim10"})])
+def test_demo_defaults_are_the_tasks_shipped_base_and_pcms(task, pcms):
+    """`pcm demo task=X` runs X's shipped base with its shipped PCMs and compares the schedules they serve."""
+    from pcm_policy.config import compose
+    from pcm_policy.paths import resolve_path
+
+    cfg = compose("demo", [f"task={task}"])
+    assert cfg["checkpoint"] == f"data/{task}/base" and cfg["pcm_lora"] == pcms
+    assert cfg["schedules"] == [s for s, path in pcms.items() if path]
+    for path in (cfg["checkpoint"], *filter(None, pcms.values())):
+        assert (resolve_path(path) / "policy.yaml").is_file(), path  # they ship

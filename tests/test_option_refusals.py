@@ -179,7 +179,6 @@ CASES = [_case(*c) for c in [
         (CO + ["task.max_steps=0"], ["task.max_steps=0"]),
         (CO + ["output_name=a/b.zarr"], ["output_name"]),
         (CO + ["task.name=foo"], ["task.name='foo'"]),
-        (CO + ["task=lift", "images=true"], ["images=true", "lift"]),
         (CO + ["keep_failed=maybe"], ["keep_failed"]),
         (["collect", "output_dir={file}/sub"], ["output_dir", "not a directory"]),
 ]]

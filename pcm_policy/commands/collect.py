@@ -24,7 +24,7 @@ class Config:
         episodes: successful episodes to record (attempts, with `keep_failed`).
         seed: env reset seeds seed, seed + 1, ... (keep clear of the test seeds 100000+).
         keep_failed: record failed attempts too.
-        images: also record camera images (tasks whose collector can).
+        images: also record camera images (PushT's `data/img`, robomimic's two cameras).
         overwrite: collect again over an existing complete output.
         path: the dataset file written (inside `output_dir`).
         output_dir: where the dataset and metrics.json go.
@@ -45,16 +45,14 @@ class Config:
         """Check every option of a composed `collect` config before any env starts.
 
         Raises:
-            ConfigError: a key of the wrong type or range, `images=true` for a task whose collector records no
-                images, or an `output_name` that is a path rather than a file name.
+            ConfigError: a key of the wrong type or range, or an `output_name` that is a path rather than a file
+                name.
         """
         out = output_dir(cfg)
         task = get_task(lookup(cfg, "task.name"))
         max_steps = integer(cfg, "task.max_steps", 1)
         episodes, seed = integer(cfg, "episodes", 1), integer(cfg, "seed", 0)
         keep_failed, overwrite, images = flag(cfg, "keep_failed"), flag(cfg, "overwrite"), flag(cfg, "images")
-        if images and not task.collects_images:
-            raise ConfigError(f"images=true: the {task.name} collector records no images (task={task.name})")
         images = images or bool(task.cameras)  # an image task's dataset always holds its camera frames
         name = text(cfg, "output_name", null=True)
         if name is not None and (Path(name).name != name or name in (".", "..")):

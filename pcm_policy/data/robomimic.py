@@ -260,6 +260,13 @@ def _json_default(obj):
     raise TypeError(f"env_args value of type {type(obj).__name__} is not JSON-serialisable")
 
 
+def _frame_storage(arr: np.ndarray) -> dict:
+    """h5py storage options of an obs array: per-frame gzip chunks for camera frames, defaults otherwise."""
+    if arr.dtype == np.uint8 and arr.ndim == 4 and arr.shape[0] > 0:
+        return {"chunks": (1, *arr.shape[1:]), "compression": "gzip", "compression_opts": 4}
+    return {}
+
+
 def write_robomimic_hdf5(path: str | os.PathLike, demos: Sequence[Mapping], env_args: Mapping,
                          masks: Mapping[str, Sequence[str]] | None = None,
                          demo_names: Sequence[str] | None = None) -> None:
@@ -268,8 +275,9 @@ def write_robomimic_hdf5(path: str | os.PathLike, demos: Sequence[Mapping], env_
     Each demo: {"obs": {key: (T, d)}, "next_obs": {key: (T, d)}, "actions": (T, A), "rewards": (T,),
     "dones": (T,), "states": (T, S)}; only "actions" is required. Demos are named demo_0, demo_1, ... unless
     `demo_names` is given; `masks` maps a filter name (e.g. "train", "valid") to demo names. Arrays are
-    stored as given (dtype kept); `data.attrs` gets `total` (all steps) and `env_args` (JSON), each demo
-    `num_samples`.
+    stored as given (dtype kept); camera frames ((T, H, W, 3) uint8) are gzip-compressed one frame per chunk, as
+    robomimic's image datasets (a window reads only its frames); `data.attrs` gets `total` (all steps) and
+    `env_args` (JSON), each demo `num_samples`.
 
     Args:
         path: the output file; an existing one is replaced.
@@ -311,7 +319,7 @@ def write_robomimic_hdf5(path: str | os.PathLike, demos: Sequence[Mapping], env_
                         arr = np.asarray(arr)
                         if arr.shape[0] != T:
                             raise ValueError(f"{name}/{group}/{key} has {arr.shape[0]} steps, actions has {T}")
-                        g.create_dataset(f"{group}/{key}", data=arr)
+                        g.create_dataset(f"{group}/{key}", data=arr, **_frame_storage(arr))
                 total += T
             data.attrs["total"] = total
             data.attrs["env_args"] = json.dumps(dict(env_args), default=_json_default)
