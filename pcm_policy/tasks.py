@@ -70,6 +70,7 @@ class Task:
         dataset_episodes: episodes in that dataset (seed 0).
         dataset_shipped: whether the dataset is in the repository (else only its command ships).
         base: the shipped base policy checkpoint, relative to the repository root.
+        policy: the `policy=` config its policies train with by default here (an image one for a camera task).
         shipped_pcms: the schedules (`ddpm100`, `ddim10`) whose LoRA PCM of `base` ships beside it, as
             `<data_dir>/pcm_lora_<schedule>` (`pcm demo`'s defaults).
     """
@@ -89,6 +90,7 @@ class Task:
     dataset_episodes: int
     dataset_shipped: bool
     base: str
+    policy: str = "unet_small"
     shipped_pcms: tuple[str, ...] = ()
 
     @property
@@ -187,7 +189,7 @@ def _robomimic_image(name: str, robosuite_env: str, episodes: int) -> Task:
                 expert="envs.experts:make_expert", collector="envs.collect_robomimic:collect_task",
                 dataset_kind="robomimic_hdf5",
                 dataset_path=f"data/{name}/{name}_expert.hdf5", dataset_episodes=episodes, dataset_shipped=False,
-                base=f"data/{name}/base")
+                base=f"data/{name}/base", policy="unet_small_image_robomimic")
 
 
 TASKS: dict[str, Task] = {t.name: t for t in (
@@ -217,7 +219,7 @@ TASKS: dict[str, Task] = {t.name: t for t in (
          action_dim=2, score="coverage", expert="envs.experts:make_expert",
          collector="envs.collect_pusht:collect_task", dataset_kind="pusht_zarr",
          dataset_path="data/pusht_image/pusht_image_expert.zarr", dataset_episodes=200, dataset_shipped=False,
-         base="data/pusht_image/base", shipped_pcms=("ddim10",)),
+         base="data/pusht_image/base", policy="unet_small_image", shipped_pcms=("ddim10",)),
     _robomimic("lift", "Lift", 10, 120, shipped=False),
     _robomimic("can", "PickPlaceCan", 14, 200, shipped=False),
     _robomimic_image("lift_image", "Lift", 100),

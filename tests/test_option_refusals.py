@@ -70,6 +70,7 @@ CASES = [_case(*c) for c in [
         # train
         (TR[:3] + ["output_dir={out}", *TINY_POLICY, "train.steps=0"], ["train.steps=0"]),
         (TR + ["train.batch_size=0"], ["train.batch_size=0"]),
+        (TR + ["task=lift_image"], ["task=lift_image gives camera images", "policy=unet_small_image_robomimic"]),
         (TR + ["train.lr=0"], ["train.lr=0", "> 0"]),
         (TR + ["train.betas=[1.5,0.9]"], ["train.betas.0=1.5"]),
         (TR + ["train.betas=[0.9]"], ["train.betas"]),

@@ -115,7 +115,8 @@ def _stand_in(config: Config) -> tuple[Card, dict[str, str]]:
     """A short training run and a short PCT run when no trained checkpoint ships (not a good policy)."""
     print("no shipped checkpoint found: training a quick stand-in (its closed-loop figures mean nothing)")
     out = config.output_dir
-    base = train.Config.from_hydra(compose_command("train", [f"task={config.task.name}"]))
+    base = train.Config.from_hydra(compose_command("train", [f"task={config.task.name}",
+                                                             f"policy={config.task.spec.policy}"]))
     base = dataclasses.replace(base, output_dir=out / "quick_base", runtime=config.runtime,
                                train=dataclasses.replace(base.train, steps=200, checkpoint_every=200))
     train.run(base)

@@ -41,7 +41,8 @@ class Config:
         """Check every option of a composed `train` config, and `train.init_from`'s card, before any work.
 
         Raises:
-            ConfigError: a key of the wrong type or range, a non-network policy, no `dataset.path`, a
+            ConfigError: a key of the wrong type or range, a non-network policy, a low-dim policy for an image
+                task, no `dataset.path`, a
                 robomimic-only dataset key on a zarr dataset, a normalizer clip_sample would cap, or a batch size
                 the processes do not divide.
             CheckpointError: `train.init_from` is unreadable, a PCM, for another task or of another shape.
@@ -54,6 +55,10 @@ class Config:
             raise ConfigError(f"policy={policy['name']}: training needs a network policy (e.g. policy=unet_small or "
                               "unet_dp)")
         shape = PolicyConfig.from_mapping(policy, obs_dim=1, action_dim=1)  # the sizes come from the data
+        if task.spec.cameras and not shape.camera_keys:
+            raise ConfigError(f"policy={policy.get('name')}: task={task.name} gives camera images "
+                              f"({', '.join(task.spec.cameras)}) but the policy takes none; train an image policy "
+                              f"(policy={task.spec.policy}) or use a low-dim task")
         dataset = DatasetConfig.from_mapping(lookup(cfg, "dataset"))
         check_clip_range(shape.noise_scheduler, dataset.normalizer)
         settings = TrainSettings.from_mapping(lookup(cfg, "train"))
