@@ -175,9 +175,9 @@ def test_collect_resume_logic_at_function_level(tmp_path, monkeypatch):
     calls = []
 
     class FakeEnv:
-        task, env_args = "Lift", {"env_name": "Lift", "env_kwargs": {}}
+        task, env_args, cameras, camera_size = "Lift", {"env_name": "Lift", "env_kwargs": {}}, (), 84
 
-        def __init__(self, task, env_args=None):
+        def __init__(self, task, env_args=None, cameras=(), camera_size=84):
             pass
 
         def close(self):

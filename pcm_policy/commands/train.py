@@ -42,9 +42,8 @@ class Config:
 
         Raises:
             ConfigError: a key of the wrong type or range, a non-network policy, a low-dim policy for an image
-                task, no `dataset.path`, a
-                robomimic-only dataset key on a zarr dataset, a normalizer clip_sample would cap, or a batch size
-                the processes do not divide.
+                task, no `dataset.path`, a robomimic-only dataset key on a zarr dataset, a normalizer clip_sample
+                would cap, or a batch size the processes do not divide.
             CheckpointError: `train.init_from` is unreadable, a PCM, for another task or of another shape.
         """
         runtime = RuntimeOptions.from_mapping(cfg)
