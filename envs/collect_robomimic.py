@@ -234,14 +234,14 @@ def collect_task(task, output_path, episodes: int, seed: int = 0, keep_failed: b
     Args:
         task: the registered `pcm_policy.tasks.Task` (a robomimic one).
         output_path, episodes, seed, keep_failed, max_steps, overwrite, progress: see `collect_robomimic`.
-        images: also record robomimic's two cameras (always, for an image task such as `lift_image`).
+        images: also record robomimic's two cameras (`pcm collect` sets it for an image task such as `lift_image`).
 
     Raises:
         PcmError: see `collect_robomimic`.
     """
     from pcm_policy.tasks import ROBOMIMIC_CAMERAS
 
-    cameras = ROBOMIMIC_CAMERAS if images or task.cameras else ()
+    cameras = ROBOMIMIC_CAMERAS if images else ()
     return collect_robomimic(task.robosuite_env, output_path, episodes, seed=seed, keep_failed=keep_failed,
                              progress=progress, max_steps=max_steps, overwrite=overwrite, cameras=cameras)
 

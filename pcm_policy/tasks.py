@@ -132,15 +132,9 @@ class Task:
         """The camera images of the task's own observation (empty for a low-dim task)."""
         return self.observations[0].cameras
 
-    @property
-    def pcm_lora_ddpm100(self) -> str | None:
-        """The shipped DDPM-100 LoRA PCM of `base`, or None."""
-        return f"{self.data_dir}/pcm_lora_ddpm100" if "ddpm100" in self.shipped_pcms else None
-
-    @property
-    def pcm_lora_ddim10(self) -> str | None:
-        """The shipped DDIM-10 LoRA PCM of `base`, or None."""
-        return f"{self.data_dir}/pcm_lora_ddim10" if "ddim10" in self.shipped_pcms else None
+    def shipped_pcm_lora(self, schedule: str) -> str | None:
+        """The shipped LoRA PCM of `base` for `schedule` (e.g. `ddim10`), or None."""
+        return f"{self.data_dir}/pcm_lora_{schedule}" if schedule in self.shipped_pcms else None
 
     @property
     def demo_schedules(self) -> list[str]:
@@ -175,15 +169,17 @@ def _robomimic(name: str, robosuite_env: str, object_dim: int, episodes: int, sh
 
 
 # robomimic's image tasks (Diffusion Policy's `*_image` configs): the robot's own state and two 84x84 cameras
-ROBOMIMIC_CAMERAS = ("agentview", "robot0_eye_in_hand")
+ROBOMIMIC_CAMERAS = ("agentview", "robot0_eye_in_hand")  # robosuite's camera names
+ROBOMIMIC_CAMERA_KEYS = tuple(f"{c}_image" for c in ROBOMIMIC_CAMERAS)  # their dataset / observation keys
 _ROBOMIMIC_ROBOT_OBS = (("robot0_eef_pos", 3), ("robot0_eef_quat", 4), ("robot0_gripper_qpos", 2))
+ROBOMIMIC_ROBOT_KEYS = tuple(k for k, _ in _ROBOMIMIC_ROBOT_OBS)  # the low-dim part: no `object` key
 
 
 def _robomimic_image(name: str, robosuite_env: str, episodes: int) -> Task:
     layout = ObservationLayout("robomimic_image", _ROBOMIMIC_ROBOT_OBS, f"pcm/{robosuite_env}-image-v0",
-                               (("task", robosuite_env), ("obs_keys", tuple(k for k, _ in _ROBOMIMIC_ROBOT_OBS)),
+                               (("task", robosuite_env), ("obs_keys", ROBOMIMIC_ROBOT_KEYS),
                                 ("cameras", ROBOMIMIC_CAMERAS)),
-                               cameras=tuple(f"{c}_image" for c in ROBOMIMIC_CAMERAS))
+                               cameras=ROBOMIMIC_CAMERA_KEYS)
     return Task(name=name, entry_point="envs.robomimic_env:RobomimicLowDimEnv", robosuite_env=robosuite_env,
                 control_hz=20, max_steps=400, observations=(layout,), action_dim=7, score="success",
                 expert="envs.experts:make_expert", collector="envs.collect_robomimic:collect_task",
@@ -329,9 +325,11 @@ def resolve_entry_point(spec: str):
     return getattr(importlib.import_module(module), attribute)
 
 
-def task_field(name: str, field: str) -> Any:
-    """`getattr(get_task(name), field)`, for the configs' `${registry:<name>,<field>}` resolver."""
-    return getattr(get_task(name), field)
+def task_field(name: str, field: str, *args: Any) -> Any:
+    """`getattr(get_task(name), field)`, for the configs' `${registry:<name>,<field>}` resolver; with more
+    arguments (`${registry:<name>,<method>,<arg>}`) the method's value for them."""
+    value = getattr(get_task(name), field)
+    return value(*args) if args else value
 
 
 def missing_dataset(path) -> DatasetError:

@@ -141,9 +141,9 @@ class Controller:
     `policy` needs `config` (n_obs_steps, n_action_steps, horizon) and `predict_chunk(obs (1, To, Do) float32,
     sampler, generator=, should_stop=)` returning `.action_pred` (1, H, Da) and `.stats` (iterations,
     evaluations, converged); an image env's observation - a dict of `obs` (Do,) and `image` (cameras, 3, H, W) -
-    is kept as such and passed as {"obs": (1, To, Do), "image": (1, To, cameras, 3, H, W)}. `clock` is the time source of chunk latencies and deadlines: a `now()` function
-    in seconds (default `time.perf_counter`) or a `ChunkClock`; `config.fixed_latency_ms` replaces it with a
-    `FixedLatencyClock`.
+    is kept as such and passed as {"obs": (1, To, Do), "image": (1, To, cameras, 3, H, W)}. `clock` is the time
+    source of chunk latencies and deadlines: a `now()` function in seconds (default `time.perf_counter`) or a
+    `ChunkClock`; `config.fixed_latency_ms` replaces it with a `FixedLatencyClock`.
 
     Args:
         policy: the policy (see above), e.g. a `DiffusionPolicy`.

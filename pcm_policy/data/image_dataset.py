@@ -27,12 +27,10 @@ from pcm_policy.data.normalizer import Normalizer
 from pcm_policy.data.robomimic import RobomimicFile
 from pcm_policy.data.sequence_sampler import split_episodes
 from pcm_policy.errors import ConfigError, DatasetError
+from pcm_policy.tasks import ROBOMIMIC_CAMERA_KEYS, ROBOMIMIC_ROBOT_KEYS
 
 KINDS = ("pusht_zarr", "robomimic_hdf5")
 PUSHT_IMAGE_KEY = "img"
-ROBOMIMIC_CAMERAS = ("agentview_image", "robot0_eye_in_hand_image")
-# Diffusion Policy's robomimic image tasks condition on the robot's own state only (no `object` key).
-ROBOMIMIC_IMAGE_LOWDIM_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos")
 DEFAULT_CACHE_BYTES = 1 << 30  # decoded PushT chunks kept (uint8): DP's 25,650-frame file is 0.7 GB
 
 
@@ -169,7 +167,7 @@ class Hdf5Images:
     """
 
     def __init__(self, path: str | os.PathLike, demo_names: Sequence[str], lengths: Sequence[int],
-                 camera_keys: Sequence[str] = ROBOMIMIC_CAMERAS, image_shape: tuple[int, int] | None = None):
+                 camera_keys: Sequence[str] = ROBOMIMIC_CAMERA_KEYS, image_shape: tuple[int, int] | None = None):
         self.path, self.camera_keys, self.demo_names = str(path), tuple(camera_keys), list(demo_names)
         if not self.camera_keys:
             raise ConfigError("dataset.camera_keys: no camera given")
@@ -261,8 +259,9 @@ class ImageDataset(Dataset):
             path: the dataset file.
             horizon, n_obs_steps, n_action_steps: H, To, Ta.
             val_ratio, seed, max_train_episodes: the episode split (`split_episodes`).
-            camera_keys: the image keys, in stacking order; None = `img` (PushT) or `ROBOMIMIC_CAMERAS`.
-            obs_keys: robomimic low-dim obs keys, concatenated in this order; None = `ROBOMIMIC_IMAGE_LOWDIM_KEYS`.
+            camera_keys: the image keys, in stacking order; None = `img` (PushT) or `ROBOMIMIC_CAMERA_KEYS`.
+            obs_keys: robomimic low-dim obs keys, concatenated in this order; None = `ROBOMIMIC_ROBOT_KEYS`
+                (Diffusion Policy's image tasks: the robot's own state, no `object`).
             abs_action, filter_key: robomimic, as `LowDimDataset.from_config`.
             image_shape: the (H, W) every image must have; None accepts the file's.
             cache_bytes: PushT: bytes of decoded image chunks kept (`ZarrImages`).
@@ -292,9 +291,10 @@ class ImageDataset(Dataset):
             obs, action = rb["state"][:, :2].astype(np.float32), rb["action"].astype(np.float32)
             ends, names, env_args = rb.episode_ends, None, None
         elif kind == "robomimic_hdf5":
-            src = load_robomimic(path, list(obs_keys or ROBOMIMIC_IMAGE_LOWDIM_KEYS), abs_action, filter_key)
+            src = load_robomimic(path, list(obs_keys or ROBOMIMIC_ROBOT_KEYS), abs_action, filter_key)
             obs, action, ends, names, env_args = src["obs"], src["action"], src["ends"], src["names"], src["env_args"]
-            images = Hdf5Images(path, names, np.diff(ends, prepend=0), camera_keys or ROBOMIMIC_CAMERAS, image_shape)
+            cameras = camera_keys or ROBOMIMIC_CAMERA_KEYS
+            images = Hdf5Images(path, names, np.diff(ends, prepend=0), cameras, image_shape)
         else:
             raise ConfigError(f"dataset kind {kind!r} is unknown; expected one of {', '.join(KINDS)}")
         train_mask, val_mask = split_episodes(len(ends), val_ratio, seed, max_train_episodes)
