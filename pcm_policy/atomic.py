@@ -1,6 +1,9 @@
 """Atomic writes: build outputs under a temporary name beside the target, rename into place on success.
 
-A crash or an exception therefore never leaves a half-written checkpoint or dataset at the final path.
+A crash or an exception therefore never leaves a half-written checkpoint or dataset at the final path. What is
+renamed into place has the modes of any file the user creates (0666 / 0777 less the process umask): the temporary
+name and some writers (safetensors, `tempfile`) create 0600 / 0700 entries, which another user, a server or a
+container sharing the volume could not read.
 """
 from __future__ import annotations
 
@@ -25,6 +28,41 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process umask (read from /proc where it can be, so no thread sees a changed umask meanwhile)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: Path) -> None:
+    """Give `path` and everything under it the modes a plain `open`/`mkdir` would: files 0666, directories 0777,
+    less the umask (symbolic links are left alone)."""
+    mask = current_umask()
+    file_mode, dir_mode = 0o666 & ~mask, 0o777 & ~mask
+    if path.is_symlink():
+        return
+    if not path.is_dir():
+        os.chmod(path, file_mode)
+        return
+    for root, dirs, files in os.walk(path):
+        for name in files:
+            entry = os.path.join(root, name)
+            if not os.path.islink(entry):
+                os.chmod(entry, file_mode)
+        for name in dirs:
+            entry = os.path.join(root, name)
+            if not os.path.islink(entry):
+                os.chmod(entry, dir_mode)
+    os.chmod(path, dir_mode)
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -36,8 +74,8 @@ def _remove(path: Path) -> None:
 def atomic_path(final: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary path (file or directory, the caller decides) next to `final`.
 
-    On normal exit the temporary path replaces `final` (an existing directory is swapped out and removed);
-    on an exception it is deleted and `final` is left untouched.
+    On normal exit the temporary path gets the umask's modes (`apply_umask`) and replaces `final` (an existing
+    directory is swapped out and removed); on an exception it is deleted and `final` is left untouched.
 
     Args:
         final: the path the output should end up at; its parent directory is created if missing.
@@ -62,6 +100,8 @@ def atomic_path(final: str | os.PathLike, *, overwrite: bool = True) -> Iterator
         _remove(tmp)
         raise FileExistsError(final)
     try:
+        if tmp.exists() or tmp.is_symlink():
+            apply_umask(tmp)
         if (final.is_dir() and not final.is_symlink()) or (tmp.is_dir() and final.exists()):
             # os.replace cannot replace a non-empty directory, nor a file by a directory: move the old one aside.
             old = final.with_name(f".{final.name}.old-{os.getpid()}")

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from pcm_policy.checkpoint import load_policy
 from pcm_policy.errors import CheckpointError, ConfigError
 from pcm_policy.interop import import_diffusion_policy, write_imported_checkpoint
-from pcm_policy.interop.diffusion_policy import safe_eval
+from pcm_policy.interop.safe_config import safe_eval
 from pcm_policy.interop.safe_pickle import load_restricted
 from pcm_policy.policy import PolicyConfig
 

@@ -12,6 +12,7 @@ from pcm_policy import checkpoint as ckpt_io
 from pcm_policy.errors import CheckpointError, ConfigError
 from pcm_policy.interop import import_diffusion_policy, import_lerobot, write_imported_checkpoint
 from pcm_policy.interop.diffusion_policy_export import export_diffusion_policy
+from pcm_policy.interop.export_marker import MARKER_FILE
 from pcm_policy.interop.lerobot_export import export_lerobot
 from pcm_policy.interop.safe_pickle import load_restricted
 from pcm_policy.sampler_config import SamplerConfig
@@ -67,9 +68,17 @@ def test_shipped_base_round_trips_through_both_formats(tmp_path):
     _assert_same_policy(original, dp.build_policy())
     assert dp.card["task"] == card["task"] and dp.card["observation"]["kind"] == "dp_pusht_lowdim"
     report = export_lerobot(SHIPPED_BASE, tmp_path / "lerobot")
-    assert report["inexact_dims"] == 0 and report["features"] == {"observation.state": 20}
-    # lerobot keeps min/max (not mean/std); its MIN_MAX map from them is ours bit for bit
-    _assert_same_policy(original, import_lerobot(tmp_path / "lerobot").build_policy(), ("scale", "offset", "min", "max"))
+    # lerobot's split: the agent position is the robot state, the 9 keypoints the environment state
+    assert report["inexact_dims"] == 0 and report["features"] == {"observation.state": 2,
+                                                                  "observation.environment_state": 18}
+    assert report["obs_order"] == [18, 19, *range(18)]
+    # lerobot keeps min/max (not mean/std); its MIN_MAX map from them is ours bit for bit, and the import puts the
+    # observation back in the policy's own order (weights and statistics permuted back)
+    back = import_lerobot(tmp_path / "lerobot")
+    _assert_same_policy(original, back.build_policy(), ("scale", "offset", "min", "max"))
+    assert back.card["task"] == "pusht" and back.card["env_id"] == "pcm/PushT-v0"
+    assert back.card["observation"] == {"kind": "dp_pusht_lowdim", "layout": [{"name": "keypoints", "size": 18},
+                                                                               {"name": "agent_pos", "size": 2}]}
 
 
 @pytest.mark.parametrize("name", ["lerobot", "lerobot_variant"])
@@ -88,7 +97,8 @@ def test_lerobot_round_trip_keeps_the_map_bit_for_bit(imported, name, tmp_path):
 def test_lerobot_export_has_lerobots_own_layout(imported, tmp_path):
     export_lerobot(imported["lerobot"], tmp_path / "out")
     ours, theirs = tmp_path / "out", FIXTURES / "lerobot_pusht_keypoints"
-    assert sorted(p.name for p in ours.iterdir()) == sorted(p.name for p in theirs.iterdir())
+    # lerobot's files, and pcm's export mark beside them
+    assert sorted(p.name for p in ours.iterdir()) == sorted([p.name for p in theirs.iterdir()] + [MARKER_FILE])
     cfg, ref = (json.loads((d / "config.json").read_text()) for d in (ours, theirs))
     assert set(cfg) <= set(ref)  # lerobot's config parser knows every key written
     assert {k: cfg[k] for k in cfg if k != "device"} == {k: ref[k] for k in cfg if k != "device"}
@@ -135,9 +145,9 @@ def test_export_command_formats(imported, capsys, tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("keep")
     assert_refused(capsys, tmp_path, "export", base, tmp_path / "notes", "--format", "lerobot",
-                   needles=["not an earlier export"])
+                   needles=["not an earlier pcm export"])
     assert_refused(capsys, tmp_path, "export", base, tmp_path / "notes" / "a.txt", "--format", "diffusion-policy",
-                   needles=["not an earlier export"])
+                   needles=["not an earlier pcm export"])
     assert_refused(capsys, tmp_path, "export", base, base / "x.ckpt", "--format", "diffusion-policy",
                    needles=["would overwrite the checkpoint being exported"])
     assert_refused(capsys, tmp_path, "export", base, tmp_path / "h.ckpt", "--format", "diffusion-policy", "--dtype",

@@ -133,6 +133,39 @@ def convert_unet_weights(state: Mapping[str, torch.Tensor], prefix: str, source_
     return ours
 
 
+def permute_condition(weights: Mapping[str, torch.Tensor], order: list[int], obs_dim: int, step_cond_dim: int,
+                      n_obs_steps: int) -> dict[str, torch.Tensor]:
+    """UNet weights for an observation whose per-step dims come in another order.
+
+    Every FiLM layer's condition encoder (`*cond_encoder.1.weight`, input [diffusion step embedding, the global
+    condition], the condition being To blocks of `step_cond_dim`, each starting with the Do observation dims)
+    gets its observation columns reordered: new column j of each block = old column order[j]. A network given
+    `obs[..., order]` then computes exactly what the original computes on `obs` (a permutation, no rounding).
+
+    Args:
+        weights: state dict (any names; only `*cond_encoder.1.weight` entries change).
+        order: a permutation of range(obs_dim).
+        obs_dim, step_cond_dim, n_obs_steps: Do, the per-step condition size (Do plus image features), To.
+
+    Returns:
+        A new dict (the unchanged entries shared).
+    """
+    if list(order) == list(range(obs_dim)):
+        return dict(weights)
+    index = torch.as_tensor(order, dtype=torch.long)
+    out = dict(weights)
+    for key, w in weights.items():
+        if not key.endswith("cond_encoder.1.weight"):
+            continue
+        w = w.clone()
+        start = w.shape[1] - n_obs_steps * step_cond_dim  # after the diffusion step embedding
+        for step in range(n_obs_steps):
+            block = start + step * step_cond_dim
+            w[:, block:block + obs_dim] = weights[key][:, block + index]
+        out[key] = w
+    return out
+
+
 def affine_field(scale, offset, **stats) -> dict[str, torch.Tensor]:
     """One normalizer field: y = x * scale + offset per dim, plus optional raw statistics (min/max/mean/std).
 

@@ -2,7 +2,8 @@
 
 A DP `.ckpt` is `torch.save({"cfg", "state_dicts": {"model", "ema_model", "optimizer"}, "pickles"},
 pickle_module=dill)`; `cfg` is the run's OmegaConf config (resolved by DP's train.py before training). It is read
-with `safe_pickle.load_restricted` (tensors, containers and OmegaConf only; no DP or dill code). Supported:
+with `safe_pickle.load_restricted` (tensors, containers and OmegaConf only; no DP or dill code), and its
+interpolations by `safe_config` (our own resolvers, whatever the process has registered). Supported:
 `DiffusionUnetLowdimPolicy` with `obs_as_global_cond=True` (the low-dim PushT and robomimic runs), its
 `ConditionalUnet1D`, a DDPM or DDIM noise scheduler. The weights are `ema_model`'s (DP evaluates with them)
 unless the run trained without EMA.
@@ -13,8 +14,6 @@ input_stats.*}` (DP's `LinearNormalizer`: y = x * scale + offset, the same map a
 """
 from __future__ import annotations
 
-import ast
-import operator
 import re
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import torch
 from pcm_policy.errors import CheckpointError, ConfigError
 from pcm_policy.interop.common import (ImportedPolicy, affine_field, check_noise_schedule, convert_unet_weights,
                                        normalizer_from_fields, to_numpy64)
+from pcm_policy.interop.safe_config import resolve_config
 from pcm_policy.interop.safe_pickle import load_restricted
 from pcm_policy.policy import PolicyConfig
 
@@ -124,67 +124,24 @@ def import_diffusion_policy(path: str | Path) -> ImportedPolicy:
 
 
 # ---- config --------------------------------------------------------------------------------------------------
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-        ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.USub: operator.neg, ast.UAdd: operator.pos,
-        ast.Not: operator.not_, ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt,
-        ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge}
-
-
-def safe_eval(expr: str) -> Any:
-    """Evaluate the arithmetic/boolean expressions DP's configs put in `${eval:...}` (literals, + - * / // %,
-    comparisons, and/or/not, `x if c else y`) without Python's `eval`.
-
-    Raises:
-        ValueError: anything else (names, calls, attributes, ...).
-    """
-    def ev(node):
-        if isinstance(node, ast.Expression):
-            return ev(node.body)
-        if isinstance(node, ast.Constant):
-            return node.value
-        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
-            return _OPS[type(node.op)](ev(node.left), ev(node.right))
-        if isinstance(node, ast.UnaryOp) and type(node.op) in _OPS:
-            return _OPS[type(node.op)](ev(node.operand))
-        if isinstance(node, ast.BoolOp):
-            values = [ev(v) for v in node.values]
-            return all(values) if isinstance(node.op, ast.And) else any(values)
-        if isinstance(node, ast.Compare) and all(type(op) in _OPS for op in node.ops):
-            left = ev(node.left)
-            for op, right in zip(node.ops, node.comparators):
-                right = ev(right)
-                if not _OPS[type(op)](left, right):
-                    return False
-                left = right
-            return True
-        if isinstance(node, ast.IfExp):
-            return ev(node.body) if ev(node.test) else ev(node.orelse)
-        raise ValueError(f"unsupported expression {ast.dump(node)[:60]}")
-
-    return ev(ast.parse(str(expr).strip(), mode="eval"))
+# The top-level keys an import reads (logging/hydra may hold ${now:} and the like: never resolved, never copied).
+_READ_KEYS = ("policy", "task", "training", "task_name", "abs_action", "name", "n_obs_steps", "n_action_steps",
+              "n_latency_steps", "horizon")
 
 
 def _resolve(cfg, path: Path) -> dict[str, Any]:
-    """The run config as plain containers, interpolations resolved (DP's `${eval:...}` by `safe_eval`)."""
+    """The run config's keys an import reads, as plain containers, interpolations resolved by our own resolvers
+    only (`safe_config.resolve_config`: `${a.b}` and DP's `${eval:...}` arithmetic; never the process's OmegaConf
+    resolver registry, so never Python's `eval` that DP's modules register, nor `oc.env`)."""
     from omegaconf import DictConfig, OmegaConf
 
     if not isinstance(cfg, DictConfig):
         raise CheckpointError(f"{path}: 'cfg' is a {type(cfg).__name__}, not an OmegaConf config")
-    registered = OmegaConf.has_resolver("eval")
-    if not registered:
-        OmegaConf.register_new_resolver("eval", safe_eval)
     try:
-        # Only the sections an import reads (logging/hydra may hold ${now:} and the like).
-        out = {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], (DictConfig,)) or
-               OmegaConf.is_list(cfg[k]) else cfg[k]
-               for k in cfg if k in ("policy", "task", "training", "task_name", "abs_action", "name",
-                                     "n_obs_steps", "n_action_steps", "n_latency_steps", "horizon")}
+        plain = OmegaConf.to_container(cfg, resolve=False)
     except Exception as e:
-        raise CheckpointError(f"{path}: cfg does not resolve ({str(e).splitlines()[0][:120]})") from None
-    finally:
-        if not registered:
-            OmegaConf.clear_resolver("eval")
-    return out
+        raise CheckpointError(f"{path}: cfg is not a readable config ({str(e).splitlines()[0][:120]})") from None
+    return resolve_config(plain, _READ_KEYS, path)
 
 
 def _section(cfg: dict[str, Any], key: str, path: Path) -> dict[str, Any]:

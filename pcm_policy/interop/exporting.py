@@ -96,23 +96,26 @@ class ExportSource:
 
 
 def check_export_target(key: str, target: Path, source: Path, is_own_output: Callable[[Path], bool]) -> None:
-    """An export may replace only an earlier export of the same kind, never its source or other data.
+    """An export may replace only pcm's own earlier export of the same kind, never its source or anyone's data.
 
     Args:
         key: the option naming the target, for messages.
         target: the file or directory to write.
         source: the checkpoint being exported.
-        is_own_output: whether an existing `target` is an earlier export (may be replaced).
+        is_own_output: whether an existing `target` carries this tool's export mark (`export_marker`); it must
+            not raise, and reads no more than it needs.
 
     Raises:
-        ConfigError: naming `key` and why; nothing is created.
+        ConfigError: naming `key` and the path, and why; nothing is created or changed. There is no option to
+            replace a file pcm did not write: the user moves or deletes it.
     """
     resolved = target.resolve()
     src = source.resolve()
     if resolved == src or src in resolved.parents or resolved in src.parents:
         raise ConfigError(f"{key}={target}: would overwrite the checkpoint being exported ({source})")
-    if target.exists() and not is_own_output(target):
-        raise ConfigError(f"{key}={target}: exists and is not an earlier export (refusing to replace it)")
+    if target.is_symlink() or (target.exists() and not is_own_output(target)):
+        raise ConfigError(f"{key}={target}: exists and is not an earlier pcm export (refusing to replace it; "
+                          "move it or choose another path)")
     parent = resolved.parent
     while not parent.exists():
         parent = parent.parent

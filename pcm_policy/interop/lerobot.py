@@ -17,6 +17,9 @@ spatial-softmax keypoints and the projection under `diffusion.rgb_encoder.` - as
 per-channel statistics become the encoder's fixed affine map (`image_mean`/`image_std`), and it takes its cameras'
 frames as the `image` history (0..255 uint8 or [0, 1] floats, as lerobot's [0, 1] frames). Supported: one shared
 encoder, state + cameras (no environment state beside images), no resize.
+A directory `pcm export --format lerobot` wrote also holds `pcm_export.json` (`lerobot_export`): the exported
+policy's observation order and card facts, with which the import of a low-dim export gives back that policy
+itself (its observation layout, task and env; the condition weights and statistics permuted back, bit for bit).
 Only JSON and safetensors are read: no lerobot code is needed or run.
 """
 from __future__ import annotations
@@ -32,9 +35,11 @@ from pcm_policy.checkpoint import read_weights
 from pcm_policy.errors import CheckpointError, ConfigError
 from pcm_policy.errors import PcmError
 from pcm_policy.interop.common import (ImportedPolicy, affine_field, check_noise_schedule, concat_fields,
-                                       convert_unet_weights, normalizer_from_fields, to_numpy64)
+                                       convert_unet_weights, normalizer_from_fields, permute_condition, to_numpy64)
+from pcm_policy.interop.export_marker import MARKER_FILE, is_pcm_mark
 from pcm_policy.model.vision import VisionEncoderConfig, build_vision_encoder, encoder_state_from_lerobot
 from pcm_policy.policy import PolicyConfig
+from pcm_policy.tasks import TASKS
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -140,8 +145,61 @@ def import_lerobot(path: str | Path) -> ImportedPolicy:
                    "num_inference_steps": cfg.get("num_inference_steps")},
         "observation": {"kind": kind, "layout": [{"name": n, "size": s} for n, s in layout]},
     }
+    imported = ImportedPolicy(config=config, normalizer=normalizer, weights=weights, card=card,
+                              encoder_weights=encoder_weights)
+    marker = read_export_marker(root)
+    if marker is None or cameras:  # an image export keeps its low-dim vector whole and its cameras renamed
+        return imported
+    return _as_exported(imported, marker, root / MARKER_FILE)
+
+
+def read_export_marker(root: Path) -> dict[str, Any] | None:
+    """The `pcm_export.json` of a directory pcm exported (a JSON object carrying pcm's mark), else None."""
+    try:
+        marker = json.loads((Path(root) / MARKER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and is_pcm_mark(marker.get("exported_by")) else None
+
+
+def _as_exported(imported: ImportedPolicy, marker: dict[str, Any], file: Path) -> ImportedPolicy:
+    """The policy pcm exported: observation dims back in its own order (condition weights and statistics, a
+    permutation), its card's task, env and observation layout (not its dataset: `pcm import ... dataset.path=`
+    records one).
+
+    Raises:
+        CheckpointError: a marker that does not fit the policy (naming the file and key).
+    """
+    config = imported.config
+    order, facts = marker.get("obs_order"), marker.get("policy")
+    if not isinstance(order, list) or sorted(order) != list(range(config.obs_dim)) or \
+            not all(type(i) is int for i in order):
+        raise CheckpointError(f"{file}: obs_order is not an order of the {config.obs_dim} observation dims")
+    if not isinstance(facts, dict):
+        raise CheckpointError(f"{file}: missing key 'policy'")
+    observation = facts.get("observation")
+    layout = observation.get("layout") if isinstance(observation, dict) else None
+    if not isinstance(layout, list) or not all(isinstance(p, dict) and isinstance(p.get("name"), str) and
+                                               type(p.get("size")) is int for p in layout) or \
+            sum(p["size"] for p in layout) != config.obs_dim:
+        raise CheckpointError(f"{file}: policy.observation.layout does not describe {config.obs_dim} dims")
+    task = facts.get("task")
+    if task is not None and task not in TASKS:
+        raise CheckpointError(f"{file}: policy.task={task!r} is not a task of this project")
+    inverse = [0] * len(order)
+    for j, i in enumerate(order):
+        inverse[i] = j
+    index = torch.as_tensor(inverse, dtype=torch.long)
+    obs = {k: v[index] for k, v in imported.normalizer.state_dict().items() if k.startswith("normalizer.obs.")}
+    action = {k: v for k, v in imported.normalizer.state_dict().items() if k.startswith("normalizer.action.")}
+    normalizer = normalizer_from_fields({k.rsplit(".", 1)[1]: v for k, v in obs.items()},
+                                        {k.rsplit(".", 1)[1]: v for k, v in action.items()})
+    weights = permute_condition(imported.weights, inverse, config.obs_dim, config.step_cond_dim, config.n_obs_steps)
+    card = dict(imported.card, task=task, env_id=facts.get("env_id") if task is not None else None,
+                abs_action=bool(facts.get("abs_action", False)), observation=observation)
+    card["source"] = dict(card["source"], exported_by=marker["exported_by"])
     return ImportedPolicy(config=config, normalizer=normalizer, weights=weights, card=card,
-                          encoder_weights=encoder_weights)
+                          encoder_weights=imported.encoder_weights)
 
 
 # ---- config --------------------------------------------------------------------------------------------------

@@ -6,12 +6,23 @@ normalizer's statistics in `policy_preprocessor_step_3_normalizer_processor.safe
 `policy_postprocessor.json` (unnormalizer, device) with
 `policy_postprocessor_step_0_unnormalizer_processor.safetensors`. Every feature uses MIN_MAX normalization.
 
-Inputs: a policy whose observation is lerobot's (`observation.state`, then `observation.environment_state`, e.g.
-an imported lerobot PushT policy) keeps both features; any other per-step observation becomes one
-`observation.state` vector of the same size and order. An image policy with a ResNet-18 encoder writes its cameras
+Inputs: lerobot's diffusion policy needs `observation.state` (the robot's own state) and, without images,
+`observation.environment_state`, and conditions each observation step on [state, image features, environment
+state]. A policy whose observation is lerobot's already (an imported lerobot policy) keeps its two features. A
+low-dim policy of this project's tasks is split by its observation parts: the robot's own state - PushT's agent
+position, robomimic's `robot0_eef_pos`, `robot0_eef_quat`, `robot0_gripper_qpos` - becomes `observation.state`,
+the rest - PushT's 9 block keypoints, robomimic's `object` vector - `observation.environment_state`, each in the
+policy's order; the columns of every FiLM layer's condition weights and the normalizer's statistics are permuted
+to that order, so lerobot's network computes exactly ours (a permutation: no rounding). A low-dim policy whose
+observation has no such split (an unnamed flat vector) is refused. An image policy keeps its low-dim vector whole
+as `observation.state` (its cameras satisfy lerobot) and writes its cameras
 as VISUAL features (`observation.image` for one camera, else `observation.images.<camera>`, or the names it was
 imported with), its encoder under `diffusion.rgb_encoder.` in lerobot's names and the encoder's fixed affine map
 as MEAN_STD image statistics (mean, std) of shape (3, 1, 1).
+
+The directory also holds `pcm_export.json` (`export_marker`; lerobot ignores it): the mark that lets a later export
+replace the directory, the source policy's card facts (task, env, observation layout) and `obs_order` (for each
+lerobot input dim in order, the policy's own dim), so that `import_lerobot` gives back the exported policy itself.
 
 Statistics: lerobot stores float32 min/max and computes the map from them, so a min/max pair is searched among
 the float32 neighbours of the exact pre-image for which `import_lerobot`'s formula gives back the policy's own
@@ -30,16 +41,22 @@ import torch
 from safetensors.torch import save_file
 
 from pcm_policy.atomic import atomic_path
+from pcm_policy.errors import ConfigError
+from pcm_policy.interop.common import permute_condition
+from pcm_policy.interop.export_marker import MARKER_FILE, exported_by
 from pcm_policy.interop.exporting import ExportSource, check_export_target
 from pcm_policy.interop.lerobot import (ACTION, CONFIG, ENCODER_PREFIX, EPS, OBS_ENV, OBS_STATE, POSTPROCESSOR,
-                                        PREPROCESSOR, UNET_PREFIX, WEIGHTS, source_name)
+                                        PREPROCESSOR, UNET_PREFIX, WEIGHTS, read_export_marker, source_name)
 from pcm_policy.model.vision import encoder_state_to_lerobot
+from pcm_policy.tasks import ROBOMIMIC_ROBOT_KEYS, TASKS
 
 PRE_STATE = "policy_preprocessor_step_3_normalizer_processor.safetensors"
 POST_STATE = "policy_postprocessor_step_0_unnormalizer_processor.safetensors"
 NORM_MAP = {"STATE": "MIN_MAX", "ENV": "MIN_MAX", "ACTION": "MIN_MAX"}
 IMAGE_NORM_MAP = {**NORM_MAP, "VISUAL": "MEAN_STD"}  # an image policy's: its encoder's affine map as mean/std
 SEARCH_ULPS = 16  # float32 neighbours tried on each side of the exact min and max
+# Observation parts that are the robot's own state (lerobot's `observation.state`); the others describe the scene.
+ROBOT_STATE_PARTS = frozenset({"agent_pos", *ROBOMIMIC_ROBOT_KEYS})
 
 
 def export_lerobot(checkpoint: str | Path, output: str | Path) -> dict[str, Any]:
@@ -47,36 +64,41 @@ def export_lerobot(checkpoint: str | Path, output: str | Path) -> dict[str, Any]
 
     Args:
         checkpoint: a base policy checkpoint or run directory.
-        output: the directory to write; it may replace an earlier lerobot export only.
+        output: the directory to write; it may replace only an earlier pcm export (holding pcm's `pcm_export.json`).
 
     Returns:
-        {"path": output, "features": {name: size}, "inexact_dims": dims whose statistics could not give back
+        {"path": output, "features": {name: size}, "obs_order": for each lerobot input dim (state, then environment
+        state), the policy's own dim, "inexact_dims": dims whose statistics could not give back
         the policy's float32 normalizer bit for bit (0 for this project's policies and lerobot 0.4's MIN_MAX
         ones; 2 of 18 for the lerobot 0.3.3 fixture)}.
 
     Raises:
         CheckpointError: no readable checkpoint, or a PCM checkpoint.
-        ConfigError: a policy lerobot's UNet cannot hold, or an output that is the source or other data.
+        ConfigError: a policy lerobot's UNet cannot hold, a low-dim observation with no state/environment split,
+            or an output that is the source or exists and is not a pcm export (nothing is written).
     """
     output = Path(output)
     source = ExportSource.read(checkpoint, "lerobot", images=True)
-    check_export_target("output", output, source.checkpoint, lambda p: p.is_dir() and (p / CONFIG).is_file()
-                        and (p / WEIGHTS).is_file())
+    check_export_target("output", output, source.checkpoint,
+                        lambda p: p.is_dir() and not p.is_symlink() and read_export_marker(p) is not None)
     c = source.config
-    layout = _layout(source)
-    obs_stats, inexact = _min_max(source.normalizer["obs"])
+    parts = _parts(source)
+    layout, order = _layout(source, parts)
+    obs = {k: v[order] for k, v in source.normalizer["obs"].items()}
+    obs_stats, inexact = _min_max(obs)
     action_stats, inexact_action = _min_max(source.normalizer["action"])
     # lerobot's normalizer and unnormalizer both hold min/max/mean/std of every feature.
     state, start = {}, 0
     for name, size in layout:
-        part = {k: v[start:start + size] for k, v in source.normalizer["obs"].items()}
+        part = {k: v[start:start + size] for k, v in obs.items()}
         state.update(_stats(name, obs_stats, part, start, size))
         start += size
     state.update(_stats(ACTION, action_stats, source.normalizer["action"], 0, c.action_dim))
 
     input_features = {name: {"type": "STATE" if name == OBS_STATE else "ENV", "shape": [size]}
                       for name, size in layout}
-    network = source.renamed(UNET_PREFIX, source_name)
+    network = {k: v.contiguous() for k, v in permute_condition(
+        source.renamed(UNET_PREFIX, source_name), order, c.obs_dim, c.step_cond_dim, c.n_obs_steps).items()}
     if source.encoder is not None:
         vision = source.encoder.config
         cameras = _camera_names(c.camera_keys)
@@ -97,7 +119,21 @@ def export_lerobot(checkpoint: str | Path, output: str | Path) -> dict[str, Any]
         (tmp / PREPROCESSOR).write_text(json.dumps(_preprocessor({**input_features, **output_features}, norm_map),
                                                    indent=2))
         (tmp / POSTPROCESSOR).write_text(json.dumps(_postprocessor(output_features, norm_map), indent=2))
-    return {"path": output, "features": dict(layout), "inexact_dims": inexact + inexact_action}
+        (tmp / MARKER_FILE).write_text(json.dumps(_marker(source, parts, order), indent=2))
+    return {"path": output, "features": dict(layout), "obs_order": order,
+            "inexact_dims": inexact + inexact_action}
+
+
+def _marker(source: ExportSource, parts: list[tuple[str, int]], order: list[int]) -> dict[str, Any]:
+    """`pcm_export.json`: the export mark and what gives the exported policy back (see the module)."""
+    card = source.card
+    task = TASKS.get(card.get("task"))
+    kind = task.observations[0].kind if task is not None and list(task.obs_layout) == parts else None
+    observation = card.get("observation") or {"kind": kind, "layout": [{"name": n, "size": s} for n, s in parts]}
+    return {"exported_by": exported_by(source.checkpoint),
+            "policy": {"task": card.get("task"), "env_id": card.get("env_id"), "abs_action":
+                       bool(card.get("abs_action", False)), "observation": observation},
+            "obs_order": order}
 
 
 def _stats(name: str, min_max: dict[str, torch.Tensor], own: dict[str, torch.Tensor], start: int, size: int
@@ -133,12 +169,35 @@ def _camera_names(camera_keys) -> list[str]:
     return [f"observation.images.{k}" for k in camera_keys]
 
 
-def _layout(source: ExportSource) -> list[tuple[str, int]]:
-    parts = [(p["name"], int(p["size"])) for p in (source.card.get("observation") or {}).get("layout", [])]
+def _parts(source: ExportSource) -> list[tuple[str, int]]:
+    """The policy's per-step observation parts (name, size): its card's layout, else its task's own."""
+    layout = (source.card.get("observation") or {}).get("layout")
+    if layout:
+        return [(p["name"], int(p["size"])) for p in layout]
+    task = TASKS.get(source.card.get("task"))
+    if task is not None and task.obs_dim == source.config.obs_dim:
+        return list(task.obs_layout)
+    return [("obs", source.config.obs_dim)]
+
+
+def _layout(source: ExportSource, parts: list[tuple[str, int]]) -> tuple[list[tuple[str, int]], list[int]]:
+    """lerobot's input features [(name, size)] and, for each of their dims in order, the policy's own dim."""
     names = [n for n, _ in parts]
+    everything = list(range(source.config.obs_dim))
     if names in ([OBS_STATE], [OBS_STATE, OBS_ENV]):
-        return parts
-    return [(OBS_STATE, source.config.obs_dim)]
+        return parts, everything
+    if source.encoder is not None:  # the cameras are lerobot's required second input
+        return [(OBS_STATE, source.config.obs_dim)], everything
+    state, env, start = [], [], 0
+    for name, size in parts:
+        (state if name in ROBOT_STATE_PARTS else env).extend(range(start, start + size))
+        start += size
+    if not state or not env or start != source.config.obs_dim:
+        described = ", ".join(f"{n} {s}" for n, s in parts)
+        raise ConfigError(f"{source.checkpoint}: observation ({described}): lerobot's diffusion policy needs the "
+                          f"robot's state ({', '.join(sorted(ROBOT_STATE_PARTS))}) and the rest as "
+                          f"{OBS_ENV}; this observation has no such split")
+    return [(OBS_STATE, len(state)), (OBS_ENV, len(env))], state + env
 
 
 def _field(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -12,7 +12,11 @@ asks for. This module hands `torch.load` a pickle module whose `Unpickler` resol
   OmegaConf's metadata) - replaced by a lookup among the same builtin types, so dill is not needed.
 
 Anything else (functions, dill's code/function builders, classes of other packages) is refused with
-`UnsafeGlobal`, which the caller turns into a one-line `CheckpointError`.
+`UnsafeGlobal`, which the caller turns into a one-line `CheckpointError`. The stream's BUILD opcode (set an
+object's state: `__setstate__` or its `__dict__`) is allowed only on the types whose pickles use it - OmegaConf's
+configs, metadata and nodes, and `OrderedDict` (a state dict's `_metadata` only); on any other object (a `torch.device`,
+a builtin container, ...) it is refused the same way. The pure-Python unpickler is used, as its opcodes can be
+checked one by one (the payload's pickle is small: the tensors' bytes are read by torch).
 """
 from __future__ import annotations
 
@@ -79,8 +83,34 @@ def _allowlist() -> dict[tuple[str, str], Any]:
     return allowed
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+def _build_types() -> frozenset[type]:
+    """The types whose pickled state a stream may set (BUILD): OmegaConf's config objects and OrderedDict."""
+    import omegaconf
+    from omegaconf import base, nodes
+
+    types = {collections.OrderedDict, omegaconf.DictConfig, omegaconf.ListConfig, base.Metadata,
+             base.ContainerMetadata}
+    types.update(getattr(nodes, name) for name in ("AnyNode", "StringNode", "IntegerNode", "FloatNode",
+                                                   "BooleanNode", "BytesNode", "PathNode", "InterpolationResultNode")
+                 if hasattr(nodes, name))
+    return frozenset(types)
+
+
+class _RestrictedUnpickler(pickle._Unpickler):
     _allowed: dict[tuple[str, str], Any] = {}
+    _build_allowed: frozenset[type] = frozenset()
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def load_build(self):
+        """BUILD on the allowed types only (see the module)."""
+        inst, state = self.stack[-2], self.stack[-1]
+        if type(inst) not in self._build_allowed:
+            raise UnsafeGlobal(type(inst).__module__, f"{type(inst).__qualname__} (setting its state)")
+        if type(inst) is collections.OrderedDict and not (isinstance(state, dict) and set(state) <= {"_metadata"}):
+            raise UnsafeGlobal("collections", "OrderedDict (setting attributes other than a state dict's _metadata)")
+        pickle._Unpickler.load_build(self)
+
+    dispatch[pickle.BUILD[0]] = load_build
 
     def find_class(self, module: str, name: str):
         import _compat_pickle
@@ -108,11 +138,13 @@ class _PickleModule:
         return _RestrictedUnpickler(file, **kwargs).load()
 
 
-def load_restricted(path: str | Path) -> Any:
+def load_restricted(path: str | Path, mmap: bool = False) -> Any:
     """`torch.load` of `path` on the CPU, resolving only the allowlisted globals (see the module docstring).
 
     Args:
         path: a `torch.save` file (zip or legacy format).
+        mmap: map the tensors' bytes instead of reading them (zip format only), for a caller that reads only the
+            non-tensor part.
 
     Returns:
         The unpickled payload.
@@ -125,9 +157,10 @@ def load_restricted(path: str | Path) -> Any:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     _RestrictedUnpickler._allowed = _allowlist()
+    _RestrictedUnpickler._build_allowed = _build_types()
     try:
         # weights_only=False is safe here: every global goes through _RestrictedUnpickler.find_class.
-        return torch.load(path, map_location="cpu", pickle_module=_PickleModule, weights_only=False)
+        return torch.load(path, map_location="cpu", pickle_module=_PickleModule, weights_only=False, mmap=mmap)
     except UnsafeGlobal as e:
         raise CheckpointError(f"{path}: refusing to load global {e.module}.{e.name} (a Diffusion Policy "
                               "checkpoint needs only tensors, containers and OmegaConf configs)") from None
@@ -135,3 +168,16 @@ def load_restricted(path: str | Path) -> Any:
         detail = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({type(e).__name__}"
                               f"{': ' + detail if detail else ''})") from None
+
+
+def read_config(path: str | Path) -> dict[str, Any] | None:
+    """The `cfg` of a Diffusion Policy-style `.ckpt` as plain containers, interpolations left unresolved (nothing
+    is run or looked up), or None when `path` is not such a file (unreadable, unsafe, another layout)."""
+    try:
+        payload = load_restricted(path, mmap=True)
+        from omegaconf import DictConfig, OmegaConf
+
+        cfg = payload.get("cfg") if isinstance(payload, dict) else None
+        return OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else None
+    except Exception:  # CheckpointError, or an odd config: not a file this tool wrote
+        return None
