@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -63,6 +64,19 @@ def apply_umask(path: Path) -> None:
     os.chmod(path, dir_mode)
 
 
+def _as_os_error(error: BaseException, final: Path) -> OSError | None:
+    """The OSError behind a writer's own exception type (safetensors reports a full disk as
+    `SafetensorError(... (os error 28) ...)`) or an OSError that names no file, naming `final`; None if there is
+    none (or the OSError names its file already)."""
+    if isinstance(error, OSError):
+        return OSError(error.errno, error.strerror, str(final)) if not error.filename and error.errno else None
+    found = re.search(r"\(os error (\d+)\)", str(error))
+    if found is None:
+        return None
+    code = int(found[1])
+    return OSError(code, os.strerror(code), str(final))
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -86,6 +100,8 @@ def atomic_path(final: str | os.PathLike, *, overwrite: bool = True) -> Iterator
 
     Raises:
         FileExistsError: `overwrite` is False and `final` exists when the block ends.
+        OSError: the block failed writing (a full disk, a refused permission), also where the writer reported it
+            as its own exception type; `final` is left untouched.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -93,8 +109,11 @@ def atomic_path(final: str | os.PathLike, *, overwrite: bool = True) -> Iterator
     tmp.rmdir()  # the caller creates a file or a directory at this name
     try:
         yield tmp
-    except BaseException:
+    except BaseException as error:
         _remove(tmp)
+        os_error = _as_os_error(error, final)
+        if os_error is not None:
+            raise os_error from error
         raise
     if final.exists() and not overwrite:
         _remove(tmp)

@@ -66,8 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments after the program name; None reads `sys.argv`.
 
     Returns:
-        The exit status: 0 on success, 2 (`EXIT_USER_ERROR`) after a `PcmError` (one line on stderr), 130 on
-        Ctrl-C, 1 after any other exception (one line on stderr; `PCM_DEBUG=1` re-raises it instead).
+        The exit status: 0 on success, 2 (`EXIT_USER_ERROR`) after a `PcmError` or an `OSError` (a disk full, a
+        permission refused: one line on stderr naming the file), 130 on Ctrl-C, 1 after any other exception (one line on stderr; `PCM_DEBUG=1` re-raises it instead).
 
     Raises:
         SystemExit: from argparse, status 2 for a usage error and 0 for `--help`.
@@ -82,6 +82,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pcm: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # the machine refused a read or write (disk full, permissions): the user's to fix
+        if os.environ.get("PCM_DEBUG"):
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        detail = e.strerror or (str(e).splitlines()[0] if str(e) else type(e).__name__)
+        print(f"pcm: error: {where}{detail}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except Exception as e:  # a bug, not a user error: keep it to one line unless debugging
         if os.environ.get("PCM_DEBUG"):
             raise
