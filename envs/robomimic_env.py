@@ -45,6 +45,7 @@ Conventions (documented choices):
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import json
 import logging
@@ -164,6 +165,34 @@ def _import_robosuite():
     return robosuite
 
 
+@functools.lru_cache(maxsize=None)
+def offscreen_gl_error() -> str | None:
+    """Why no offscreen OpenGL context can be made here, or None if one can.
+
+    Checks GL itself, the way robosuite renders: its `GLContext` for the `MUJOCO_GL` backend (EGL, OSMesa or
+    GLFW) is created and made current, and MuJoCo's renderer loads its GL functions in it (an empty model's
+    `MjrContext`). A rendering env's other failures are then not mistaken for "this machine cannot render" (nor
+    turned into test skips).
+    """
+    try:
+        _import_robosuite()
+        import mujoco
+        from robosuite.utils import binding_utils
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # GLFW reports a missing display as a warning
+            context = binding_utils.GLContext(max_width=8, max_height=8)
+            try:
+                context.make_current()
+                mujoco.MjrContext(mujoco.MjModel.from_xml_string("<mujoco/>"),
+                                  mujoco.mjtFontScale.mjFONTSCALE_100).free()
+            finally:
+                context.free()
+    except Exception as e:  # the backends fail with ImportError, RuntimeError, AttributeError, GL errors
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no context'}"
+    return None
+
+
 class RobomimicLowDimEnv(gym.Env):
     """robosuite Lift / PickPlaceCan with robomimic low-dim observations; see the module docstring."""
 
@@ -220,14 +249,15 @@ class RobomimicLowDimEnv(gym.Env):
                     kwargs.pop(k)
         try:
             self._env = robosuite.make(self.task, **kwargs)
-        except Exception as e:
-            if not kwargs["has_offscreen_renderer"]:
+        except Exception:
+            no_gl = offscreen_gl_error() if kwargs["has_offscreen_renderer"] else None
+            if no_gl is None:  # not a rendering problem (or GL works): a real failure, reported as it is
                 raise
             if self.cameras:
                 raise PcmError(f"robosuite {self.task}: camera observations {list(self.cameras)} need MuJoCo offscreen "
-                               f"rendering, which failed here ({type(e).__name__}: {e}); try MUJOCO_GL=egl or "
-                               f"MUJOCO_GL=osmesa") from None
-            warnings.warn(f"offscreen rendering unavailable ({type(e).__name__}: {e}); render() returns None")
+                               f"rendering, and no offscreen OpenGL context can be made here ({no_gl}); try "
+                               "MUJOCO_GL=egl or MUJOCO_GL=osmesa") from None
+            warnings.warn(f"no offscreen OpenGL context ({no_gl}); render() returns None")
             kwargs["has_offscreen_renderer"] = False
             self._env = robosuite.make(self.task, **kwargs)
         self.make_kwargs = kwargs  # exactly what robosuite.make received

@@ -57,22 +57,37 @@ def test_a_missing_image_dataset_names_its_command(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def camera_env():
     """A Lift env with both cameras (and the agentview render at the camera size, to compare), or a skip where
-    this machine has no offscreen OpenGL."""
+    this machine has no offscreen OpenGL - checked on GL itself, so any other failure of the env fails the tests."""
     pytest.importorskip("robosuite", reason="robosuite (robomimic extra) is not installed")
-    from envs.robomimic_env import RobomimicLowDimEnv
-    from pcm_policy.errors import PcmError
+    from envs.robomimic_env import RobomimicLowDimEnv, offscreen_gl_error
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            env = RobomimicLowDimEnv("Lift", obs_keys=ROBOT_KEYS, cameras=ROBOMIMIC_CAMERAS,
-                                     render_mode="rgb_array", render_size=(84, 84))
-    except PcmError as e:
-        if "offscreen rendering" in str(e):
-            pytest.skip(f"no offscreen OpenGL (EGL/OSMesa) on this machine: {e}")
-        raise
+    no_gl = offscreen_gl_error()
+    if no_gl is not None:
+        pytest.skip(f"no offscreen OpenGL (EGL/OSMesa) on this machine: {no_gl}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        env = RobomimicLowDimEnv("Lift", obs_keys=ROBOT_KEYS, cameras=ROBOMIMIC_CAMERAS,
+                                 render_mode="rgb_array", render_size=(84, 84))
     yield env
     env.close()
+
+
+def test_a_failure_of_the_camera_env_is_reworded_only_when_gl_is_missing(monkeypatch):
+    """`robosuite.make` failing for another reason than GL surfaces as that failure (a regression is not a "needs
+    offscreen rendering" skip); only where no GL context can be made does the env say so."""
+    robosuite = pytest.importorskip("robosuite", reason="robosuite (robomimic extra) is not installed")
+    import envs.robomimic_env as robomimic_env
+    from pcm_policy.errors import PcmError
+
+    def broken(*args, **kwargs):
+        raise ValueError("a robosuite regression")
+    monkeypatch.setattr(robosuite, "make", broken)
+    monkeypatch.setattr(robomimic_env, "offscreen_gl_error", lambda: None)
+    with pytest.raises(ValueError, match="a robosuite regression"):
+        robomimic_env.RobomimicLowDimEnv("Lift", obs_keys=ROBOT_KEYS, cameras=ROBOMIMIC_CAMERAS)
+    monkeypatch.setattr(robomimic_env, "offscreen_gl_error", lambda: "RuntimeError: no EGL display")
+    with pytest.raises(PcmError, match="no offscreen OpenGL context can be made here .RuntimeError: no EGL display"):
+        robomimic_env.RobomimicLowDimEnv("Lift", obs_keys=ROBOT_KEYS, cameras=ROBOMIMIC_CAMERAS)
 
 
 @pytest.mark.sim
