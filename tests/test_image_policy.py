@@ -157,19 +157,33 @@ def test_image_policy_refusals(image_run, capsys):
 
 
 @pytest.mark.sim
-def test_image_env_gives_the_collectors_frame_and_the_controller_plans_from_it():
+def test_image_env_gives_gym_pushts_own_frame_and_the_controller_plans_from_it():
     import gymnasium as gym
 
     import envs  # noqa: F401  (registers the pcm ids)
     from pcm_policy.control.controller import Controller, ControllerConfig
     from pcm_policy.tasks import TASKS
 
+    from gym_pusht.envs.pusht import PushTEnv
+
     env = gym.make(TASKS["pusht_image"].env_id, max_episode_steps=20, disable_env_checker=True)
     obs, info = env.reset(seed=100000)
     assert obs["obs"].dtype == np.float32 and obs["image"].dtype == np.uint8 and obs["image"].shape == (1, 3, 96, 96)
     np.testing.assert_array_equal(obs["obs"], info["state"][:2].astype(np.float32))
-    np.testing.assert_array_equal(obs["image"][0].transpose(1, 2, 0), env.unwrapped.render_image())  # data/img's
     assert env.observation_space.contains(obs)
+    # the frame is gym-pusht's own `pixels_agent_pos` observation (what Diffusion Policy's image PushT and lerobot
+    # see), from an independent gym-pusht env given the same seed and actions
+    reference = PushTEnv(obs_type="pixels_agent_pos", observation_width=96, observation_height=96)
+    theirs, _ = reference.reset(seed=100000)
+    for action in (None, [300.0, 200.0], [120.0, 400.0]):
+        if action is not None:
+            obs, *_ = env.step(np.array(action, dtype=np.float32))
+            theirs, *_ = reference.step(np.array(action))
+        np.testing.assert_array_equal(obs["image"][0].transpose(1, 2, 0), theirs["pixels"])
+        np.testing.assert_allclose(obs["obs"], theirs["agent_pos"], rtol=0, atol=1e-4)
+        assert theirs["pixels"].std() > 5.0  # a scene, not a blank frame
+    reference.close()
+    env.reset(seed=100000)
 
     torch.manual_seed(0)
     vision = {**VISION, "image_shape": [96, 96], "crop_shape": [84, 84]}
