@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 from typing import Sequence
 
 os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
@@ -23,7 +24,9 @@ from pcm_policy.commands import COMMANDS, command_module, compose_command, run_c
 from pcm_policy.commands import data as data_command  # noqa: E402
 from pcm_policy.commands import export as export_command  # noqa: E402
 from pcm_policy.commands import import_policy as import_command  # noqa: E402
+from pcm_policy.config import CONFIG_DIR  # noqa: E402
 from pcm_policy.errors import PcmError  # noqa: E402
+from pcm_policy.tasks import TASKS  # noqa: E402
 
 EXIT_USER_ERROR = 2
 
@@ -41,10 +44,27 @@ def _run_plain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tasks_and_policies() -> str:
+    """`pcm --help`'s list of every task (with its cameras and default policy) and every `policy=` config, from
+    the task registry and configs/policy (so an image task or policy added there is listed)."""
+    import yaml
+
+    lowdim = ", ".join(t.name for t in TASKS.values() if not t.cameras)
+    image = "; ".join(f"{t.name} ({' + '.join(t.cameras)}, policy={t.policy})" for t in TASKS.values() if t.cameras)
+    configs = {p.stem: yaml.safe_load(p.read_text()) or {} for p in sorted(CONFIG_DIR.glob("policy/*.yaml"))}
+    networks = {name: cfg for name, cfg in configs.items() if "horizon" in cfg}  # not checkpoint / expert
+    lines = (f"tasks (task=...): low-dim {lowdim}; with cameras {image}",
+             f"policies (policy=...): low-dim {', '.join(n for n, c in networks.items() if not c.get('vision'))}; "
+             f"image {', '.join(n for n, c in networks.items() if c.get('vision'))}; "
+             f"{', '.join(n for n in configs if n not in networks)} (eval)")
+    return "\n".join(textwrap.fill(line, 100, subsequent_indent="  ") for line in lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `pcm` argument parser: `data info`, `export`, `import`, and the Hydra-override commands of
     `pcm_policy.commands.COMMANDS`; each subparser's `func` runs its command on the parsed args."""
-    parser = argparse.ArgumentParser(prog="pcm", description="Fast, exact diffusion-policy control (Picard Consistency Models).")
+    parser = argparse.ArgumentParser(prog="pcm", description="Fast, exact diffusion-policy control (Picard Consistency Models).",
+                                     epilog=_tasks_and_policies(), formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in (data_command, export_command, import_command):
         module.add_parser(sub)
