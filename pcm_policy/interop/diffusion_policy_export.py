@@ -65,7 +65,8 @@ def export_diffusion_policy(checkpoint: str | Path, output: str | Path) -> Path:
     """
     output = Path(output)
     source = ExportSource.read(checkpoint, "Diffusion Policy")
-    check_export_target("output", output, source.checkpoint, _is_earlier_export)
+    check_export_target("output", output, source.checkpoint, _is_earlier_export,
+                        "a .ckpt whose cfg.exported_by names pcm-policy")
     state = source.renamed("model.", source_name)
     for field in ("obs", "action"):
         stats = source.normalizer[field]

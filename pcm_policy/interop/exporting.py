@@ -95,7 +95,8 @@ class ExportSource:
         return {prefix + source_name(k): v.contiguous() for k, v in self.network.items()}
 
 
-def check_export_target(key: str, target: Path, source: Path, is_own_output: Callable[[Path], bool]) -> None:
+def check_export_target(key: str, target: Path, source: Path, is_own_output: Callable[[Path], bool],
+                        own_output: str) -> None:
     """An export may replace only pcm's own earlier export of the same kind, never its source or anyone's data.
 
     Args:
@@ -104,6 +105,7 @@ def check_export_target(key: str, target: Path, source: Path, is_own_output: Cal
         source: the checkpoint being exported.
         is_own_output: whether an existing `target` carries this tool's export mark (`export_marker`); it must
             not raise, and reads no more than it needs.
+        own_output: what such an earlier export is, for messages.
 
     Raises:
         ConfigError: naming `key` and the path, and why; nothing is created or changed. There is no option to
@@ -114,8 +116,8 @@ def check_export_target(key: str, target: Path, source: Path, is_own_output: Cal
     if resolved == src or src in resolved.parents or resolved in src.parents:
         raise ConfigError(f"{key}={target}: would overwrite the checkpoint being exported ({source})")
     if target.is_symlink() or (target.exists() and not is_own_output(target)):
-        raise ConfigError(f"{key}={target}: exists and is not an earlier pcm export (refusing to replace it; "
-                          "move it or choose another path)")
+        raise ConfigError(f"{key}={target}: exists and is not an earlier pcm export ({own_output}); refusing to "
+                          "replace it: move it or choose another path")
     parent = resolved.parent
     while not parent.exists():
         parent = parent.parent

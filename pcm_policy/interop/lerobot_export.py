@@ -80,7 +80,8 @@ def export_lerobot(checkpoint: str | Path, output: str | Path) -> dict[str, Any]
     output = Path(output)
     source = ExportSource.read(checkpoint, "lerobot", images=True)
     check_export_target("output", output, source.checkpoint,
-                        lambda p: p.is_dir() and not p.is_symlink() and read_export_marker(p) is not None)
+                        lambda p: p.is_dir() and not p.is_symlink() and read_export_marker(p) is not None,
+                        f"a lerobot policy directory holding pcm's {MARKER_FILE}")
     c = source.config
     parts = _parts(source)
     layout, order = _layout(source, parts)
