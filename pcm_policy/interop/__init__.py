@@ -7,6 +7,10 @@ our names, card) that `write_imported_checkpoint` writes as an ordinary checkpoi
 - `diffusion_policy.import_diffusion_policy(path)`: a Diffusion Policy workspace `.ckpt`
   (DiffusionUnetLowdimPolicy with a global observation condition; the EMA weights)
 
+and back (`diffusion_policy_export`, `lerobot_export`, sharing `exporting`; an export carries `export_marker`'s
+mark, and only a marked earlier export is ever replaced). A `.ckpt` is read by `safe_pickle` (an allowlist of
+globals, BUILD on the types that need it) and its config resolved by `safe_config` (our own resolvers only).
+
 The source's facts (parameter names, normalization formulas, conditioning order, sampling) are written down in
 `tests/data/interop/FACTS.md`.
 """
