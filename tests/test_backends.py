@@ -119,6 +119,9 @@ def test_onnx_denoiser_copies_inputs_and_returns_fresh_tensors():
     torch.testing.assert_close(first.float(), second, atol=1e-6, rtol=0)
     with pytest.raises(PcmError, match="global condition"):
         den(x, t, None)
+    assert den.session.get_session_options().intra_op_num_threads == 1  # `threads` sets the intra-op threads
+    two = OnnxDenoiser(denoiser_graph(policy.model, 8, 100), shape.sample_shape, shape.cond_dim, threads=2)
+    assert two.session.get_session_options().intra_op_num_threads == 2
 
 
 # ---- samplers on every backend -----------------------------------------------------------------------------------
