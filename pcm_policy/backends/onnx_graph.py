@@ -2,7 +2,7 @@
 
 Why not torch's exporter: its graph of the UNet has ~610 nodes (Shape/Gather/Concat chains for the dynamic batch,
 the sinusoidal embedding and its MLP, one FiLM Linear per block) and at batch 1 onnxruntime spends most of its
-time walking them. This graph computes the same function with ~250 nodes:
+time walking them. This graph computes the same function with 233 nodes (the shipped PushT UNet):
 
 * the timestep path is a lookup table over the training timesteps: `Mish(embed_mlp(t))` times the timestep
   columns of every block's FiLM Linear (plus its bias), computed once in torch for t = 0..T-1, and gathered by
@@ -12,7 +12,7 @@ time walking them. This graph computes the same function with ~250 nodes:
 * GroupNorm is Reshape -> InstanceNormalization -> Reshape -> Mul -> Add, Mish one `Mish` node (opset 18);
 * the temporal convolutions are written as 2-D ones over (N, C, 1, L) with (1, k) kernels: onnxruntime's CPU
   optimizer then runs them in its blocked NCHWc layout (MLAS's AVX2/AVX-512 direct convolutions), which it does
-  for 2-D convolutions only - 1.4x faster at batch 1 and 1.6x at 100 rows than the same graph in 1-D
+  for 2-D convolutions only - 1.4x faster at batch 1 and 1.9x at 100 rows than the same graph in 1-D
   (docs/latency-benchmark.md#backends).
 
 The math is unchanged; only float rounding differs (the tests hold it to torch within 1e-5 typical, 1e-4 max).
