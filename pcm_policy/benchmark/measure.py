@@ -61,6 +61,7 @@ def measure_rows(policy, rows: list[Row], encoded: EncodedObservations, chunks: 
             "exact_fraction": float(t.converged.mean()),
             "deadline_misses": int((t.latencies + encode_ms > budget_ms).sum()),
             "budget_ms": budget_ms, "device": device_name, "threads": threads, "pcm_checkpoint": row.pcm_path,
+            "backend": row.sampler.backend,
             "_latencies": t.latencies,
         })
         r = results[-1]

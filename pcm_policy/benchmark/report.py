@@ -55,7 +55,8 @@ def sweep_summary(results: list[dict], bound: float) -> list[dict[str, Any]]:
 def markdown_table(report: Mapping[str, Any]) -> str:
     """A bench report (`bench.json`'s content) as Markdown (`bench.md`): the accuracy-matched summary of the
     tolerance sweep, the row table, the early-stop table, skipped rows."""
-    lines = [f"Device: {report['device']}; threads: {report['threads']}; control {report['control_hz']} Hz, "
+    lines = [f"Device: {report['device']}; threads: {report['threads']}; backend: {report.get('backend', 'torch')}; "
+             f"control {report['control_hz']} Hz, "
              f"budget {report['budget_ms']:.0f} ms per chunk; checkpoint `{report['checkpoint']}`", "",
              ]
     fmt = lambda v, f: "" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, f)  # noqa: E731

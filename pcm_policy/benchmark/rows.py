@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pcm_policy.chunk_sampler import ChunkSampler
-from pcm_policy.pcm.attach import load_pcm, pcm_denoiser
+from pcm_policy.pcm.attach import load_pcm
 from pcm_policy.policy import observation_count, select_observations
 from pcm_policy.paths import resolve_path
 from pcm_policy.sampler_config import SamplerConfig, parse_schedule
@@ -29,16 +29,18 @@ class Row:
     """One bench row.
 
     Attributes:
-        sampler: the row's sampler.
+        sampler: the row's sampler (its `backend` says where its denoisers run).
         schedule: the schedule name, e.g. `ddim10`.
         pcm_path: the PCM checkpoint of a switching row (None otherwise).
         graph: the row's denoisers are CUDA-graph replayed.
+        pcm: the PCM network of a switching row (None otherwise), to build variants of the row on its backend.
     """
 
     sampler: ChunkSampler
     schedule: str
     pcm_path: str | None = None
     graph: bool = False
+    pcm: Any = None
 
     @property
     def config(self) -> SamplerConfig:
@@ -53,7 +55,7 @@ class Row:
 
 def build_rows(policy, schedules: list[str], tols: Sequence[float], window: int | None, stiffness: float | None,
                pcms: Mapping[str, str], lora_pcms: Mapping[str, str], accelerated: Mapping[str, Mapping[str, Any]],
-               device) -> tuple[list[Row], list[str]]:
+               device, backend: str = "torch") -> tuple[list[Row], list[str]]:
     """The bench rows for every schedule: its sequential row, then every iterative row at every tolerance.
 
     Args:
@@ -67,13 +69,14 @@ def build_rows(policy, schedules: list[str], tols: Sequence[float], window: int 
         accelerated: schedule -> acceleration settings (accel, memory, damping, triangular, start) of its `+aa`
             rows; a schedule without settings gets none.
         device: where PCMs are loaded.
+        backend: where every row's denoisers run (`torch`, `onnx`, `auto`; `DiffusionPolicy.sampler`).
 
     Returns:
         (rows, skipped): the rows, and one reason per PCM row that could not be built (no checkpoint given, a
         PCM for another schedule, a full PCM for weight-space switching).
 
     Raises:
-        ConfigError: an invalid schedule name or sampler setting.
+        ConfigError: an invalid schedule name, sampler setting or backend.
         CheckpointError: a PCM checkpoint that is missing, corrupt or for another base.
     """
     rows, skipped = [], []
@@ -83,8 +86,9 @@ def build_rows(policy, schedules: list[str], tols: Sequence[float], window: int 
         accelerated_variant = ([plain.with_acceleration(accelerated[schedule], f"accelerated.{schedule}")]
                                if accelerated.get(schedule) else [])
         variants = [dataclasses.replace(v, tol=t) for v in [plain] + accelerated_variant for t in tols]
-        rows.append(Row(policy.sampler(SamplerConfig(name="sequential", scheduler=kind, steps=steps)), schedule))
-        rows += [Row(policy.sampler(variant), schedule) for variant in variants]
+        sequential = SamplerConfig(name="sequential", scheduler=kind, steps=steps)
+        rows.append(Row(policy.sampler(sequential, backend=backend), schedule))
+        rows += [Row(policy.sampler(variant, backend=backend), schedule) for variant in variants]
         for name, paths in (("pcm", pcms), ("pcm_lora", lora_pcms)):
             path = paths.get(schedule)
             if not path:
@@ -97,10 +101,9 @@ def build_rows(policy, schedules: list[str], tols: Sequence[float], window: int 
             if name == "pcm_lora" and card["mode"] != "lora":
                 skipped.append(f"{name}/{schedule}: {path} is a full PCM (weight-space switching needs LoRA)")
                 continue
-            pcm = pcm_denoiser(net, name)
             for variant in variants:  # a PCM starts from the X^0 it was trained from
                 config = dataclasses.replace(variant, name=name, stiffness=stiffness, start=card.get("start", "x_T"))
-                rows.append(Row(policy.sampler(config, pcm=pcm), schedule, str(path)))
+                rows.append(Row(policy.sampler(config, pcm=net, backend=backend), schedule, str(path), pcm=net))
     return rows, skipped
 
 
@@ -123,7 +126,7 @@ def graphed_rows(policy, rows: list[Row]) -> list[Row]:
         config = dataclasses.replace(row.config, fixed_shape=True)
         graphed = ChunkSampler(config, policy.noise_scheduler.config, GraphedDenoiser(s.base),
                                GraphedDenoiser(s.pcm) if s.pcm else None, s.sample_shape, s.device)
-        out.append(Row(graphed, row.schedule, row.pcm_path, graph=True))
+        out.append(Row(graphed, row.schedule, row.pcm_path, graph=True, pcm=row.pcm))
     return out
 
 

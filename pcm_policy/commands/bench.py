@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import torch
 
 from pcm_policy.atomic import atomic_write_text
+from pcm_policy.backends import check_backend
 from pcm_policy.benchmark.measure import measure_rows
 from pcm_policy.benchmark.report import add_speedups, markdown_table, plot, plot_sweep, sweep_summary
 from pcm_policy.benchmark.rows import build_rows, encode_observations, graphed_rows
@@ -59,6 +60,7 @@ class Config:
             or `closed_loop` (rollouts of the policy itself, for a checkpoint that records no dataset).
         runtime: seed (observation draw and noise), device, threads.
         output_dir: where bench.json, bench.md, bench.png and metrics.json go.
+        backend: where the rows' denoisers run: torch, onnx or auto (`pcm_policy.backends`).
     """
 
     task: TaskOptions
@@ -85,6 +87,7 @@ class Config:
     observations: str | None
     runtime: RuntimeOptions
     output_dir: Path
+    backend: str = "torch"
 
     @classmethod
     def from_hydra(cls, cfg: Mapping[str, Any]) -> "Config":
@@ -95,12 +98,14 @@ class Config:
 
         Raises:
             ConfigError: a key of the wrong type or range, a schedule beyond the policy's T or listed twice, an
-                unknown `accelerated` key, or an unregistered env when episodes run.
+                unknown `accelerated` key, an unregistered env when episodes run, or a backend that cannot run here
+                (onnx on CUDA, onnxruntime missing).
             CheckpointError: an unreadable checkpoint, a PCM as the base, a base for another task, or a non-PCM
                 in a PCM map.
             DatasetError: the checkpoint's dataset is missing (when no observation file is given).
         """
         runtime = RuntimeOptions.from_mapping(cfg)
+        backend = check_backend(lookup(cfg, "backend", "torch"), runtime.device)
         episodes = integer(cfg, "episodes", 0)
         early_stop = flag(cfg, "early_stop")
         early_episodes = integer(cfg, "early_stop_episodes", 0)
@@ -143,7 +148,7 @@ class Config:
             budget_ms=number(cfg, "budget_ms", 0, low_open=True, null=True), episodes=episodes,
             episodes_schedules=chosen, seed_start=integer(cfg, "seed_start", 0), early_stop=early_stop,
             early_stop_chunks=integer(cfg, "early_stop_chunks", 1), early_stop_episodes=early_episodes,
-            observations=observations, runtime=runtime, output_dir=out)
+            observations=observations, runtime=runtime, output_dir=out, backend=backend)
 
 
 def tolerances(cfg: Mapping[str, Any]) -> list[float]:
@@ -224,7 +229,7 @@ def run(config: Config, echo: bool = True) -> dict[str, Any]:
         observations = sample_observations(config.checkpoint.path, n, seed)
     tols = sorted(set(config.tols) | {config.tol}, reverse=True)
     rows, skipped = build_rows(policy, config.schedules, tols, config.window, config.stiffness, config.pcm,
-                               config.pcm_lora, config.accelerated, device)
+                               config.pcm_lora, config.accelerated, device, config.backend)
     out = config.output_dir
     out.mkdir(parents=True, exist_ok=True)  # only once the inputs have loaded: bad input leaves no output
     for reason in skipped:
@@ -251,12 +256,15 @@ def run(config: Config, echo: bool = True) -> dict[str, Any]:
     add_speedups(results)
     sweep = sweep_summary(results, config.deviation_bound) if len(tols) > 1 else []
     report = {"command": "bench", "task": card["task"], "checkpoint": str(config.checkpoint.given),
-              "device": device_name, "threads": threads, "control_hz": config.control_hz, "budget_ms": budget_ms,
+              "device": device_name, "threads": threads, "backend": config.backend,
+              "control_hz": config.control_hz, "budget_ms": budget_ms,
               "tols": tols, "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results],
-              "sweep": sweep, "early_stop": early, "skipped": skipped}
+              "sweep": sweep, "early_stop": early, "skipped": skipped,
+              "calibration": {row.name: row.sampler.calibration.to_dict() for row in rows
+                              if row.sampler.calibration is not None}}
     atomic_write_text(out / "bench.json", json.dumps(report, indent=2))
     atomic_write_text(out / "bench.md", markdown_table(report))
-    summary = {k: report[k] for k in ("command", "task", "device", "threads")}
+    summary = {k: report[k] for k in ("command", "task", "device", "threads", "backend")}
     atomic_write_text(out / "metrics.json",
                       json.dumps(summary | {"rows": len(results), "bench": str(out / "bench.json")}, indent=2))
     plot([results[i] for i in studied], out / "bench.png", budget_ms)

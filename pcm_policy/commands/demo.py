@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from pcm_policy.atomic import atomic_write_text
+from pcm_policy.backends import check_backend
 from pcm_policy.checkpoint import Card, load_policy
 from pcm_policy.commands import bench, compose_command, train, train_pcm
 from pcm_policy.control import Controller, ControllerConfig
@@ -53,6 +54,7 @@ class Config:
         seed_start: the first reset seed.
         runtime: seed, device, threads.
         output_dir: where metrics.json, the video and the bench go.
+        backend: where the denoisers run, in the closed loop and the comparison: torch, onnx or auto.
     """
 
     task: TaskOptions
@@ -68,6 +70,7 @@ class Config:
     seed_start: int
     runtime: RuntimeOptions
     output_dir: Path
+    backend: str = "torch"
 
     @classmethod
     def from_hydra(cls, cfg: Mapping[str, Any]) -> "Config":
@@ -76,12 +79,13 @@ class Config:
         keys: the stand-in gets stand-in PCMs).
 
         Raises:
-            ConfigError: a key of the wrong type or range, no checkpoint given, or a sampler the checkpoint
-                cannot run.
+            ConfigError: a key of the wrong type or range, no checkpoint given, a sampler the checkpoint
+                cannot run, or a backend that cannot run here (onnx on CUDA, onnxruntime missing).
             CheckpointError: an unreadable checkpoint, a PCM as the base, or a base for another task.
             DatasetError: the checkpoint's dataset (the latency comparison's observations) is missing.
         """
         runtime = RuntimeOptions.from_mapping(cfg)
+        backend = check_backend(lookup(cfg, "backend", "torch"), runtime.device)
         task = TaskOptions.from_mapping(lookup(cfg, "task"))
         out = output_dir(cfg)
         counts = {k: integer(cfg, k, low) for k, low in
@@ -108,7 +112,7 @@ class Config:
         sampler = check_sampler(group, "sampler", T, card.path if card else None, pcm_key=f"pcm_lora.{schedule}",
                                 pcm_path=sampler_pcm, check_pcm=card is not None)
         return cls(task, card, sampler, sampler_pcm if sampler.needs_pcm else None, pcm_lora, pcm, schedules,
-                   **counts, runtime=runtime, output_dir=out)
+                   **counts, runtime=runtime, output_dir=out, backend=backend)
 
 
 def _stand_in(config: Config) -> tuple[Card, dict[str, str]]:
@@ -149,7 +153,7 @@ def run(config: Config) -> dict[str, Any]:
 
     # 1-2: closed loop under the controller, with the sampler's LoRA PCM.
     policy, _ = load_policy(card.path, device, expect_task=task.name)
-    sampler = load_sampler(policy, config.sampler, device, sampler_pcm)
+    sampler = load_sampler(policy, config.sampler, device, sampler_pcm, backend=config.backend)
     out.mkdir(parents=True, exist_ok=True)  # only once the inputs have loaded: bad input leaves no output
     ctrl = Controller(policy, sampler, ControllerConfig(control_hz=task.control_hz), seed=config.runtime.seed)
     run_ = run_controller_episodes(ctrl, task.env_id, task.max_steps, config.episodes, config.seed_start,
@@ -164,16 +168,18 @@ def run(config: Config) -> dict[str, Any]:
         window=None, stiffness=None,
         control_hz=task.control_hz, budget_ms=None, episodes=0, episodes_schedules=None,
         seed_start=config.seed_start, early_stop=False, early_stop_chunks=1, early_stop_episodes=0,
-        observations=None, runtime=config.runtime, output_dir=out / "bench"), echo=False)
+        observations=None, runtime=config.runtime, output_dir=out / "bench", backend=config.backend), echo=False)
 
     chunks_run = run_.chunks
     warm = chunks_run[1:] or chunks_run  # without the very first chunk: it also pays the one-off warm-up
     summary = {"command": "demo", "task": task.name, "checkpoint": card.given, "sampler": sampler.label,
+               "backend": sampler.backend,
                "closed_loop": {**closed, "chunks": len(chunks_run), **latency_summary(c.latency_ms for c in warm),
                                "iterations_mean": float(np.mean([c.iterations for c in chunks_run])),
                                "deadline_misses": int(sum(c.deadline_missed for c in chunks_run)),
                                "exact_fraction": float(np.mean([c.exact for c in chunks_run]))},
                "bench": report["rows"], "device": report["device"], "threads": report["threads"],
+               "calibration": sampler.calibration.to_dict() if sampler.calibration is not None else None,
                "video": str(run_.video) if run_.video else None, "plot": str(out / "bench" / "bench.png"),
                "wall_s": round(time.perf_counter() - t0, 1)}
     atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2))
@@ -190,8 +196,11 @@ def print_summary(s: Mapping[str, Any]) -> None:
     """Print `run`'s summary: the closed-loop line, the bench table (latencies in ms), output paths."""
     c = s["closed_loop"]
     print()
-    print(f"== pcm demo: {s['task']} on {s['device']} ==")
+    print(f"== pcm demo: {s['task']} on {s['device']}, backend {s.get('backend', 'torch')} ==")
     print(f"closed loop, {s['sampler']} under the real-time controller (simulated clock), {c['episodes']} episodes:")
+    if s.get("calibration"):
+        for role, entry in s["calibration"]["denoisers"].items():
+            print(f"  auto backend, {role} network: {entry['rule']}")
     print(f"  success {c['success_rate']:.2f}  score {c['score']:.3f}  iterations/chunk {c['iterations_mean']:.2f}  "
           f"latency p50 {c['latency_ms_p50']:.1f} ms p99 {c['latency_ms_p99']:.1f} ms  deadline misses "
           f"{c['deadline_misses']}/{c['chunks']}  exact chunks {c['exact_fraction']:.0%}")
