@@ -139,6 +139,20 @@ def test_api_key_is_checked_in_the_handshake(served):
             assert client.infer({"obs": np.zeros(20, np.float32)})["actions"].shape == (8, 2)
 
 
+def test_connections_beyond_the_limit_are_refused_with_503(served):
+    with start(served, max_connections=1) as server:
+        with PolicyClient(server.url) as first:
+            with pytest.raises(PcmError, match="HTTP 503"):
+                PolicyClient(server.url)
+            assert first.infer({"obs": np.zeros(20, np.float32)})["actions"].shape == (8, 2)
+        for _ in range(100):  # the server sees the close a moment later
+            if server.server.open_connections == 0:
+                break
+            time.sleep(0.02)
+        with PolicyClient(server.url) as again:
+            assert again.metadata["n_obs_steps"] == 2
+
+
 def test_no_key_means_loopback_only(served):
     with pytest.raises(ConfigError, match="host=0.0.0.0: not a loopback address; set PCM_SERVE_API_KEY"):
         PolicyServer(served, host="0.0.0.0", port=0)  # refused before anything binds

@@ -47,6 +47,7 @@ def busy_port():
     (["port=70000"], ["port=70000", "<= 65535"]),
     (["port=-1"], ["port=-1"]),
     (["max_batch=0"], ["max_batch=0"]),
+    (["max_connections=0"], ["max_connections=0"]),
     (["budget_ms=-5"], ["budget_ms=-5"]),
     (["control_hz=0"], ["control_hz=0"]),
     (["max_frame_mb=0"], ["max_frame_mb=0"]),
@@ -72,7 +73,8 @@ def test_serve_refuses_checkpoints_it_cannot_serve_and_a_busy_port(capsys, tmp_p
 def test_a_key_lets_serve_accept_its_options(tiny_runs, no_work, monkeypatch):
     monkeypatch.setenv("PCM_SERVE_API_KEY", "s3cret-xyz")
     config = build_config("serve", [f"checkpoint={tiny_runs / 'base'}", "port=0", "sampler=pcm_lora",
-                                    "sampler.scheduler=ddim", "sampler.steps=8", f"pcm={tiny_runs / 'pcm'}", "budget_ms=50"])
+                                    "sampler.scheduler=ddim", "sampler.steps=8", f"pcm={tiny_runs / 'pcm'}",
+                                    "budget_ms=50"])
     assert config.api_key == "s3cret-xyz" and "s3cret" not in repr(config)  # the key is never printed
     assert config.pcm_checkpoint == str(tiny_runs / "pcm") and config.sampler.name == "pcm_lora"
     assert config.backend == "torch" and config.budget_ms == 50 and config.host == "127.0.0.1"

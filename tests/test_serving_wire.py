@@ -180,7 +180,7 @@ def test_requests_pending_together_are_one_batch_and_a_failure_reaches_only_its_
     assert calls[:2] == [[0], [1, 2, 3]]
     assert [r.batch_size for r in replies] == [1, 3, 3, 3]
     assert [float(r.actions[0]) for r in replies] == [0.0, 0.0, 1.0, 2.0]  # each request gets its own row
-    assert after.batch_size == 1 and summary["batch_sizes"] == {1: 2, 3: 1} and summary["requests"] == 5
+    assert after.batch_size == 1 and summary["batches"] == {1: 2, 3: 1} and summary["requests"] == 5
 
 
 def test_the_batch_stops_at_the_deadline_of_its_oldest_request():

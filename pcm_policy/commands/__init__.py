@@ -22,8 +22,8 @@ COMMANDS = {
               "output_dir=DIR"),
     "eval": ("eval", "Closed-loop evaluation on the test seeds (100000+i), with videos.",
              "  checkpoint=DIR  policy=checkpoint|expert  sampler=sequential|ddim|picard|picard_aa|pcm|pcm_lora|"
-             "pcm_lora_aa\n  server=ws://HOST:PORT  task=pusht|lift|can  episodes=50  n_envs=10  vector=sync|async  videos=2\n"
-             "  output_dir=DIR"),
+             "pcm_lora_aa\n  task=pusht|lift|can  episodes=50  n_envs=10  vector=sync|async  videos=2  output_dir=DIR\n"
+             "  server=ws://HOST:PORT (actions from `pcm serve`)"),
     "collect": ("collect", "Record scripted-expert demonstrations in the real dataset formats.",
                 "  task=pusht|lift|can  episodes=N  seed=0  keep_failed=false  images=false  overwrite=false  "
                 "output_dir=DIR\n  (re-running after an interruption resumes at the next episode)"),

@@ -35,7 +35,7 @@ class Config:
         control_hz: the robots' control rate (None: the task's); `budget_ms`, `margin_ms`: the per-request budget.
         host, port: where to listen.
         seed: every connection's first noise seed.
-        max_batch: the most requests per sampler call.
+        max_batch: the most requests per sampler call; `max_connections` the most open connections.
         max_frame_bytes: the request frame size limit (None: derived from the policy's observation).
         runtime: device, threads, determinism.
         api_key: the key clients must send (from `PCM_SERVE_API_KEY`; never printed).
@@ -52,6 +52,7 @@ class Config:
     port: int
     seed: int
     max_batch: int
+    max_connections: int
     max_frame_bytes: int | None
     runtime: RuntimeOptions
     api_key: str | None = field(default=None, repr=False)
@@ -91,7 +92,8 @@ class Config:
         return cls(card, sampler, pcm, backend, number(cfg, "control_hz", 0, low_open=True, null=True),
                    number(cfg, "budget_ms", 0, null=True), number(cfg, "margin_ms", 0),
                    host, port, integer(cfg, "seed", 0), integer(cfg, "max_batch", 1),
-                   None if max_mb is None else int(max_mb * (1 << 20)), runtime, api_key)
+                   integer(cfg, "max_connections", 1), None if max_mb is None else int(max_mb * (1 << 20)), runtime,
+                   api_key)
 
 
 def _check_bindable(host: str, port: int) -> None:
@@ -128,7 +130,7 @@ def run(config: Config) -> dict[str, Any]:
     """Load the policy and its sampler, warm them up, serve until SIGINT/SIGTERM.
 
     Returns:
-        The server's summary (`PolicyServer.summary`): connections, bad frames, requests, batch sizes, latency.
+        The server's summary (`PolicyServer.summary`): connections, bad frames, requests, batches by size, latency.
 
     Raises:
         CheckpointError: the weights or the PCM do not load.
@@ -138,7 +140,7 @@ def run(config: Config) -> dict[str, Any]:
                                 config.runtime.device, config.control_hz, config.budget_ms, config.margin_ms)
     served.warm_up()
     server = PolicyServer(served, config.host, config.port, config.api_key, config.seed, config.max_batch,
-                          config.max_frame_bytes)
+                          config.max_frame_bytes, config.max_connections)
     _log_to_stderr()
     threads = set_threads(config.runtime.threads)
 
@@ -152,7 +154,7 @@ def run(config: Config) -> dict[str, Any]:
         summary = serve_until_signal(server, ready)
     except OSError as e:
         raise PcmError(f"port={config.port}: cannot listen on {config.host}:{config.port} ({e.strerror})") from None
-    print(f"pcm serve: stopped; {summary['requests']} chunks for {summary['connections']} connections, batch sizes "
-          f"{summary['batch_sizes']}, {summary['inexact']} inexact, {summary['deadline_misses']} past the deadline, "
-          f"{summary['bad_frames']} frames refused", flush=True)
+    print(f"pcm serve: stopped; {summary['requests']} chunks for {summary['connections']} connections, batches "
+          f"{{size: calls}} {summary['batches']}, {summary['inexact']} inexact, {summary['deadline_misses']} past "
+          f"the deadline, {summary['bad_frames']} frames refused", flush=True)
     return summary

@@ -90,7 +90,7 @@ class Batcher:
         max_batch: the most requests sampled in one call.
 
     Attributes:
-        batch_sizes: how many batches of each size were run.
+        batches: how many batches of each size were run.
         requests: requests served; `inexact` of them not exact; `deadline_misses` finished after the deadline.
     """
 
@@ -98,7 +98,7 @@ class Batcher:
         self.infer, self.deadline_s, self.max_batch = infer, deadline_s, max_batch
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="pcm-serve-inference", daemon=True)
-        self.batch_sizes: Counter[int] = Counter()
+        self.batches: Counter[int] = Counter()
         self.requests = self.inexact = self.deadline_misses = 0
         self._latencies_ms: deque[float] = deque(maxlen=100_000)  # arrival to reply, for the shutdown summary
 
@@ -132,10 +132,10 @@ class Batcher:
             self._thread.join(timeout)
 
     def summary(self) -> dict[str, Any]:
-        """Counts so far: `requests`, `inexact`, `deadline_misses`, `batch_sizes` {size: batches}, and the
+        """Counts so far: `requests`, `inexact`, `deadline_misses`, `batches` {batch size: calls}, and the
         latency from arrival to reply (`latency_ms_p50/p99/mean`, the last 100,000 requests)."""
         return {"requests": self.requests, "inexact": self.inexact, "deadline_misses": self.deadline_misses,
-                "batch_sizes": dict(sorted(self.batch_sizes.items())), **latency_summary(self._latencies_ms)}
+                "batches": dict(sorted(self.batches.items())), **latency_summary(self._latencies_ms)}
 
     def _work(self) -> None:
         while True:
@@ -171,7 +171,7 @@ class Batcher:
                 _deliver(r, error)
             return
         infer_ms = (time.perf_counter() - t0) * 1e3
-        self.batch_sizes[len(batch)] += 1
+        self.batches[len(batch)] += 1
         for i, r in enumerate(batch):
             reply = Reply(result.actions[i], result.rounds, result.exact, infer_ms, result.encode_ms, queued_ms[i],
                           len(batch))

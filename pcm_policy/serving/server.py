@@ -4,7 +4,8 @@ Per connection: the server sends the metadata (one binary msgpack frame), then a
 one binary frame - {"actions": (Ta, Da) float32, "server_timing": {"infer_ms", "encode_ms", "queue_ms"},
 "rounds", "exact", "batch_size"} - or, for a frame it cannot serve, with ONE text frame of one line that starts with
 the key at fault; the connection stays open and its next frame is served. A frame larger than the size limit
-closes that connection (code 1009, message too big); other connections are untouched.
+closes that connection (code 1009, message too big); other connections are untouched. Beyond `max_connections`
+open connections a new one is refused with HTTP 503.
 
 Security: with an API key (`PCM_SERVE_API_KEY`), the handshake must carry `Authorization: Api-Key <key>`
 (openpi-client's `api_key=`), compared in constant time; anything else is refused with HTTP 401. Without a key
@@ -95,13 +96,15 @@ class PolicyServer:
         seed: every connection's noise generator starts at this seed.
         max_batch: the most requests sampled in one call.
         max_frame_bytes: the size limit of a request frame (None: `frame_limit`'s default).
+        max_connections: open connections beyond which a new one is refused (HTTP 503).
 
     Raises:
         ConfigError: a non-loopback `host` without `api_key` (`check_exposure`).
     """
 
     def __init__(self, served, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-                 seed: int = 0, max_batch: int = 16, max_frame_bytes: int | None = None):
+                 seed: int = 0, max_batch: int = 16, max_frame_bytes: int | None = None,
+                 max_connections: int = 64):
         check_exposure(host, api_key)
         self.served, self.host, self.port, self.seed = served, host, port, seed
         self._api_key = api_key.encode() if api_key else None
@@ -109,7 +112,8 @@ class PolicyServer:
         self.metadata = {**served.metadata(), "max_frame_bytes": self.max_frame_bytes}
         self._metadata_frame = wire.pack(self.metadata)
         self.batcher = Batcher(served.infer, served.deadline_s, max_batch)
-        self.connections = self.bad_frames = 0
+        self.max_connections = max_connections
+        self.connections = self.open_connections = self.bad_frames = 0
         self._server = None
 
     @property
@@ -138,6 +142,9 @@ class PolicyServer:
 
     # ---- one connection -------------------------------------------------------------------------------------
     def _authorize(self, connection: ServerConnection, request) -> Any:
+        if self.open_connections >= self.max_connections:
+            LOG.info("refused %s: %d connections open (max_connections)", _peer(connection), self.open_connections)
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
         if self._api_key is None:
             return None
         given = request.headers.get_all("Authorization")
@@ -153,6 +160,7 @@ class PolicyServer:
     async def _handle(self, ws: ServerConnection) -> None:
         peer = _peer(ws)
         self.connections += 1
+        self.open_connections += 1
         session = Session(self.served.spec, self.seed)
         LOG.info("connected %s", peer)
         try:
@@ -165,6 +173,8 @@ class PolicyServer:
                 LOG.info("closed %s: frame over the %d-byte limit", peer, self.max_frame_bytes)
         except Exception as e:  # a bug must not take the server down: one line, this connection only
             LOG.warning("dropped %s: %s: %s", peer, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        finally:
+            self.open_connections -= 1
         LOG.info("disconnected %s after %d requests", peer, session.requests)
 
     async def _reply(self, session: Session, message: bytes | str, stopwatch) -> bytes | str:
