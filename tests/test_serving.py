@@ -278,3 +278,23 @@ def test_an_image_policy_takes_uint8_camera_frames():
                                         "image": torch.from_numpy(history["img"])[None, :, None]}, served.sampler,
                                        generator=torch.Generator().manual_seed(0))
     np.testing.assert_allclose(reply["actions"], want.action[0].numpy(), rtol=0, atol=1e-3)
+
+
+def test_the_remote_agent_gives_each_env_its_own_connection_and_noise(served):
+    """`pcm eval server=...`'s agent: (N, To, Do) histories -> (N, Ta, Da), env i's noise seeded `seed + i`."""
+    from pcm_policy.serving.remote import RemoteAgent
+
+    histories = observations(served, 4, 8).reshape(2, 2, 20)
+    with start(served) as server:
+        agent = RemoteAgent(server.url, 2, seed=100)
+        try:
+            actions = agent(histories)
+            assert agent(histories[:1]).shape == (1, 8, 2)  # a wave's finished envs are left out
+        finally:
+            agent.close()
+    assert actions.shape == (2, 8, 2) and actions.dtype == np.float32
+    for i in range(2):
+        want = in_process(served, histories[i], torch.Generator().manual_seed(100 + i))
+        np.testing.assert_allclose(actions[i], want, rtol=0, atol=1e-2)
+    summary = agent.summary()
+    assert summary["chunks"] == 3 and summary["exact_fraction"] == 1.0 and summary["latency_ms_p50"] > 0

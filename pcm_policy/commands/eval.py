@@ -177,9 +177,10 @@ def run(config: Config) -> dict[str, Any]:
 
 
 def _run_remote(config: Config, video_dir: Path | None, fps: int):
-    """The episodes with actions from `config.server`: one connection per env, the histories sent whole."""
+    """The episodes with actions from `config.server`: one connection per env (env i's noise seeded `seed_start + i`),
+    the histories sent whole."""
     metadata = config.server_metadata
-    agent = RemoteAgent(config.server, config.n_envs, api_key_from_env())
+    agent = RemoteAgent(config.server, config.n_envs, api_key_from_env(), seed=config.seed_start)
     try:
         results = rollout_policy(agent, config.task.env_id, config.episodes, config.n_envs, metadata["n_obs_steps"],
                                  metadata["action"]["shape"][0], config.task.max_steps, config.seed_start,

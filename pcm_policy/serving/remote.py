@@ -4,7 +4,9 @@
 env's observation histories (N, To, ...) and returns (N, Ta, Da) actions, one server connection per env (one
 connection is one robot), the N requests in flight together so that the server can batch them. Each request
 carries the env's whole history, so episode resets need no message and no state is kept on the server between
-chunks. It records the round trip of every request and what the server reported.
+chunks. With a `seed`, connection i's first request restarts its noise generator at `seed + i`, so the envs do not
+share one noise stream (every connection of a server starts at the server's own seed otherwise). It records the
+round trip of every request and what the server reported.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ class RemoteAgent:
         n_connections: connections to open (the vector env's size).
         api_key: the server's key (None: none).
         timeout: seconds to wait for each reply.
+        seed: connection i's noise starts at `seed + i` (None: at the server's seed).
 
     Attributes:
         metadata: the server's metadata (from the first connection).
@@ -37,8 +40,10 @@ class RemoteAgent:
         PcmError: a connection fails (see `PolicyClient`).
     """
 
-    def __init__(self, url: str, n_connections: int, api_key: str | None = None, timeout: float = 30.0):
+    def __init__(self, url: str, n_connections: int, api_key: str | None = None, timeout: float = 30.0,
+                 seed: int | None = None):
         self.clients: list[PolicyClient] = []
+        self._first_seeds = None if seed is None else {i: seed + i for i in range(n_connections)}
         try:
             for _ in range(n_connections):
                 self.clients.append(PolicyClient(url, api_key, timeout))
@@ -50,12 +55,15 @@ class RemoteAgent:
         self._pool = ThreadPoolExecutor(max_workers=n_connections, thread_name_prefix="pcm-remote")
         self.log = RequestLog()
 
-    def _frame(self, obs: np.ndarray | dict[str, np.ndarray], row: int) -> dict[str, np.ndarray]:
+    def _frame(self, obs: np.ndarray | dict[str, np.ndarray], row: int) -> dict[str, Any]:
         if not isinstance(obs, dict):
-            return {LOW_DIM_KEY: np.asarray(obs[row], dtype=np.float32)}
-        frame = {LOW_DIM_KEY: np.asarray(obs["obs"][row], dtype=np.float32)}
-        for c, key in enumerate(self.cameras):  # the env's camera axis, in the policy's camera order
-            frame[key] = np.ascontiguousarray(obs["image"][row][:, c])
+            frame: dict[str, Any] = {LOW_DIM_KEY: np.asarray(obs[row], dtype=np.float32)}
+        else:
+            frame = {LOW_DIM_KEY: np.asarray(obs["obs"][row], dtype=np.float32)}
+            for c, key in enumerate(self.cameras):  # the env's camera axis, in the policy's camera order
+                frame[key] = np.ascontiguousarray(obs["image"][row][:, c])
+        if self._first_seeds is not None and row in self._first_seeds:
+            frame["seed"] = self._first_seeds.pop(row)
         return frame
 
     def _request(self, client: PolicyClient, frame: dict[str, np.ndarray]) -> tuple[dict[str, Any], float]:
