@@ -142,20 +142,20 @@ class PolicyServer:
 
     # ---- one connection -------------------------------------------------------------------------------------
     def _authorize(self, connection: ServerConnection, request) -> Any:
+        if self._api_key is not None:
+            given = request.headers.get_all("Authorization")
+            try:
+                offered = given[0].encode() if len(given) == 1 else b""
+            except UnicodeEncodeError:
+                offered = b""
+            if not hmac.compare_digest(offered, b"Api-Key " + self._api_key):
+                LOG.info("refused %s: missing or wrong API key", _peer(connection))
+                return connection.respond(HTTPStatus.UNAUTHORIZED,
+                                          "missing or wrong API key (Authorization: Api-Key <key>)\n")
         if self.open_connections >= self.max_connections:
             LOG.info("refused %s: %d connections open (max_connections)", _peer(connection), self.open_connections)
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
-        if self._api_key is None:
-            return None
-        given = request.headers.get_all("Authorization")
-        try:
-            offered = given[0].encode() if len(given) == 1 else b""
-        except UnicodeEncodeError:
-            offered = b""
-        if hmac.compare_digest(offered, b"Api-Key " + self._api_key):
-            return None
-        LOG.info("refused %s: missing or wrong API key", _peer(connection))
-        return connection.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong API key (Authorization: Api-Key <key>)\n")
+        return None
 
     async def _handle(self, ws: ServerConnection) -> None:
         peer = _peer(ws)
@@ -169,7 +169,7 @@ class PolicyServer:
                 stopwatch = MeasuredClock().start()  # the budget runs from the frame's arrival
                 await ws.send(await self._reply(session, message, stopwatch))
         except ConnectionClosed as e:
-            if e.rcvd is None and e.sent is not None and e.sent.code == 1009:
+            if e.sent is not None and e.sent.code == 1009:
                 LOG.info("closed %s: frame over the %d-byte limit", peer, self.max_frame_bytes)
         except Exception as e:  # a bug must not take the server down: one line, this connection only
             LOG.warning("dropped %s: %s: %s", peer, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
