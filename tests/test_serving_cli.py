@@ -48,6 +48,7 @@ def busy_port():
     (["port=-1"], ["port=-1"]),
     (["max_batch=0"], ["max_batch=0"]),
     (["max_connections=0"], ["max_connections=0"]),
+    (["batch_window_ms=-1"], ["batch_window_ms=-1"]),
     (["budget_ms=-5"], ["budget_ms=-5"]),
     (["control_hz=0"], ["control_hz=0"]),
     (["max_frame_mb=0"], ["max_frame_mb=0"]),

@@ -202,3 +202,28 @@ def test_the_batch_stops_at_the_deadline_of_its_oldest_request():
     late, stop_late, stop_fresh, summary = asyncio.run(main())
     assert stop_late and not stop_fresh and summary["deadline_misses"] == 1
     assert late.queue_ms == pytest.approx(60.0)
+
+
+def test_a_gathering_window_joins_requests_that_arrive_just_after_the_first():
+    calls = []
+
+    def infer(histories, noises, should_stop):
+        calls.append(len(histories))
+        return _Result(len(histories))
+
+    async def main(window_ms):
+        batcher = Batcher(infer, deadline_s=10.0, window_ms=window_ms)
+        batcher.start()
+
+        async def later(i):
+            await asyncio.sleep(0.01 * i)  # 0, 10, 20 ms after the first
+            return await batcher.submit({"obs": i}, None, lambda: 0.0)
+
+        await asyncio.gather(*(later(i) for i in range(3)))
+        batcher.close()
+
+    asyncio.run(main(200.0))
+    assert calls == [3]
+    calls.clear()
+    asyncio.run(main(0.0))
+    assert calls == [1, 1, 1]

@@ -36,6 +36,7 @@ class Config:
         host, port: where to listen.
         seed: every connection's first noise seed.
         max_batch: the most requests per sampler call; `max_connections` the most open connections.
+        batch_window_ms: how long a batch waits for more requests after its first (0: only what is pending).
         max_frame_bytes: the request frame size limit (None: derived from the policy's observation).
         runtime: device, threads, determinism.
         api_key: the key clients must send (from `PCM_SERVE_API_KEY`; never printed).
@@ -53,6 +54,7 @@ class Config:
     seed: int
     max_batch: int
     max_connections: int
+    batch_window_ms: float
     max_frame_bytes: int | None
     runtime: RuntimeOptions
     api_key: str | None = field(default=None, repr=False)
@@ -89,11 +91,13 @@ class Config:
         check_exposure(host, api_key)
         _check_bindable(host, port)
         max_mb = number(cfg, "max_frame_mb", 0, low_open=True, null=True)
-        return cls(card, sampler, pcm, backend, number(cfg, "control_hz", 0, low_open=True, null=True),
-                   number(cfg, "budget_ms", 0, null=True), number(cfg, "margin_ms", 0),
-                   host, port, integer(cfg, "seed", 0), integer(cfg, "max_batch", 1),
-                   integer(cfg, "max_connections", 1), None if max_mb is None else int(max_mb * (1 << 20)), runtime,
-                   api_key)
+        return cls(card, sampler, pcm, backend, control_hz=number(cfg, "control_hz", 0, low_open=True, null=True),
+                   budget_ms=number(cfg, "budget_ms", 0, null=True), margin_ms=number(cfg, "margin_ms", 0),
+                   host=host, port=port, seed=integer(cfg, "seed", 0), max_batch=integer(cfg, "max_batch", 1),
+                   max_connections=integer(cfg, "max_connections", 1),
+                   batch_window_ms=number(cfg, "batch_window_ms", 0, 1000),
+                   max_frame_bytes=None if max_mb is None else int(max_mb * (1 << 20)), runtime=runtime,
+                   api_key=api_key)
 
 
 def _check_bindable(host: str, port: int) -> None:
@@ -140,7 +144,7 @@ def run(config: Config) -> dict[str, Any]:
                                 config.runtime.device, config.control_hz, config.budget_ms, config.margin_ms)
     served.warm_up()
     server = PolicyServer(served, config.host, config.port, config.api_key, config.seed, config.max_batch,
-                          config.max_frame_bytes, config.max_connections)
+                          config.max_frame_bytes, config.max_connections, config.batch_window_ms)
     _log_to_stderr()
     threads = set_threads(config.runtime.threads)
 

@@ -70,7 +70,7 @@ def _serve_child(config: serve.Config, conn) -> None:
                                     config.runtime.device, config.control_hz, config.budget_ms, config.margin_ms)
         served.warm_up()
         server = PolicyServer(served, config.host, config.port, None, config.seed, config.max_batch,
-                              config.max_frame_bytes, config.max_connections)
+                              config.max_frame_bytes, config.max_connections, config.batch_window_ms)
         conn.send(("summary", serve_until_signal(server, lambda url: conn.send(("url", (url, served.metadata()))))))
     except Exception as e:  # the parent reports it as one line
         conn.send(("error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
