@@ -7,5 +7,5 @@
 - `batcher`: the inference worker: requests pending together sampled in one call, under their deadline
 - `server`: the websockets server (metadata on connect, API key, error text frames, clean shutdown)
 - `client`: a small client speaking only the documented protocol; `remote`: rollouts with actions from a server
-- `load`: timed request loops against a server (`pcm serve-bench`)
+- `load`: timed request loops against a server (`pcm serve-bench`); `timing`: what a robot measures per request
 """
