@@ -2,6 +2,7 @@
 history, and the batcher's grouping of pending requests."""
 import asyncio
 import threading
+import time
 
 import msgpack
 import numpy as np
@@ -211,8 +212,8 @@ def test_a_gathering_window_joins_requests_that_arrive_just_after_the_first():
         calls.append(len(histories))
         return _Result(len(histories))
 
-    async def main(window_ms):
-        batcher = Batcher(infer, deadline_s=10.0, window_ms=window_ms)
+    async def main(window_ms, peers=None):
+        batcher = Batcher(infer, deadline_s=10.0, window_ms=window_ms, peers=peers)
         batcher.start()
 
         async def later(i):
@@ -227,3 +228,7 @@ def test_a_gathering_window_joins_requests_that_arrive_just_after_the_first():
     calls.clear()
     asyncio.run(main(0.0))
     assert calls == [1, 1, 1]
+    calls.clear()
+    t0 = time.perf_counter()
+    asyncio.run(main(200.0, peers=lambda: 1))  # one robot connected: nobody to wait for
+    assert calls == [1, 1, 1] and time.perf_counter() - t0 < 0.15

@@ -36,7 +36,8 @@ class Config:
         host, port: where to listen.
         seed: every connection's first noise seed.
         max_batch: the most requests per sampler call; `max_connections` the most open connections.
-        batch_window_ms: how long a batch waits for more requests after its first (0: only what is pending).
+        batch_window_ms: how long a batch waits for other connected robots after its first request (0: only what
+            is pending).
         max_frame_bytes: the request frame size limit (None: derived from the policy's observation).
         runtime: device, threads, determinism.
         api_key: the key clients must send (from `PCM_SERVE_API_KEY`; never printed).

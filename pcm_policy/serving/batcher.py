@@ -88,17 +88,21 @@ class Batcher:
             `rounds`, `exact`, `encode_ms`.
         deadline_s: compute time a request may take from its arrival before the sampler is asked to stop (s).
         max_batch: the most requests sampled in one call.
-        window_ms: after the first request of a batch, wait this long for more (0: take only what is pending;
-            robots that send together, e.g. `pcm eval server=...`'s envs, then share one call instead of two).
+        window_ms: after the first request of a batch, wait up to this long for more while the batch holds fewer
+            requests than `peers()` (0: take only what is pending). Robots that send within a few ms of each other
+            then share one call instead of two; a lone robot never waits.
+        peers: how many clients could send now (the server's open connections); None: unbounded.
 
     Attributes:
         batches: how many batches of each size were run.
         requests: requests served; `inexact` of them not exact; `deadline_misses` finished after the deadline.
     """
 
-    def __init__(self, infer: Callable, deadline_s: float, max_batch: int = 16, window_ms: float = 0.0):
+    def __init__(self, infer: Callable, deadline_s: float, max_batch: int = 16, window_ms: float = 0.0,
+                 peers: Callable[[], int] | None = None):
         self.infer, self.deadline_s, self.max_batch = infer, deadline_s, max_batch
         self.window_s = window_ms / 1e3
+        self.peers = peers or (lambda: max_batch)
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="pcm-serve-inference", daemon=True)
         self.batches: Counter[int] = Counter()
@@ -148,9 +152,10 @@ class Batcher:
             batch, stopping = [first], False
             gather_until = time.perf_counter() + self.window_s
             while len(batch) < self.max_batch:
-                try:  # what is pending now, and what arrives within the window
-                    item = self._queue.get(timeout=max(0.0, gather_until - time.perf_counter())) \
-                        if self.window_s > 0 else self._queue.get_nowait()
+                # what is pending now; within the window also what arrives, while other robots may still send
+                wait = gather_until - time.perf_counter() if len(batch) < self.peers() else 0.0
+                try:
+                    item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if item is _STOP:

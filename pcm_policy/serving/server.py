@@ -97,7 +97,8 @@ class PolicyServer:
         max_batch: the most requests sampled in one call.
         max_frame_bytes: the size limit of a request frame (None: `frame_limit`'s default).
         max_connections: open connections beyond which a new one is refused (HTTP 503).
-        batch_window_ms: the batcher's gathering window (`Batcher`'s `window_ms`).
+        batch_window_ms: the batcher's gathering window (`Batcher`'s `window_ms`; it waits only while the batch has
+            fewer requests than there are open connections).
 
     Raises:
         ConfigError: a non-loopback `host` without `api_key` (`check_exposure`).
@@ -105,14 +106,15 @@ class PolicyServer:
 
     def __init__(self, served, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                  seed: int = 0, max_batch: int = 16, max_frame_bytes: int | None = None,
-                 max_connections: int = 64, batch_window_ms: float = 0.0):
+                 max_connections: int = 64, batch_window_ms: float = 3.0):
         check_exposure(host, api_key)
         self.served, self.host, self.port, self.seed = served, host, port, seed
         self._api_key = api_key.encode() if api_key else None
         self.max_frame_bytes = frame_limit(served.spec.history_bytes(), max_frame_bytes)
         self.metadata = {**served.metadata(), "max_frame_bytes": self.max_frame_bytes}
         self._metadata_frame = wire.pack(self.metadata)
-        self.batcher = Batcher(served.infer, served.deadline_s, max_batch, batch_window_ms)
+        self.batcher = Batcher(served.infer, served.deadline_s, max_batch, batch_window_ms,
+                               peers=lambda: self.open_connections)
         self.max_connections = max_connections
         self.connections = self.open_connections = self.bad_frames = 0
         self._server = None
