@@ -4,6 +4,7 @@
     pcm export CHECKPOINT OUTPUT [--format pcm|lerobot|diffusion-policy|onnx] [--dtype float16] [pcm=DIR]
     pcm import diffusion-policy|lerobot PATH output_dir=DIR [dataset.path=FILE]
     pcm train task=pusht dataset.path=... train.steps=200 output_dir=...   (and eval, collect, train-pcm, bench, demo)
+    pcm serve checkpoint=DIR port=8000   (a policy server on openpi's websocket protocol)
 
 User errors (bad files, unknown keys, missing devices) print one line on stderr and exit with status 2.
 Set PCM_DEBUG=1 to see full tracebacks.

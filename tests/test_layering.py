@@ -24,7 +24,7 @@ LAYERS = [
     ["rollout", "interop"],
     ["observations", "training"],
     ["pcm"],
-    ["benchmark"],
+    ["benchmark", "serving"],
     ["commands"],
     ["cli"],
 ]
