@@ -25,6 +25,7 @@ LAYERS = [
     ["observations", "training"],
     ["pcm"],
     ["benchmark"],
+    ["auto_sampler"],
     ["commands"],
     ["cli"],
 ]

@@ -1,9 +1,11 @@
-"""Bench rows: one `ChunkSampler` per (schedule, algorithm, acceleration), eager or CUDA-graph replayed, and the
-timed loop that samples every row on the same observations and noise.
+"""Bench rows: one `ChunkSampler` per (schedule, algorithm, acceleration, backend), eager or CUDA-graph replayed,
+and the timed loop that samples every row on the same observations and noise.
 
-Rows, for each sampling schedule (DDPM-100, DDIM-10, DDIM-16): sequential, Picard, PCM (output-space switching)
-and PCM-LoRA (weight-space switching), the PCM rows only where a PCM trained for that schedule is given, and each
-iterative row again with the schedule's acceleration settings (a `+aa` row).
+Rows, for each sampling schedule (DDPM-100, DDIM-10, DDIM-16) and each backend (torch, onnx, auto): sequential,
+Picard, PCM (output-space switching) and PCM-LoRA (weight-space switching), the PCM rows only where a PCM trained for
+that schedule is given, and each iterative row again with the schedule's acceleration settings (a `+aa` row). The
+torch sequential row of every schedule is always built first: it is the reference every deviation is measured
+against and the baseline of every speed-up.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pcm_policy.benchmark.flops import flops_per_row
 from pcm_policy.chunk_sampler import ChunkSampler
 from pcm_policy.pcm.attach import load_pcm, pcm_denoiser
 from pcm_policy.policy import observation_count, select_observations
@@ -33,12 +36,17 @@ class Row:
         schedule: the schedule name, e.g. `ddim10`.
         pcm_path: the PCM checkpoint of a switching row (None otherwise).
         graph: the row's denoisers are CUDA-graph replayed.
+        backend: the runtime its denoisers run on: `torch`, `onnx`, or `auto` (per rows per call).
+        flops_row: FLOPs of one network row of the row's network (`flops_per_row`; a weight-space switching row
+            counts its LoRA adapters, an output-space switching row the base network's), 0 when not counted.
     """
 
     sampler: ChunkSampler
     schedule: str
     pcm_path: str | None = None
     graph: bool = False
+    backend: str = "torch"
+    flops_row: int = 0
 
     @property
     def config(self) -> SamplerConfig:
@@ -50,11 +58,24 @@ class Row:
         """Label for tables and progress bars, e.g. `pcm_lora+graph/ddim10`."""
         return f"{self.config.variant}{'+graph' if self.graph else ''}/{self.schedule}"
 
+    @property
+    def is_reference(self) -> bool:
+        """The eager torch sequential row: the chunks every row of its schedule is compared with."""
+        return self.config.name == "sequential" and not self.graph and self.backend == "torch"
+
+
+def backend_sampler(policy, config: SamplerConfig, pcm=None, backend: str = "torch") -> ChunkSampler:
+    """The policy's cached `ChunkSampler` for `config` on `backend` (`DiffusionPolicy.sampler`)."""
+    if backend == "torch":
+        return policy.sampler(config, pcm=pcm)
+    return policy.sampler(config, pcm=pcm, backend=backend)
+
 
 def build_rows(policy, schedules: list[str], tols: Sequence[float], window: int | None, stiffness: float | None,
                pcms: Mapping[str, str], lora_pcms: Mapping[str, str], accelerated: Mapping[str, Mapping[str, Any]],
-               device) -> tuple[list[Row], list[str]]:
-    """The bench rows for every schedule: its sequential row, then every iterative row at every tolerance.
+               device, backends: Sequence[str] = ("torch",)) -> tuple[list[Row], list[str]]:
+    """The bench rows for every schedule and backend: the torch sequential row (the reference, always), then per
+    backend its sequential row and every iterative row at every tolerance.
 
     Args:
         policy: the base policy.
@@ -67,6 +88,7 @@ def build_rows(policy, schedules: list[str], tols: Sequence[float], window: int 
         accelerated: schedule -> acceleration settings (accel, memory, damping, triangular, start) of its `+aa`
             rows; a schedule without settings gets none.
         device: where PCMs are loaded.
+        backends: the runtimes every row runs on (`torch`, `onnx`, `auto`), in this order.
 
     Returns:
         (rows, skipped): the rows, and one reason per PCM row that could not be built (no checkpoint given, a
@@ -77,14 +99,15 @@ def build_rows(policy, schedules: list[str], tols: Sequence[float], window: int 
         CheckpointError: a PCM checkpoint that is missing, corrupt or for another base.
     """
     rows, skipped = [], []
+    base_flops = flops_per_row(policy)
     for schedule in schedules:
         kind, steps = parse_schedule(schedule)
         plain = SamplerConfig(name="picard", scheduler=kind, steps=steps, window=window)
         accelerated_variant = ([plain.with_acceleration(accelerated[schedule], f"accelerated.{schedule}")]
                                if accelerated.get(schedule) else [])
         variants = [dataclasses.replace(v, tol=t) for v in [plain] + accelerated_variant for t in tols]
-        rows.append(Row(policy.sampler(SamplerConfig(name="sequential", scheduler=kind, steps=steps)), schedule))
-        rows += [Row(policy.sampler(variant), schedule) for variant in variants]
+        sequential = SamplerConfig(name="sequential", scheduler=kind, steps=steps)
+        switching = []  # (config, PCM denoiser, path, FLOPs per row) of every switching row of the schedule
         for name, paths in (("pcm", pcms), ("pcm_lora", lora_pcms)):
             path = paths.get(schedule)
             if not path:
@@ -98,9 +121,19 @@ def build_rows(policy, schedules: list[str], tols: Sequence[float], window: int 
                 skipped.append(f"{name}/{schedule}: {path} is a full PCM (weight-space switching needs LoRA)")
                 continue
             pcm = pcm_denoiser(net, name)
+            flops = flops_per_row(policy, pcm, (1.0,)) if name == "pcm_lora" else base_flops
             for variant in variants:  # a PCM starts from the X^0 it was trained from
                 config = dataclasses.replace(variant, name=name, stiffness=stiffness, start=card.get("start", "x_T"))
-                rows.append(Row(policy.sampler(config, pcm=pcm), schedule, str(path)))
+                switching.append((config, pcm, str(path), flops))
+        if "torch" not in backends:
+            rows.append(Row(policy.sampler(sequential), schedule, flops_row=base_flops))
+        for backend in backends:
+            rows.append(Row(backend_sampler(policy, sequential, backend=backend), schedule, backend=backend,
+                            flops_row=base_flops))
+            rows += [Row(backend_sampler(policy, v, backend=backend), schedule, backend=backend, flops_row=base_flops)
+                     for v in variants]
+            rows += [Row(backend_sampler(policy, config, pcm, backend), schedule, path, backend=backend,
+                         flops_row=flops) for config, pcm, path, flops in switching]
     return rows, skipped
 
 
@@ -123,7 +156,7 @@ def graphed_rows(policy, rows: list[Row]) -> list[Row]:
         config = dataclasses.replace(row.config, fixed_shape=True)
         graphed = ChunkSampler(config, policy.noise_scheduler.config, GraphedDenoiser(s.base),
                                GraphedDenoiser(s.pcm) if s.pcm else None, s.sample_shape, s.device)
-        out.append(Row(graphed, row.schedule, row.pcm_path, graph=True))
+        out.append(Row(graphed, row.schedule, row.pcm_path, graph=True, flops_row=row.flops_row))
     return out
 
 
@@ -135,8 +168,9 @@ class RowTiming:
         x0: the chunks, (n, H, Da) normalized actions on the CPU.
         latencies: wall time per chunk, ms.
         iterations: sequential rounds per chunk.
-        evaluations: network rows evaluated per chunk.
+        evaluations: step evaluations per trajectory per chunk.
         converged: whether each chunk passed its convergence test.
+        network_rows: rows passed to networks per chunk, padding included (the compute cost).
     """
 
     x0: torch.Tensor
@@ -144,6 +178,7 @@ class RowTiming:
     iterations: np.ndarray
     evaluations: np.ndarray
     converged: np.ndarray
+    network_rows: np.ndarray
 
 
 @dataclass
@@ -207,8 +242,8 @@ def time_row(policy, row: Row, conds: torch.Tensor, noise_seed: int, warmup: int
         The row's `RowTiming`.
     """
     sampler = row.sampler
-    outputs, latencies, iterations, evaluations, converged = [], [], [], [], []
-    bar = tqdm(range(-warmup, len(conds)), desc=row.name, unit="chunk", disable=not progress,
+    outputs, latencies, iterations, evaluations, converged, network_rows = [], [], [], [], [], []
+    bar = tqdm(range(-warmup, len(conds)), desc=f"{row.name} [{row.backend}]", unit="chunk", disable=not progress,
                dynamic_ncols=True, leave=False)
     for i in bar:
         j = max(i, 0)
@@ -224,6 +259,7 @@ def time_row(policy, row: Row, conds: torch.Tensor, noise_seed: int, warmup: int
         iterations.append(stats.iterations)
         evaluations.append(stats.evaluations)
         converged.append(stats.converged)
+        network_rows.append(stats.network_rows)
         outputs.append(x0.cpu())
     return RowTiming(torch.cat(outputs), np.asarray(latencies), np.asarray(iterations), np.asarray(evaluations),
-                     np.asarray(converged))
+                     np.asarray(converged), np.asarray(network_rows))

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import torch
 
 from pcm_policy.atomic import atomic_write_text
+from pcm_policy.auto_sampler import AutoSettings, calibration_observations, check_auto, choose_sampler, is_auto
 from pcm_policy.checkpoint import Card, load_policy
 from pcm_policy.options import choice, integer, lookup, output_dir
 from pcm_policy.pcm.attach import check_sampler, load_sampler
@@ -33,7 +34,8 @@ class Config:
     Attributes:
         task: the task and env the episodes run in.
         checkpoint: the base policy's card (None for `policy=expert`).
-        sampler: the sampler config and, for a switching sampler, its PCM checkpoint.
+        sampler: the sampler config, or `sampler=auto`'s settings (the fastest exact sampler, chosen by timing at
+            start).
         pcm_checkpoint: the sampler's PCM (None for the other samplers).
         episodes: episodes to run (reset seeds seed_start, seed_start + 1, ...).
         n_envs: envs per vectorised wave.
@@ -46,7 +48,7 @@ class Config:
 
     task: TaskOptions
     checkpoint: Card | None
-    sampler: SamplerConfig | None
+    sampler: SamplerConfig | AutoSettings | None
     pcm_checkpoint: str | None
     episodes: int
     n_envs: int
@@ -81,6 +83,9 @@ class Config:
         check_registered(task.env_id)
         card.check_env_gives_cameras(task.env_id)
         group = lookup(cfg, "sampler")
+        if is_auto(group):
+            return cls(task, card, check_auto(group, "sampler", card.num_train_timesteps, card.path), None, **counts,
+                       runtime=runtime, output_dir=out)
         sampler = check_sampler(group, "sampler", card.num_train_timesteps, card.path)
         pcm = group.get("pcm_checkpoint") if sampler.needs_pcm else None
         return cls(task, card, sampler, pcm, **counts, runtime=runtime, output_dir=out)
@@ -108,13 +113,20 @@ def run(config: Config) -> dict[str, Any]:
     else:
         device = config.runtime.device
         policy, _ = load_policy(config.checkpoint.path, device, expect_task=task.name)
-        sampler = load_sampler(policy, config.sampler, device, config.pcm_checkpoint)
+        auto = {}
+        if isinstance(config.sampler, AutoSettings):  # timed at batch 1, as one robot's controller calls it
+            observations = calibration_observations(policy, config.checkpoint.path, task.env_id, task.max_steps,
+                                                    config.sampler.chunks, config.sampler.seed)
+            sampler, choice = choose_sampler(policy, config.sampler, observations, 1e3 / task.control_hz, device)
+            auto = {"auto": choice.to_dict()}
+        else:
+            sampler = load_sampler(policy, config.sampler, device, config.pcm_checkpoint)
         agent = ChunkAgent(policy, sampler, seed=config.seed_start)
         results = rollout_policy(agent, task.env_id, config.episodes, config.n_envs, policy.config.n_obs_steps,
                                  policy.config.n_action_steps, task.max_steps, config.seed_start, config.vector,
                                  video_dir, config.videos, fps)
         extra = {"policy": config.checkpoint.given, "sampler": sampler.label, "device": str(device),
-                 "threads": torch.get_num_threads(), **agent.summary()}
+                 "threads": torch.get_num_threads(), **agent.summary(), **auto}
     metrics = {"command": "eval", "task": task.name, **summarize(results, task.name),
                "wall_s": round(time.perf_counter() - t0, 2), **extra}
     if video_dir is not None and video_dir.exists():
