@@ -30,6 +30,12 @@ class ChunkSampler:
         sample_shape: (H, Da) of one action chunk, for `make_noise`.
         device: where the coefficients live (the denoisers' device).
         dtype: float dtype of the step coefficients (that of x_T).
+        backend: the label of the backend the denoisers run on (`torch`, `onnx`, `auto`;
+            `pcm_policy.backends`), for tables and reports.
+        calibration: for `auto`, what it measured (`pcm_policy.backends.auto.Calibration`); None otherwise.
+
+    Attributes:
+        backend, calibration: as given.
 
     Raises:
         ConfigError: an invalid sampler config, a sampler that needs a PCM gets none, or `sampler.steps`
@@ -38,13 +44,9 @@ class ChunkSampler:
 
     def __init__(self, config: SamplerConfig | Mapping[str, Any], train_scheduler_config: Mapping[str, Any],
                  base: Callable, pcm: Callable | None = None, sample_shape: tuple[int, int] | None = None,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        self.config = SamplerConfig.from_mapping(config)
-        cfg = self.config
-        cfg.check_steps(int(train_scheduler_config["num_train_timesteps"]))
-        if cfg.needs_pcm and pcm is None:
-            raise ConfigError(f"sampler.pcm_checkpoint: sampler={cfg.name} needs a PCM "
-                              "(load one with sampler.pcm_checkpoint=<dir>)")
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, backend: str = "torch",
+                 calibration: Any = None):
+        self.config = cfg = self.check(config, int(train_scheduler_config["num_train_timesteps"]), pcm)
         self.device = torch.device(device)
         self.scheduler = build_scheduler(train_scheduler_config, cfg.scheduler, cfg.steps)
         self.coeffs = StepCoefficients.from_scheduler(self.scheduler, self.device, dtype)
@@ -53,6 +55,22 @@ class ChunkSampler:
         self.sample_shape = None if sample_shape is None else tuple(sample_shape)
         self.fixed_shape = cfg.fixed_shape if cfg.fixed_shape is not None else self.device.type == "cuda"
         self.anderson = cfg.anderson_config()
+        self.backend = backend
+        self.calibration = calibration
+
+    @staticmethod
+    def check(config: SamplerConfig | Mapping[str, Any], num_train_timesteps: int, pcm: Any) -> SamplerConfig:
+        """The config checked against the policy's T and the PCM it is given (before any denoiser is built).
+
+        Raises:
+            ConfigError: an invalid config, more steps than T, or a switching sampler without a PCM.
+        """
+        cfg = SamplerConfig.from_mapping(config)
+        cfg.check_steps(num_train_timesteps)
+        if cfg.needs_pcm and pcm is None:
+            raise ConfigError(f"sampler.pcm_checkpoint: sampler={cfg.name} needs a PCM "
+                              "(load one with sampler.pcm_checkpoint=<dir>)")
+        return cfg
 
     @property
     def num_steps(self) -> int:

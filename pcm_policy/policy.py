@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from torch import nn
 
+from pcm_policy.backends.denoisers import BackendCache, NetworkShape, build_denoisers
 from pcm_policy.chunk_sampler import ChunkSampler
 from pcm_policy.data.normalizer import Normalizer
 from pcm_policy.data.sequence_sampler import check_window
@@ -317,7 +318,8 @@ class DiffusionPolicy(nn.Module):
         self.encoder: VisionEncoder | None = (build_vision_encoder(config.vision_config)
                                               if config.vision is not None else None)
         self.noise_scheduler = DDPMScheduler(**config.noise_scheduler)
-        self._samplers: dict[tuple[SamplerConfig, int | None, torch.device], ChunkSampler] = {}
+        self._samplers: dict[tuple[SamplerConfig, int | None, torch.device, str, int], ChunkSampler] = {}
+        self._backends = BackendCache()  # onnx sessions and auto routers, shared by the samplers
         self._check_clip_range()
 
     def normalized_action_range(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -473,27 +475,42 @@ class DiffusionPolicy(nn.Module):
         return self.model(x, t, cond)
 
     def sampler(self, config: SamplerConfig | Mapping[str, Any] | ChunkSampler | None = None,
-                pcm: Callable | None = None) -> ChunkSampler:
-        """The `ChunkSampler` for `config` on this policy's network (and `pcm`, for the switching samplers).
+                pcm: Callable | nn.Module | None = None, backend: str = "torch") -> ChunkSampler:
+        """The `ChunkSampler` for `config` on this policy's network (and `pcm`, for the switching samplers), its
+        denoisers running on `backend`.
 
-        Built once per (config, pcm, device) and cached, so per-chunk calls pay no set-up.
+        Built once per (config, pcm, device, backend, threads) and cached, so per-chunk calls pay no set-up; the
+        onnx graphs are written from the weights as they are at that moment (`pcm_policy.backends`).
 
         Args:
             config: a `SamplerConfig` or mapping (None: the defaults, sequential DDPM-100); a `ChunkSampler`
                 is returned as it is.
-            pcm: the PCM denoiser (see `ChunkSampler`); ignored by the non-switching samplers.
+            pcm: the PCM of a switching sampler: its network (`pcm_policy.pcm.attach.load_pcm`; a LoRA PCM runs
+                at scale 1 for `pcm`, with the scale for `pcm_lora`), or on the torch backend a denoiser callable
+                (see `ChunkSampler`); ignored by the non-switching samplers.
+            backend: `torch`, `onnx` (onnxruntime on the CPU) or `auto` (per call, the one measured faster for its
+                number of rows; calibrated here, `ChunkSampler.calibration`).
 
         Raises:
-            ConfigError: an invalid config, or a switching sampler without `pcm`.
+            ConfigError: an invalid config or backend, a switching sampler without `pcm`, onnx on CUDA or without
+                onnxruntime, a PCM callable for onnx/auto, or a full PCM for `pcm_lora`.
         """
         if isinstance(config, ChunkSampler):
             return config
         cfg = SamplerConfig.from_mapping(config or {})
-        key = (cfg, None if pcm is None or not cfg.needs_pcm else id(pcm), self.device)
+        threads = torch.get_num_threads() if backend != "torch" else 0
+        key = (cfg, None if pcm is None or not cfg.needs_pcm else id(pcm), self.device, backend, threads)
         if key not in self._samplers:
-            self._samplers[key] = ChunkSampler(cfg, self.noise_scheduler.config, self.denoiser, pcm,
+            ChunkSampler.check(cfg, self.config.num_train_timesteps, pcm)
+            shape = NetworkShape((self.config.horizon, self.config.action_dim),
+                                 self.config.step_cond_dim * self.config.n_obs_steps, self.config.num_train_timesteps)
+            fixed_shape = cfg.fixed_shape if cfg.fixed_shape is not None else self.device.type == "cuda"
+            denoisers = build_denoisers(self.denoiser, self.model, pcm, cfg, backend, shape, self.device,
+                                        self._backends, fixed_shape)
+            self._samplers[key] = ChunkSampler(cfg, self.noise_scheduler.config, denoisers.base, denoisers.pcm,
                                                sample_shape=(self.config.horizon, self.config.action_dim),
-                                               device=self.device)
+                                               device=self.device, backend=denoisers.backend,
+                                               calibration=denoisers.calibration)
         return self._samplers[key]
 
     def scheduler_for(self, sampler: SamplerConfig | Mapping[str, Any] | ChunkSampler):

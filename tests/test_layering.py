@@ -18,7 +18,7 @@ LAYERS = [
     ["tasks", "runtime", "distributed"],
     ["config", "sampling", "model", "data", "control"],
     ["sampler_config"],
-    ["chunk_sampler"],
+    ["chunk_sampler", "backends"],
     ["policy"],
     ["checkpoint"],
     ["rollout", "interop"],

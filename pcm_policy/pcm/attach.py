@@ -14,7 +14,8 @@ import torch
 from pcm_policy import checkpoint as ckpt_io
 from pcm_policy.checkpoint import Card
 from pcm_policy.errors import CheckpointError, ConfigError
-from pcm_policy.model.lora import add_lora, load_lora_state_dict, scaled_denoiser
+from pcm_policy.backends.torch_denoisers import pcm_network_denoiser
+from pcm_policy.model.lora import add_lora, load_lora_state_dict
 from pcm_policy.paths import resolve_path
 from pcm_policy.sampler_config import SamplerConfig
 
@@ -81,7 +82,8 @@ def load_pcm(path: str | Path, policy, device: torch.device | str = "cpu") -> tu
 
 
 def pcm_denoiser(net: torch.nn.Module, sampler_name: str) -> Callable:
-    """The PCM network as the denoiser a switching sampler expects.
+    """The PCM network as the torch denoiser a switching sampler expects
+    (`pcm_policy.backends.torch_denoisers.pcm_network_denoiser`).
 
     Args:
         net: a PCM network from `load_pcm` or `build_pcm_network`.
@@ -94,20 +96,13 @@ def pcm_denoiser(net: torch.nn.Module, sampler_name: str) -> Callable:
     Raises:
         ConfigError: "pcm_lora" with a full-copy PCM.
     """
-    is_lora = any(".lora_A." in k for k in net.state_dict())
-    if sampler_name == "pcm_lora":
-        if not is_lora:
-            raise ConfigError("sampler=pcm_lora needs a LoRA PCM (mode=lora); this one is a full copy (use sampler=pcm)")
-        return scaled_denoiser(net)
-
-    if not is_lora:
-        return net
-    scaled = scaled_denoiser(net)
-    return lambda x, t, cond: scaled(x, t, cond, 1.0)
+    return pcm_network_denoiser(net, sampler_name)
 
 
-def load_sampler(policy, sampler_cfg: Mapping[str, Any] | SamplerConfig, device=None, pcm_checkpoint: str | None = None):
-    """The policy's `ChunkSampler` for a `sampler=` config, its PCM loaded when the sampler needs one.
+def load_sampler(policy, sampler_cfg: Mapping[str, Any] | SamplerConfig, device=None, pcm_checkpoint: str | None = None,
+                 backend: str = "torch"):
+    """The policy's `ChunkSampler` for a `sampler=` config, its PCM loaded when the sampler needs one, its
+    denoisers (the PCM's too) on `backend`.
 
     Args:
         policy: the base `DiffusionPolicy`.
@@ -115,23 +110,24 @@ def load_sampler(policy, sampler_cfg: Mapping[str, Any] | SamplerConfig, device=
         device: where the PCM goes (None: the policy's device).
         pcm_checkpoint: overrides the config's `pcm_checkpoint` (a relative path is taken from the working
             directory, else from the repository root).
+        backend: `torch`, `onnx` or `auto` (`DiffusionPolicy.sampler`).
 
     Returns:
         The cached `ChunkSampler` (see `DiffusionPolicy.sampler`).
 
     Raises:
-        ConfigError: an invalid config, a PCM sampler with no checkpoint named, a PCM trained from another start
-            (`Card.check_pcm_start`), or a full PCM for `pcm_lora`.
+        ConfigError: an invalid config or backend, a PCM sampler with no checkpoint named, a PCM trained from
+            another start (`Card.check_pcm_start`), or a full PCM for `pcm_lora`.
         CheckpointError: the PCM checkpoint is missing, corrupt, not a PCM or does not fit the base.
     """
     sampler = SamplerConfig.from_mapping(sampler_cfg)
     if pcm_checkpoint is None and not isinstance(sampler_cfg, SamplerConfig):
         pcm_checkpoint = sampler_cfg.get("pcm_checkpoint")
     if not sampler.needs_pcm:
-        return policy.sampler(sampler)
+        return policy.sampler(sampler, backend=backend)
     Card.open_pcm(PCM_KEY, required_pcm(sampler, pcm_checkpoint)).check_pcm_start(sampler, "sampler.start")
     net, _ = load_pcm(resolve_path(pcm_checkpoint), policy, device or policy.device)
-    return policy.sampler(sampler, pcm=pcm_denoiser(net, sampler.name))
+    return policy.sampler(sampler, pcm=net, backend=backend)
 
 
 PCM_KEY = "sampler.pcm_checkpoint"
