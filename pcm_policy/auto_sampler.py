@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from pcm_policy.benchmark.measure import chunk_deviations
-from pcm_policy.benchmark.rows import Row, backend_sampler, encode_observations, time_row
+from pcm_policy.backends import BACKENDS, check_backend
+from pcm_policy.benchmark.rows import Row, encode_observations, time_row
 from pcm_policy.checkpoint import RUN_CONFIG, Card
 from pcm_policy.chunk_sampler import ChunkSampler
 from pcm_policy.errors import ConfigError
@@ -33,13 +34,12 @@ from pcm_policy.latency import latency_summary
 from pcm_policy.observations import dataset_path, rollout_observations, sample_observations
 from pcm_policy.options import (check_choice, check_int, check_list, check_mapping, check_number, show,
                                 unknown_keys)
-from pcm_policy.pcm.attach import load_pcm, pcm_denoiser
+from pcm_policy.pcm.attach import load_pcm
 from pcm_policy.paths import resolve_path
 from pcm_policy.policy import observation_count, select_observations
 from pcm_policy.runtime import set_threads
 from pcm_policy.sampler_config import SCHEDULERS, SamplerConfig, check_steps, schedule_name
 
-BACKENDS = ("torch", "onnx", "auto")
 # The measured best Anderson settings per scheduler (docs/anderson-and-starts.md; configs/bench.yaml `accelerated`)
 ACCELERATION = {"ddpm": {"accel": "anderson", "memory": 2, "damping": 0.5, "triangular": True, "start": "x0_chain"},
                 "ddim": {"accel": "anderson", "memory": 2, "damping": 1.0, "triangular": True, "start": "x_T"}}
@@ -85,8 +85,8 @@ class AutoSettings:
     seed: int = 0
 
     @classmethod
-    def from_mapping(cls, cfg: Mapping[str, Any], key: str = "sampler") -> "AutoSettings":
-        """Check a `sampler=auto` group.
+    def from_mapping(cls, cfg: Mapping[str, Any], key: str = "sampler", device=None) -> "AutoSettings":
+        """Check a `sampler=auto` group (`device`: the policy's, for the backends' runtimes; None: not checked).
 
         Raises:
             ConfigError: an unknown key, or a value of the wrong type or range (naming `<key>.<field>`).
@@ -96,14 +96,14 @@ class AutoSettings:
         get = lambda name: cfg.get(name, getattr(cls, name))  # noqa: E731
         scheduler = check_choice(f"{key}.scheduler", get("scheduler"), SCHEDULERS)
         steps = check_int(f"{key}.steps", get("steps"), 1)
-        backends = check_backends(f"{key}.backends", list(get("backends")))
+        backends = check_backends(f"{key}.backends", get("backends"), device)
         threads = check_list(f"{key}.threads", get("threads"), "[1,2]", null=True)
         if threads is not None:
             threads = [check_int(f"{key}.threads.{i}", n, 1) for i, n in enumerate(threads)]
             if not threads or len(set(threads)) != len(threads):
                 raise ConfigError(f"{key}.threads={show(threads)}: expected distinct thread counts, e.g. [1,2], "
                                   "or null")
-        tols = check_list(f"{key}.tols", list(get("tols")), "[0.1,0.03,0.01]")
+        tols = check_list(f"{key}.tols", get("tols"), "[0.1,0.03,0.01]")
         tols = sorted({check_number(f"{key}.tols.{i}", t, 0) for i, t in enumerate(tols)}, reverse=True)
         accelerated = check_mapping(f"{key}.accelerated", get("accelerated"), "{accel: anderson, damping: 0.5}")
         settings = cls(
@@ -154,13 +154,20 @@ def is_auto(group: Any) -> bool:
     return isinstance(group, Mapping) and group.get("name") == "auto"
 
 
-def check_backends(key: str, value: Any) -> list[str]:
-    """A non-empty list of distinct backend names (`torch`, `onnx`, `auto`).
+def check_backends(key: str, value: Any, device: torch.device | None = None) -> list[str]:
+    """A non-empty list of distinct backend names (`pcm_policy.backends.BACKENDS`), each usable here.
+
+    Args:
+        key: the option's name, for messages.
+        value: the option's value.
+        device: the device the policy runs on: on CUDA only `torch` is run (callers skip the others with a
+            note), so their runtimes are not checked there (None: not checked either).
 
     Raises:
-        ConfigError: not a non-empty list, an unknown name, or one listed twice (naming `key`).
+        ConfigError: one line: not a non-empty list, an unknown name, one listed twice, or onnx/auto where
+            onnxruntime or onnx does not import (naming the pip command).
     """
-    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value:
+    if not isinstance(value, (list, tuple)) or not value:
         raise ConfigError(f"{key}={show(value)}: expected a non-empty list drawn from {list(BACKENDS)}, "
                           "e.g. [torch,onnx,auto]")
     for name in value:
@@ -168,6 +175,9 @@ def check_backends(key: str, value: Any) -> list[str]:
             raise ConfigError(f"{key}={show(value)}: {name!r} is not a backend (expected {', '.join(BACKENDS)})")
     if len(set(value)) != len(value):
         raise ConfigError(f"{key}={show(value)}: lists a backend twice")
+    if device is not None and torch.device(device).type != "cuda":
+        for name in value:
+            check_backend(name, device, key=key)
     return list(value)
 
 
@@ -188,7 +198,7 @@ def check_auto_pcm(settings: AutoSettings, key: str = "sampler.pcm_checkpoint") 
 
 
 def check_auto(group: Mapping[str, Any], key: str, num_train_timesteps: int | None, source=None,
-               pcm_key: str | None = None, pcm_path: str | None = None) -> AutoSettings:
+               pcm_key: str | None = None, pcm_path: str | None = None, device=None) -> AutoSettings:
     """A `sampler=auto` group checked against the policy it will run on and its PCM (no weights are read).
 
     Args:
@@ -198,12 +208,14 @@ def check_auto(group: Mapping[str, Any], key: str, num_train_timesteps: int | No
         source: the policy's checkpoint, for messages.
         pcm_key, pcm_path: the option naming the PCM and its value when another option than the group's own
             `pcm_checkpoint` gives it (e.g. the demo's `pcm_lora.ddim10`); used when the group names none.
+        device: the policy's device (the backends' runtimes are checked for it; None: not checked).
 
     Raises:
-        ConfigError: a bad key, more steps than T, a PCM for another schedule.
+        ConfigError: a bad key, more steps than T, a PCM for another schedule, a backend whose runtime does not
+            import.
         CheckpointError: the PCM checkpoint is unreadable or not a PCM.
     """
-    settings = AutoSettings.from_mapping(group, key)
+    settings = AutoSettings.from_mapping(group, key, device)
     if num_train_timesteps is not None:
         check_steps(f"{key}.steps={settings.steps}", settings.steps, num_train_timesteps, source)
     if not settings.pcm_checkpoint and pcm_path:
@@ -316,7 +328,7 @@ class _Calibration:
             entry["status"] = f"not timed: calibration past max_seconds={s.max_seconds:g}"
             return entry
         set_threads(threads)
-        sampler = backend_sampler(self.policy, config, pcm, backend)
+        sampler = self.policy.sampler(config, pcm=pcm, backend=backend)
         row = Row(sampler, config.schedule, backend=backend)
         first = time_row(self.policy, row, self.conds[:1], s.seed, s.warmup, progress=False)
         best = self.best_p50()
@@ -405,8 +417,7 @@ def choose_sampler(policy, settings: AutoSettings, observations, budget_ms: floa
     cal = _Calibration(policy, settings, encoded.conds, budget_ms, float(np.percentile(encoded.encode_ms, 99)))
     pcm = None
     if card is not None:
-        net, _ = load_pcm(resolve_path(settings.pcm_checkpoint), policy, device or policy.device)
-        pcm = pcm_denoiser(net, "pcm_lora" if card.data.get("mode") == "lora" else "pcm")
+        pcm, _ = load_pcm(resolve_path(settings.pcm_checkpoint), policy, device or policy.device)
 
     families = settings.families(card)
     reference = families[0][0]

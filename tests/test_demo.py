@@ -41,8 +41,8 @@ def test_demo_on_a_tiny_checkpoint(tmp_path, sampler):
     assert metrics["checkpoint"] == str(base)
     assert closed["episodes"] == 2 and closed["seed_range"] == [100000, 100001] and closed["steps"] <= 2 * 12
     assert closed["chunks"] >= 2 and closed["latency_ms_p50"] <= closed["latency_ms_p99"]
-    assert [(r["sampler"], r["schedule"], r["chunks"]) for r in metrics["bench"]] == [
-        ("sequential", "ddim4", 3), ("picard", "ddim4", 3), ("pcm", "ddim4", 3), ("pcm_lora", "ddim4", 3)]
+    assert [(r["sampler"], r["schedule"], r["chunks"], r["backend"]) for r in metrics["bench"]] == [
+        (s, "ddim4", 3, b) for b in ("torch", "onnx", "auto") for s in ("sequential", "picard", "pcm", "pcm_lora")]
     assert [f["schedule"] for f in metrics["fastest"]] == ["ddim4"] and "fastest exact ddim4" in result.stdout
     assert metrics["video"] == str(out / "videos" / "demo_0.mp4") and (out / "videos" / "demo_0.mp4").stat().st_size > 0
     assert (out / "bench" / "bench.png").stat().st_size > 0 and (out / "bench" / "bench.json").is_file()

@@ -64,11 +64,6 @@ class Row:
         return self.config.name == "sequential" and not self.graph and self.backend == "torch"
 
 
-def backend_sampler(policy, config: SamplerConfig, pcm=None, backend: str = "torch") -> ChunkSampler:
-    """The policy's cached `ChunkSampler` for `config` on `backend` (`DiffusionPolicy.sampler`)."""
-    if backend == "torch":
-        return policy.sampler(config, pcm=pcm)
-    return policy.sampler(config, pcm=pcm, backend=backend)
 
 
 def build_rows(policy, schedules: list[str], tols: Sequence[float], window: int | None, stiffness: float | None,
@@ -120,20 +115,20 @@ def build_rows(policy, schedules: list[str], tols: Sequence[float], window: int 
             if name == "pcm_lora" and card["mode"] != "lora":
                 skipped.append(f"{name}/{schedule}: {path} is a full PCM (weight-space switching needs LoRA)")
                 continue
-            pcm = pcm_denoiser(net, name)
-            flops = flops_per_row(policy, pcm, (1.0,)) if name == "pcm_lora" else base_flops
+            pcm_denoiser(net, name)  # refuses a full PCM for weight-space switching
+            flops = flops_per_row(policy, pcm_denoiser(net, name), (1.0,)) if name == "pcm_lora" else base_flops
             for variant in variants:  # a PCM starts from the X^0 it was trained from
                 config = dataclasses.replace(variant, name=name, stiffness=stiffness, start=card.get("start", "x_T"))
-                switching.append((config, pcm, str(path), flops))
+                switching.append((config, net, str(path), flops))
         if "torch" not in backends:
             rows.append(Row(policy.sampler(sequential), schedule, flops_row=base_flops))
         for backend in backends:
-            rows.append(Row(backend_sampler(policy, sequential, backend=backend), schedule, backend=backend,
+            rows.append(Row(policy.sampler(sequential, backend=backend), schedule, backend=backend,
                             flops_row=base_flops))
-            rows += [Row(backend_sampler(policy, v, backend=backend), schedule, backend=backend, flops_row=base_flops)
+            rows += [Row(policy.sampler(v, backend=backend), schedule, backend=backend, flops_row=base_flops)
                      for v in variants]
-            rows += [Row(backend_sampler(policy, config, pcm, backend), schedule, path, backend=backend,
-                         flops_row=flops) for config, pcm, path, flops in switching]
+            rows += [Row(policy.sampler(config, pcm=net, backend=backend), schedule, path, backend=backend,
+                         flops_row=flops) for config, net, path, flops in switching]
     return rows, skipped
 
 

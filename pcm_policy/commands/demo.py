@@ -112,10 +112,10 @@ class Config:
         schedule = f"{group.get('scheduler')}{group.get('steps')}" if isinstance(group, Mapping) else None
         # demo attaches the LoRA PCM of the sampler's schedule (pcm_lora.<schedule>) whatever the switching space
         sampler_pcm = (lookup(cfg, "pcm_lora", None) or {}).get(schedule)
-        backends = check_backends("backends", lookup(cfg, "backends"))
+        backends = check_backends("backends", lookup(cfg, "backends"), runtime.device)
         if is_auto(group):
             sampler = check_auto(group, "sampler", T, card.path if card else None, pcm_key=f"pcm_lora.{schedule}",
-                                 pcm_path=sampler_pcm if card else None)
+                                 pcm_path=sampler_pcm if card else None, device=runtime.device)
             return cls(task, card, sampler, sampler.pcm_checkpoint, pcm_lora, pcm, schedules, backends, **counts,
                        runtime=runtime, output_dir=out)
         sampler = check_sampler(group, "sampler", T, card.path if card else None, pcm_key=f"pcm_lora.{schedule}",

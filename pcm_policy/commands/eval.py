@@ -84,7 +84,8 @@ class Config:
         card.check_env_gives_cameras(task.env_id)
         group = lookup(cfg, "sampler")
         if is_auto(group):
-            return cls(task, card, check_auto(group, "sampler", card.num_train_timesteps, card.path), None, **counts,
+            return cls(task, card, check_auto(group, "sampler", card.num_train_timesteps, card.path,
+                                                  device=runtime.device), None, **counts,
                        runtime=runtime, output_dir=out)
         sampler = check_sampler(group, "sampler", card.num_train_timesteps, card.path)
         pcm = group.get("pcm_checkpoint") if sampler.needs_pcm else None
