@@ -2,16 +2,19 @@
 
 Rounds do not become milliseconds by themselves: which exact sampler is fastest depends on the machine (a batched
 Picard round is compute-bound, a sequential step overhead-bound) and on the runtime each call runs on. So at start
-`choose_sampler` times every candidate - sequential, Picard, Picard + Anderson and, where a PCM is given for the
+`choose_sampler` times the candidates - sequential, Picard, Picard + Anderson and, where a PCM is given for the
 schedule, PCM(+Anderson) - under every backend (torch, onnx, auto routing) on a few real observations with shared
 noise, compares each chunk with the torch sequential chunk of the same observation and noise, and keeps the fastest
-candidate whose chunks all lie within the deviation bound and whose p99 fits the budget. Thread counts are a last
-dimension: the best candidates are timed again at every other count asked for.
+candidate whose chunks all lie within the deviation bound and whose p99 fits the budget.
 
-The calibration is bounded: `chunks` timed chunks (plus `warmup`) per candidate; a candidate's tolerances are tried
+Two stages. The screen times every candidate once, at the first thread count: a candidate's tolerances are tried
 from the loosest and the walk stops at the first exact one; a candidate whose first chunk is slower than
 `PRUNE_FACTOR` x the best exact p50 so far is dropped after that chunk; no new candidate starts after `max_seconds`.
-On the shipped PushT policy this is about 5-10 s for DDIM-10 and 15-25 s for DDPM-100 on one core.
+The final round times the `FINALISTS` fastest exact candidates again at every thread count asked for, interleaved
+chunk by chunk (a burst of load on a shared machine hits them all alike), and the choice is made on it. The cost is
+bounded by (candidates timed) x (chunks + warmup) chunks for the screen, capped by `max_seconds`, plus
+`FINALISTS` x (thread counts) x (chunks + 1) for the final round: on the shipped PushT policy, 1 thread, about
+5-10 s for DDIM-10 and 15-35 s for DDPM-100 (its torch sequential chunk alone is ~0.5 s).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import torch
 
 from pcm_policy.benchmark.measure import chunk_deviations
 from pcm_policy.backends import BACKENDS, check_backend
-from pcm_policy.benchmark.rows import Row, encode_observations, time_row
+from pcm_policy.benchmark.rows import Row, RowTiming, encode_observations, time_row
 from pcm_policy.checkpoint import RUN_CONFIG, Card
 from pcm_policy.chunk_sampler import ChunkSampler
 from pcm_policy.errors import ConfigError
@@ -44,7 +47,7 @@ from pcm_policy.sampler_config import SCHEDULERS, SamplerConfig, check_steps, sc
 ACCELERATION = {"ddpm": {"accel": "anderson", "memory": 2, "damping": 0.5, "triangular": True, "start": "x0_chain"},
                 "ddim": {"accel": "anderson", "memory": 2, "damping": 1.0, "triangular": True, "start": "x_T"}}
 PRUNE_FACTOR = 2.0  # a candidate whose first chunk is this much slower than the best exact p50 is dropped
-THREAD_FINALISTS = 2  # candidates timed again at each other thread count
+FINALISTS = 3  # the fastest exact candidates of the screen, timed again interleaved at every thread count
 
 
 @dataclass(frozen=True)
@@ -231,15 +234,17 @@ class AutoChoice:
     """What `choose_sampler` measured and chose.
 
     Attributes:
-        candidates: one entry per (sampler, tol, backend, threads) tried: `sampler` (label), `tol`, `backend`,
-            `threads`, `p50_ms`, `p99_ms`, `rounds`, `max_dev`, `p99_dev` (vs the torch sequential chunks),
-            `exact`, `fits_budget`, `status` (`timed`, `pruned: ...`, `not timed: ...`).
-        chosen: the chosen entry (a copy of one candidate) plus its `config` (the `SamplerConfig` keys).
+        candidates: one entry per (stage, sampler, tol, backend, threads) tried: `stage` (`screen` or `final`),
+            `sampler` (label), `schedule`, `tol`, `backend`, `threads`, `p50_ms`, `p99_ms`, `rounds`, `max_dev`,
+            `p99_dev` (vs the torch sequential chunks, normalized action units), `exact`, `fits_budget`, `status`
+            (`timed`, `pruned: ...`, `not timed: ...`).
+        chosen: the chosen entry (a copy of one `final` candidate) plus its `config` (the `SamplerConfig` keys).
         budget_ms: the budget the candidates' p99 (plus the observation's encoding) had to fit.
         deviation_bound: the exactness bound.
         chunks: timed chunks per candidate.
         seconds: calibration wall time.
         encode_ms_p99: the observation encoding's p99 (ms), added to each candidate's p99 for the budget.
+        notes: what the reader should know (a budget no exact candidate fits, backends not timed on CUDA).
     """
 
     candidates: list[dict[str, Any]]
@@ -257,17 +262,18 @@ class AutoChoice:
 
     def table(self) -> str:
         """The calibration table as printed: one line per candidate, the chosen one marked."""
-        lines = [f"sampler=auto: {len(self.candidates)} candidates, {self.chunks} chunks each, budget "
+        lines = [f"sampler=auto: {len(self.candidates)} timings, {self.chunks} chunks each, budget "
                  f"{self.budget_ms:.0f} ms, exact = max deviation <= {self.deviation_bound:g} from torch sequential "
                  f"({self.seconds:.1f} s)",
-                 f"  {'sampler':24s} {'tol':>6s} {'backend':>7s} {'thr':>3s} {'p50 ms':>8s} {'p99 ms':>8s} "
-                 f"{'rounds':>6s} {'max dev':>8s}  status"]
+                 f"  {'stage':6s} {'sampler':22s} {'tol':>6s} {'backend':>7s} {'thr':>3s} {'p50 ms':>8s} "
+                 f"{'p99 ms':>8s} {'rounds':>6s} {'max dev':>8s}  status"]
         for c in self.candidates:
-            mark = "*" if _same(c, self.chosen) else " "
+            mark = "*" if c["stage"] == "final" and _same(c, self.chosen) else " "
             timed = c["p50_ms"] is not None
             status = c["status"] if c["status"] != "timed" else (
                 ("exact" if c["exact"] else "inexact") + ("" if c["fits_budget"] else ", over budget"))
-            lines.append(f"{mark} {c['sampler']:24s} {'-' if c['tol'] is None else format(c['tol'], 'g'):>6s} "
+            lines.append(f"{mark} {c['stage']:6s} {c['sampler']:22s} "
+                         f"{'-' if c['tol'] is None else format(c['tol'], 'g'):>6s} "
                          f"{c['backend']:>7s} {c['threads']:>3d} "
                          f"{format(c['p50_ms'], '.1f') if timed else '':>8s} "
                          f"{format(c['p99_ms'], '.1f') if timed else '':>8s} "
@@ -300,13 +306,13 @@ def calibration_observations(policy, checkpoint: Path, env_id: str | None, max_s
 
 
 class _Calibration:
-    """The timing state of one `choose_sampler` call."""
+    """The timing state of one `choose_sampler` call: every entry timed so far and what it was built from."""
 
     def __init__(self, policy, settings: AutoSettings, conds: torch.Tensor, budget_ms: float, encode_p99: float):
         self.policy, self.settings, self.conds = policy, settings, conds
         self.budget_ms, self.encode_p99 = budget_ms, encode_p99
         self.candidates: list[dict[str, Any]] = []
-        self.built: dict[int, tuple[ChunkSampler, SamplerConfig, Any]] = {}  # candidate -> (sampler, config, PCM)
+        self.built: dict[int, tuple[ChunkSampler, SamplerConfig, Any]] = {}  # entry -> (sampler, config, PCM)
         self.reference: torch.Tensor | None = None
         self.t0 = time.perf_counter()
 
@@ -317,19 +323,41 @@ class _Calibration:
         exact = [c["p50_ms"] for c in self.candidates if c["exact"]]
         return min(exact) if exact else None
 
-    def run(self, config: SamplerConfig, pcm, backend: str, threads: int) -> dict[str, Any]:
-        """Time one candidate (pruned after its first chunk when far slower than the best so far)."""
-        s = self.settings
-        entry = {"sampler": config.variant, "schedule": config.schedule, "tol": config.tol if config.name != "sequential"
-                 else None, "backend": backend, "threads": threads, "p50_ms": None, "p99_ms": None, "rounds": None,
-                 "max_dev": None, "p99_dev": None, "exact": False, "fits_budget": False, "status": "timed"}
+    def _entry(self, config: SamplerConfig, backend: str, threads: int, stage: str) -> dict[str, Any]:
+        entry = {"stage": stage, "sampler": config.variant, "schedule": config.schedule,
+                 "tol": config.tol if config.name != "sequential" else None, "backend": backend, "threads": threads,
+                 "p50_ms": None, "p99_ms": None, "rounds": None, "max_dev": None, "p99_dev": None, "exact": False,
+                 "fits_budget": False, "status": "timed"}
         self.candidates.append(entry)
+        return entry
+
+    def _build(self, config: SamplerConfig, pcm, backend: str, threads: int) -> Row:
+        set_threads(threads)  # before building: an onnx session takes torch's thread count
+        return Row(self.policy.sampler(config, pcm=pcm, backend=backend), config.schedule, backend=backend)
+
+    def _record(self, entry: dict[str, Any], parts: list[RowTiming], built: tuple) -> None:
+        """Fill `entry` from its timed chunks (in observation order); the first entry is the reference."""
+        x0 = torch.cat([p.x0 for p in parts])
+        if self.reference is None:  # the first candidate is torch sequential: the reference
+            self.reference = x0
+        dev = chunk_deviations(x0, self.reference)
+        lat = latency_summary(np.concatenate([p.latencies for p in parts]))
+        converged = all(bool(p.converged.all()) for p in parts)
+        entry.update(p50_ms=lat["latency_ms_p50"], p99_ms=lat["latency_ms_p99"],
+                     rounds=float(np.mean(np.concatenate([p.iterations for p in parts]))),
+                     max_dev=float(dev.max()), p99_dev=float(np.percentile(dev, 99)),
+                     exact=converged and float(dev.max()) <= self.settings.deviation_bound,
+                     fits_budget=lat["latency_ms_p99"] + self.encode_p99 <= self.budget_ms)
+        self.built[self.candidates.index(entry)] = built
+
+    def screen(self, config: SamplerConfig, pcm, backend: str, threads: int) -> dict[str, Any]:
+        """Time one candidate on every calibration chunk, pruned after its first when far slower than the best."""
+        s = self.settings
+        entry = self._entry(config, backend, threads, "screen")
         if self.out_of_time():
             entry["status"] = f"not timed: calibration past max_seconds={s.max_seconds:g}"
             return entry
-        set_threads(threads)
-        sampler = self.policy.sampler(config, pcm=pcm, backend=backend)
-        row = Row(sampler, config.schedule, backend=backend)
+        row = self._build(config, pcm, backend, threads)
         first = time_row(self.policy, row, self.conds[:1], s.seed, s.warmup, progress=False)
         best = self.best_p50()
         if best is not None and first.latencies[0] > PRUNE_FACTOR * best:
@@ -338,20 +366,26 @@ class _Calibration:
             return entry
         parts = [first] + ([time_row(self.policy, row, self.conds[1:], s.seed + 1, 0, progress=False)]
                            if len(self.conds) > 1 else [])
-        x0 = torch.cat([p.x0 for p in parts])
-        latencies = np.concatenate([p.latencies for p in parts])
-        if self.reference is None:  # the first candidate is torch sequential: the reference
-            self.reference = x0
-        dev = chunk_deviations(x0, self.reference)
-        lat = latency_summary(latencies)
-        converged = all(bool(p.converged.all()) for p in parts)
-        entry.update(p50_ms=lat["latency_ms_p50"], p99_ms=lat["latency_ms_p99"],
-                     rounds=float(np.mean(np.concatenate([p.iterations for p in parts]))),
-                     max_dev=float(dev.max()), p99_dev=float(np.percentile(dev, 99)),
-                     exact=converged and float(dev.max()) <= s.deviation_bound)
-        entry["fits_budget"] = lat["latency_ms_p99"] + self.encode_p99 <= self.budget_ms
-        self.built[len(self.candidates) - 1] = (sampler, config, pcm)
+        self._record(entry, parts, (row.sampler, config, pcm))
         return entry
+
+    def final(self, finalists: list[int], threads: Sequence[int]) -> list[dict[str, Any]]:
+        """The finalists again at every thread count, interleaved chunk by chunk so that a burst of load on this
+        shared machine hits them all alike; a warm-up chunk each first."""
+        s, runs = self.settings, []
+        for n in threads:
+            for i in finalists:
+                _, config, pcm = self.built[i]
+                row = self._build(config, pcm, self.candidates[i]["backend"], n)
+                time_row(self.policy, row, self.conds[:1], s.seed, 0, progress=False)  # warm-up at this count
+                runs.append((self._entry(config, row.backend, n, "final"), row, (row.sampler, config, pcm), []))
+        for j in range(len(self.conds)):
+            for entry, row, _, parts in runs:
+                set_threads(entry["threads"])
+                parts.append(time_row(self.policy, row, self.conds[j:j + 1], s.seed + j, 0, progress=False))
+        for entry, _, built, parts in runs:
+            self._record(entry, parts, built)
+        return [entry for entry, *_ in runs]
 
 
 def pick_candidate(candidates: Sequence[Mapping[str, Any]]) -> tuple[int, bool]:
@@ -421,28 +455,24 @@ def choose_sampler(policy, settings: AutoSettings, observations, budget_ms: floa
 
     families = settings.families(card)
     reference = families[0][0]
-    cal.run(reference, None, "torch", threads[0])  # first: every deviation is measured against its chunks
+    cal.screen(reference, None, "torch", threads[0])  # first: every deviation is measured against its chunks
     for configs in families:
         for backend in backends:
             for config in configs:
                 if config is reference and backend == "torch":
                     break
-                entry = cal.run(config, pcm if config.needs_pcm else None, backend, threads[0])
+                entry = cal.screen(config, pcm if config.needs_pcm else None, backend, threads[0])
                 if entry["exact"] or entry["status"] != "timed":
                     break  # a tighter tol is slower; a pruned or untimed one would be too
-    # threads: the best exact candidates again at every other count
     finalists = sorted((i for i, c in enumerate(cal.candidates) if c["exact"]),
-                       key=lambda i: cal.candidates[i]["p50_ms"])[:THREAD_FINALISTS]
-    for n in threads[1:]:
-        for i in finalists:
-            _, config, candidate_pcm = cal.built[i]
-            cal.run(config, candidate_pcm, cal.candidates[i]["backend"], n)
-
-    best, fits = pick_candidate(cal.candidates)
+                       key=lambda i: cal.candidates[i]["p50_ms"])[:FINALISTS]
+    final = cal.final(finalists, threads)
+    best, fits = pick_candidate(final)
     if not fits:
         notes.append(f"no exact candidate fits the {budget_ms:.0f} ms budget: chose the fastest exact one")
-    sampler, config, _ = cal.built[best]
-    chosen = {**cal.candidates[best], "config": dataclasses.asdict(config)}
+    index = cal.candidates.index(final[best])
+    sampler, config, _ = cal.built[index]
+    chosen = {**cal.candidates[index], "config": dataclasses.asdict(config)}
     set_threads(chosen["threads"])
     choice = AutoChoice(cal.candidates, chosen, budget_ms, settings.deviation_bound, settings.chunks,
                         round(time.perf_counter() - cal.t0, 2), cal.encode_p99, notes)

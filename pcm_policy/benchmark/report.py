@@ -1,5 +1,6 @@
 """The bench report: speed-ups over torch sequential, the accuracy-matched summaries (the fastest exact row per
-schedule in milliseconds; each sampler's rounds at the deviation bound), `bench.md` (Markdown tables), `bench.png` (latency and rounds per row) and `bench_sweep.png` (rounds against deviation from sequential)."""
+schedule in milliseconds; each sampler's rounds at the deviation bound), `bench.md` (Markdown tables), `bench.png`
+(latency and rounds per row) and `bench_sweep.png` (rounds against deviation from sequential)."""
 from __future__ import annotations
 
 from pathlib import Path

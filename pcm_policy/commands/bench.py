@@ -141,7 +141,8 @@ class Config:
         if chosen is not None and not set(chosen) <= set(schedules):
             raise ConfigError(f"{key}={show(chosen)}: expected a list drawn from schedules={schedules} or null")
         return cls(
-            task=task, checkpoint=card, schedules=schedules, backends=check_backends("backends", lookup(cfg, "backends"), runtime.device),
+            task=task, checkpoint=card, schedules=schedules,
+            backends=check_backends("backends", lookup(cfg, "backends"), runtime.device),
             pcm=pcm_map(cfg, "pcm", schedules), pcm_lora=pcm_map(cfg, "pcm_lora", schedules),
             accelerated=accelerated_settings(cfg, schedules),
             chunks={s: by_schedule.get(s) or chunks for s in schedules}, warmup=integer(cfg, "warmup", 0),

@@ -179,7 +179,7 @@ def run(config: Config) -> dict[str, Any]:
     chunks = {s: config.ddpm100_chunks if s == "ddpm100" else config.chunks for s in config.schedules}
     report = bench.run(bench.Config(
         task=task, checkpoint=card, schedules=config.schedules, backends=config.backends, pcm={**pcm_lora, **pcm},
-        pcm_lora=pcm_lora, accelerated=_default_acceleration(), chunks=chunks, warmup=5, tols=[0.1], tol=0.1,
+        pcm_lora=pcm_lora, accelerated=_default_acceleration(), chunks=chunks, warmup=2, tols=[0.1], tol=0.1,
         deviation_bound=0.01, peak_gflops=None, window=None, stiffness=None,
         control_hz=task.control_hz, budget_ms=None, episodes=0, episodes_schedules=None,
         seed_start=config.seed_start, early_stop=False, early_stop_chunks=1, early_stop_episodes=0,
