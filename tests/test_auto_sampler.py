@@ -128,3 +128,37 @@ def test_eval_accepts_sampler_auto(tiny_runs, tmp_path):
     auto = json.loads((tmp_path / "metrics.json").read_text())["auto"]
     assert auto["chosen"]["exact"] and len(auto["candidates"]) >= 3
     assert metrics["sampler"] == f"{auto['chosen']['sampler']}/ddim4"
+
+
+def test_auto_times_every_backend(tiny):
+    """The default backends: each candidate under torch, onnx and auto routing, all against torch sequential."""
+    policy, obs = tiny
+    s = AutoSettings.from_mapping({"name": "auto", "scheduler": "ddim", "steps": 4, "chunks": 2, "tols": [0.0]})
+    assert s.backends == ("torch", "onnx", "auto")
+    sampler, choice = choose_sampler(policy, s, obs, budget_ms=1e4, echo=False)
+    screened = [c for c in choice.candidates if c["stage"] == "screen"]
+    assert {(c["sampler"], c["backend"]) for c in screened} == {
+        (name, b) for name in ("sequential", "picard", "picard+aa") for b in ("torch", "onnx", "auto")}
+    for c in screened:
+        if c["status"] == "timed":  # tol 0 and sequential: exact on every backend, to float rounding
+            assert c["max_dev"] < 1e-4 and c["exact"]
+    assert sampler.backend == choice.chosen["backend"]
+
+
+def test_the_controller_runs_auto_s_choice():
+    """The real-time controller takes the sampler `choose_sampler` returns like any other."""
+    import numpy as np
+
+    from pcm_policy.control import Controller, ControllerConfig
+    from tests.test_controller import CounterEnv, _tiny_policy
+
+    policy = _tiny_policy()
+    obs = torch.randn(3, 2, 3)
+    s = AutoSettings.from_mapping({"name": "auto", "scheduler": "ddim", "steps": 4, "chunks": 3, "tols": [0.0],
+                                   "backends": ["torch", "onnx"]})
+    sampler, choice = choose_sampler(policy, s, obs, budget_ms=1e4, echo=False)
+    ctrl = Controller(policy, sampler, ControllerConfig(control_hz=10, budget_ms=10_000))
+    log = ctrl.run_simulated(CounterEnv(), max_steps=20)
+    assert log.steps == 20 and log.chunks and all(c.exact for c in log.chunks)
+    assert all(c.iterations <= 4 + 1 for c in log.chunks)
+    assert np.isfinite(np.asarray([c.latency_ms for c in log.chunks])).all() and choice.chosen["exact"]

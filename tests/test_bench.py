@@ -131,6 +131,10 @@ def test_bench_runs_every_row_on_every_backend_in_milliseconds(tiny_runs, tmp_pa
     assert "Fastest exact chunk per schedule" in md and "| picard | ddim4 | onnx |" in md and "GFLOP/s" in md
     assert "peak 100.0 GFLOP/s (given (peak_gflops))" in md
     assert report["fastest"] == saved["fastest"]
+    routing = saved["auto_routing"]
+    assert set(routing["denoisers"]) == {"base", "pcm ddpm8"} and routing["threads"] == 1
+    assert all(p["chosen"] in ("torch", "onnx") for e in routing["denoisers"].values() for p in e["table"])
+    assert "backend=auto, base network" in md
 
 
 def test_bench_measures_the_peak_when_not_given(tiny_runs, tmp_path):

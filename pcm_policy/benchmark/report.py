@@ -112,6 +112,12 @@ def markdown_table(report: Mapping[str, Any]) -> str:
                   f"{e['sequential_ms_p50']:.1f} | **{e['speedup_p50_vs_sequential']:.2f}x** |"
                   for e in report["fastest"]]
         lines.append("")
+    routing = report.get("auto_routing")
+    for role, entry in ((routing or {}).get("denoisers") or {}).items():
+        lines += [f"backend=auto, {role} network ({routing['threads']} thread(s)): {entry['rule']}; one call, fastest "
+                  "of 3 (ms):", "", "| rows | torch ms | onnx ms | chosen |", "|---|---|---|---|"]
+        lines += [f"| {p['rows']} | {p['torch_ms']:.2f} | {p['onnx_ms']:.2f} | {p['chosen']} |" for p in entry["table"]]
+        lines.append("")
     if report.get("sweep"):
         bound = report["sweep"][0]["bound"]
         lines += [f"Rounds at p99 deviation <= {bound:g} from sequential (the first tol, from the loosest, that meets "

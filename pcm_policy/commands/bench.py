@@ -237,6 +237,21 @@ def network_flops(rows) -> dict[str, int]:
     return flops
 
 
+def auto_routing(rows) -> dict[str, Any] | None:
+    """What `backend=auto` measured on this machine (its routers are shared by the rows): per denoiser (`base`, and
+    `pcm <schedule>` per PCM) the rule and the table of row counts with torch and onnx ms; None without auto rows."""
+    routing: dict[str, Any] = {}
+    for row in rows:
+        calibration = row.sampler.calibration if row.backend == "auto" else None
+        if calibration is None:
+            continue
+        record = calibration.to_dict()
+        routing["threads"] = record["threads"]
+        for role, entry in record["denoisers"].items():
+            routing.setdefault("denoisers", {})[role if role == "base" else f"{role} {row.schedule}"] = entry
+    return routing or None
+
+
 def run(config: Config, echo: bool = True) -> dict[str, Any]:
     """Time every row, compare outputs, run the studies; write `bench.json`, `bench.md`, `bench.png`,
     `metrics.json` and (with `echo`) print the table and the file paths.
@@ -303,7 +318,7 @@ def run(config: Config, echo: bool = True) -> dict[str, Any]:
               "device": device_name, "threads": threads, "control_hz": config.control_hz, "budget_ms": budget_ms,
               "backends": backends, "tols": tols, "deviation_bound": config.deviation_bound,
               "flops_per_row": network_flops(rows), "peak_gflops": peak, "peak_source": peak_source,
-              "fastest": fastest_exact(results, config.deviation_bound),
+              "fastest": fastest_exact(results, config.deviation_bound), "auto_routing": auto_routing(rows),
               "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results],
               "sweep": sweep, "early_stop": early, "skipped": skipped}
     atomic_write_text(out / "bench.json", json.dumps(report, indent=2))
