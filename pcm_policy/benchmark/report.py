@@ -88,79 +88,101 @@ def sweep_summary(results: list[dict], bound: float) -> list[dict[str, Any]]:
     return out
 
 
+def _fmt(value, spec: str) -> str:
+    """`value` formatted with `spec`; empty for None or NaN."""
+    return "" if value is None or (isinstance(value, float) and np.isnan(value)) else format(value, spec)
+
+
+def _table(header: list[str], cells: list[list[str]]) -> list[str]:
+    """Markdown table lines, then an empty line."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+        ["| " + " | ".join(row) + " |" for row in cells] + [""]
+
+
+def _fastest(report: Mapping[str, Any]) -> list[str]:
+    bound = report["fastest"][0]["bound"]
+    return [f"Fastest exact chunk per schedule (p99 deviation <= {bound:g} from the torch sequential sample, any "
+            "sampler, tol and backend; speed-up p50 over torch sequential of the same mode):", ""] + _table(
+        ["schedule", "fastest exact row", "backend", "tol", "p50 ms", "p99 ms", "rounds", "p99 dev", "GFLOP/s",
+         "torch sequential p50 ms", "speed-up"],
+        [[e["schedule"], e["sampler"], e["backend"], _fmt(e["tol"], "g"), f"{e['latency_ms_p50']:.1f}",
+          f"{e['latency_ms_p99']:.1f}", f"{e['iterations_mean']:.2f}", f"{e['abs_err_p99_vs_sequential']:.2e}",
+          _fmt(e.get("gflops"), ".1f"), f"{e['sequential_ms_p50']:.1f}", f"**{e['speedup_p50_vs_sequential']:.2f}x**"]
+         for e in report["fastest"]])
+
+
+def _routing(routing: Mapping[str, Any]) -> list[str]:
+    lines = []
+    for role, entry in (routing.get("denoisers") or {}).items():
+        lines += [f"backend=auto, {role} network ({routing['threads']} thread(s)): {entry['rule']}; one call, fastest "
+                  "of 3 (ms):", ""]
+        lines += _table(["rows", "torch ms", "onnx ms", "chosen"],
+                        [[str(p["rows"]), f"{p['torch_ms']:.2f}", f"{p['onnx_ms']:.2f}", p["chosen"]]
+                         for p in entry["table"]])
+    return lines
+
+
+def _sweep(sweep: list[dict]) -> list[str]:
+    return [f"Rounds at p99 deviation <= {sweep[0]['bound']:g} from sequential (the first tol, from the loosest, that "
+            "meets it; normalized action units):", ""] + _table(
+        ["sampler", "schedule", "backend", "tol", "rounds", "evaluations", "p50 ms", "p99 dev"],
+        [[e["sampler"], e["schedule"], e.get("backend", "torch"), _fmt(e["tol"], "g") or "not met",
+          _fmt(e["iterations_mean"], ".2f"), _fmt(e["evaluations_mean"], ".1f"), _fmt(e["latency_ms_p50"], ".1f"),
+          _fmt(e["abs_err_p99_vs_sequential"], ".2e") or "best " + format(e["best_p99"], ".2e")] for e in sweep])
+
+
+def _rows(report: Mapping[str, Any], peak: float | None) -> list[str]:
+    def gflops(r):
+        text = _fmt(r.get("gflops"), ".1f")
+        return text + (f" ({r['peak_fraction']:.0%})" if text and r.get("peak_fraction") else "")
+
+    return ["Latencies: denoising per chunk (p50/p99 ms); the observation is encoded once per chunk before it "
+            "(encode p50/p99 ms); deadline misses count encoding + denoising; speed-up p50 over torch sequential; "
+            "GFLOP/s: network FLOPs of a chunk over its p50" + (f" (% of the {peak:.0f} GFLOP/s peak)" if peak else "")
+            + ".", ""] + _table(
+        ["sampler", "schedule", "backend", "window", "tol", "iterations", "evaluations", "p50 ms", "p99 ms",
+         "encode p50/p99 ms", "speedup p50", "iter. ratio vs Picard", "GFLOP/s", "p50 dev", "p99 dev", "max dev",
+         "deadline misses", "success", "score"],
+        [[r["sampler"], r["schedule"], r.get("backend", "torch"), str(r["window"]), _fmt(r["tol"], "g"),
+          f"{r['iterations_mean']:.2f}", f"{r['evaluations_mean']:.1f}", f"{r['latency_ms_p50']:.1f}",
+          f"{r['latency_ms_p99']:.1f}", f"{_fmt(r.get('encode_ms_p50'), '.2f')}/{_fmt(r.get('encode_ms_p99'), '.2f')}",
+          _fmt(r.get("speedup_p50_vs_sequential"), ".2f"), _fmt(r.get("iteration_ratio_vs_picard"), ".2f"), gflops(r),
+          _fmt(r.get("abs_err_p50_vs_sequential"), ".2e"), _fmt(r.get("abs_err_p99_vs_sequential"), ".2e"),
+          f"{r['max_abs_err_vs_sequential']:.2e}", f"{r['deadline_misses']}/{r['chunks']}",
+          _fmt(r.get("success_rate"), ".2f"), _fmt(r.get("score"), ".3f")] for r in report["rows"]])
+
+
+def _early_stop(early: list[dict]) -> list[str]:
+    return ["Early stop: iterations capped at 1, 2, 3 (mean abs action error vs the sequential sampler of the same "
+            "schedule, normalized units; closed-loop success/score where episodes were run):", ""] + _table(
+        ["rounds", "sampler", "reference", "mean abs err", "success", "score", "episodes"],
+        [[str(e["rounds"]), e["sampler"], e["reference"], f"{e['mean_abs_err']:.4f}", _fmt(e.get("success_rate"), ".2f"),
+          _fmt(e.get("score"), ".3f"), str(e.get("episodes", ""))] for e in early])
+
+
 def markdown_table(report: Mapping[str, Any]) -> str:
-    """A bench report (`bench.json`'s content) as Markdown (`bench.md`): the fastest exact row per schedule, the
-    accuracy-matched summary of the tolerance sweep, the row table, the early-stop table, skipped rows."""
+    """A bench report (`bench.json`'s content) as Markdown (`bench.md`): the fastest exact row per schedule,
+    `backend=auto`'s routing, the accuracy-matched summary of the tolerance sweep, the row table, the early-stop
+    table, skipped rows."""
     peak = report.get("peak_gflops")
     lines = [f"Device: {report['device']}; threads: {report['threads']}; control {report['control_hz']} Hz, "
              f"budget {report['budget_ms']:.0f} ms per chunk; checkpoint `{report['checkpoint']}`"
              + (f"; backends: {', '.join(report['backends'])}" if report.get("backends") else ""), ""]
     if peak:
         flops = report.get("flops_per_row") or {}
-        lines += [f"Network FLOPs per row: " + ", ".join(f"{k} {v / 1e6:.1f} MFLOP" for k, v in flops.items())
+        lines += ["Network FLOPs per row: " + ", ".join(f"{k} {v / 1e6:.1f} MFLOP" for k, v in flops.items())
                   + f"; peak {peak:.1f} GFLOP/s ({report.get('peak_source', 'given')}).", ""]
-    fmt = lambda v, f: "" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, f)  # noqa: E731
     if report.get("fastest"):
-        bound = report["fastest"][0]["bound"]
-        lines += [f"Fastest exact chunk per schedule (p99 deviation <= {bound:g} from the torch sequential sample, any "
-                  "sampler, tol and backend; speed-up p50 over torch sequential of the same mode):", "",
-                  "| schedule | fastest exact row | backend | tol | p50 ms | p99 ms | rounds | p99 dev | GFLOP/s | "
-                  "torch sequential p50 ms | speed-up |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {e['schedule']} | {e['sampler']} | {e['backend']} | {fmt(e['tol'], 'g')} | "
-                  f"{e['latency_ms_p50']:.1f} | {e['latency_ms_p99']:.1f} | {e['iterations_mean']:.2f} | "
-                  f"{e['abs_err_p99_vs_sequential']:.2e} | {fmt(e.get('gflops'), '.1f')} | "
-                  f"{e['sequential_ms_p50']:.1f} | **{e['speedup_p50_vs_sequential']:.2f}x** |"
-                  for e in report["fastest"]]
-        lines.append("")
-    routing = report.get("auto_routing")
-    for role, entry in ((routing or {}).get("denoisers") or {}).items():
-        lines += [f"backend=auto, {role} network ({routing['threads']} thread(s)): {entry['rule']}; one call, fastest "
-                  "of 3 (ms):", "", "| rows | torch ms | onnx ms | chosen |", "|---|---|---|---|"]
-        lines += [f"| {p['rows']} | {p['torch_ms']:.2f} | {p['onnx_ms']:.2f} | {p['chosen']} |" for p in entry["table"]]
-        lines.append("")
+        lines += _fastest(report)
+    if report.get("auto_routing"):
+        lines += _routing(report["auto_routing"])
     if report.get("sweep"):
-        bound = report["sweep"][0]["bound"]
-        lines += [f"Rounds at p99 deviation <= {bound:g} from sequential (the first tol, from the loosest, that meets "
-                  "it; normalized action units):", "",
-                  "| sampler | schedule | backend | tol | rounds | evaluations | p50 ms | p99 dev |",
-                  "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {e['sampler']} | {e['schedule']} | {e.get('backend', 'torch')} | {fmt(e['tol'], 'g') or 'not met'} | "
-                  f"{fmt(e['iterations_mean'], '.2f')} | {fmt(e['evaluations_mean'], '.1f')} | "
-                  f"{fmt(e['latency_ms_p50'], '.1f')} | "
-                  f"{fmt(e['abs_err_p99_vs_sequential'], '.2e') or 'best ' + format(e['best_p99'], '.2e')} |"
-                  for e in report["sweep"]]
-        lines.append("")
-    lines += ["Latencies: denoising per chunk (p50/p99 ms); the observation is encoded once per chunk before it "
-              "(encode p50/p99 ms); deadline misses count encoding + denoising; speed-up p50 over torch sequential; "
-              "GFLOP/s: network FLOPs of a chunk over its p50" + (f" (% of the {peak:.0f} GFLOP/s peak)" if peak else "")
-              + ".", "",
-              "| sampler | schedule | backend | window | tol | iterations | evaluations | p50 ms | p99 ms | "
-              "encode p50/p99 ms | speedup p50 | iter. ratio vs Picard | GFLOP/s | p50 dev | p99 dev | max dev | "
-              "deadline misses | success | score |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in report["rows"]:
-        gflops = fmt(r.get("gflops"), ".1f")
-        if gflops and r.get("peak_fraction"):
-            gflops += f" ({r['peak_fraction']:.0%})"
-        lines.append(f"| {r['sampler']} | {r['schedule']} | {r.get('backend', 'torch')} | {r['window']} | "
-                     f"{fmt(r['tol'], 'g')} | {r['iterations_mean']:.2f} | "
-                     f"{r['evaluations_mean']:.1f} | {r['latency_ms_p50']:.1f} | {r['latency_ms_p99']:.1f} | "
-                     f"{fmt(r.get('encode_ms_p50'), '.2f')}/{fmt(r.get('encode_ms_p99'), '.2f')} | "
-                     f"{fmt(r.get('speedup_p50_vs_sequential'), '.2f')} | {fmt(r.get('iteration_ratio_vs_picard'), '.2f')} | "
-                     f"{gflops} | {fmt(r.get('abs_err_p50_vs_sequential'), '.2e')} | "
-                     f"{fmt(r.get('abs_err_p99_vs_sequential'), '.2e')} | "
-                     f"{r['max_abs_err_vs_sequential']:.2e} | {r['deadline_misses']}/{r['chunks']} | "
-                     f"{fmt(r.get('success_rate'), '.2f')} | {fmt(r.get('score'), '.3f')} |")
+        lines += _sweep(report["sweep"])
+    lines += _rows(report, peak)
     if report.get("early_stop"):
-        lines += ["", "Early stop: iterations capped at 1, 2, 3 (mean abs action error vs the sequential sampler of the "
-                  "same schedule, normalized units; closed-loop success/score where episodes were run):", "",
-                  "| rounds | sampler | reference | mean abs err | success | score | episodes |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {e['rounds']} | {e['sampler']} | {e['reference']} | {e['mean_abs_err']:.4f} | "
-                  f"{fmt(e.get('success_rate'), '.2f')} | {fmt(e.get('score'), '.3f')} | {e.get('episodes', '')} |"
-                  for e in report["early_stop"]]
-    for s in report.get("skipped", []):
-        lines.append(f"\nskipped: {s}")
-    return "\n".join(lines) + "\n"
+        lines += _early_stop(report["early_stop"])
+    lines += [f"skipped: {s}\n" for s in report.get("skipped", [])]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def plot(results: list[dict], path: Path, budget_ms: float) -> None:
