@@ -201,7 +201,8 @@ def check_auto_pcm(settings: AutoSettings, key: str = "sampler.pcm_checkpoint") 
 
 
 def check_auto(group: Mapping[str, Any], key: str, num_train_timesteps: int | None, source=None,
-               pcm_key: str | None = None, pcm_path: str | None = None, device=None) -> AutoSettings:
+               pcm_key: str | None = None, pcm_path: str | None = None, device=None,
+               backend: str | None = None) -> AutoSettings:
     """A `sampler=auto` group checked against the policy it will run on and its PCM (no weights are read).
 
     Args:
@@ -212,6 +213,7 @@ def check_auto(group: Mapping[str, Any], key: str, num_train_timesteps: int | No
         pcm_key, pcm_path: the option naming the PCM and its value when another option than the group's own
             `pcm_checkpoint` gives it (e.g. the demo's `pcm_lora.ddim10`); used when the group names none.
         device: the policy's device (the backends' runtimes are checked for it; None: not checked).
+        backend: a command's `backend=` (already checked): the only backend tried (None: the group's `backends`).
 
     Raises:
         ConfigError: a bad key, more steps than T, a PCM for another schedule, a backend whose runtime does not
@@ -219,6 +221,8 @@ def check_auto(group: Mapping[str, Any], key: str, num_train_timesteps: int | No
         CheckpointError: the PCM checkpoint is unreadable or not a PCM.
     """
     settings = AutoSettings.from_mapping(group, key, device)
+    if backend is not None:
+        settings = dataclasses.replace(settings, backends=(backend,))
     if num_train_timesteps is not None:
         check_steps(f"{key}.steps={settings.steps}", settings.steps, num_train_timesteps, source)
     if not settings.pcm_checkpoint and pcm_path:

@@ -1,7 +1,7 @@
 """`pcm`: the command-line entry point; it parses arguments and dispatches to `pcm_policy.commands`.
 
     pcm data info PATH [--json]
-    pcm export CHECKPOINT OUTPUT [--format pcm|lerobot|diffusion-policy] [--dtype float16]
+    pcm export CHECKPOINT OUTPUT [--format pcm|lerobot|diffusion-policy|onnx] [--dtype float16] [pcm=DIR]
     pcm import diffusion-policy|lerobot PATH output_dir=DIR [dataset.path=FILE]
     pcm train task=pusht dataset.path=... train.steps=200 output_dir=...   (and eval, collect, train-pcm, bench, demo)
 
@@ -73,7 +73,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         SystemExit: from argparse, status 2 for a usage error and 0 for `--help`.
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value options given after a subcommand's optional flags (`pcm export CKPT OUT --format onnx pcm=DIR`):
+    # argparse has already filled the positional list before the flags, so they arrive here
+    trailing = getattr(args, "trailing_options", None)
+    if extra and trailing and not any(e.startswith("-") for e in extra):
+        setattr(args, trailing, list(getattr(args, trailing) or []) + extra)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
     except PcmError as e:

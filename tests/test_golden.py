@@ -4,7 +4,8 @@
 `tests.golden.make.CASES` (sequential DDIM-10 and DDPM-100, Picard full-window and windowed, one PCM step in
 output and in weight space, a weight-space PCM run), the chunk, iteration count and convergence flag. This test
 recomputes them from the stored inputs (float32, CPU) and compares: a change to the network, the normalizer,
-the scheduler step math or the samplers fails here.
+the scheduler step math or the samplers fails here. Every case is recomputed on each backend (`torch`, `onnx`: the UNet as an ONNX graph
+run by onnxruntime, `auto`): all must reproduce the torch-made artifact within the same tolerance.
 
 When such a change is deliberate (new shipped checkpoints, an intended change of the outputs), regenerate the
 artifact from the repository root and say why in the commit:
@@ -34,10 +35,13 @@ def checkpoints():
     return load_checkpoints()
 
 
-@pytest.fixture(scope="module")
-def computed(golden, checkpoints):
+BACKENDS = ("torch", "onnx", "auto")
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def computed(request, golden, checkpoints):
     inputs, _, _ = golden
-    return compute_outputs(*checkpoints, inputs)
+    return compute_outputs(*checkpoints, inputs, backend=request.param)
 
 
 def test_golden_file_is_for_the_shipped_base(golden, checkpoints):

@@ -32,11 +32,11 @@ class Row:
     """One bench row.
 
     Attributes:
-        sampler: the row's sampler.
+        sampler: the row's sampler (its `backend` says where its denoisers run).
         schedule: the schedule name, e.g. `ddim10`.
         pcm_path: the PCM checkpoint of a switching row (None otherwise).
         graph: the row's denoisers are CUDA-graph replayed.
-        backend: the runtime its denoisers run on: `torch`, `onnx`, or `auto` (per rows per call).
+        pcm: the PCM network of a switching row (None otherwise), to build variants of the row on its backend.
         flops_row: FLOPs of one network row of the row's network (`flops_per_row`; a weight-space switching row
             counts its LoRA adapters, an output-space switching row the base network's), 0 when not counted.
     """
@@ -45,7 +45,7 @@ class Row:
     schedule: str
     pcm_path: str | None = None
     graph: bool = False
-    backend: str = "torch"
+    pcm: Any = None
     flops_row: int = 0
 
     @property
@@ -57,6 +57,11 @@ class Row:
     def name(self) -> str:
         """Label for tables and progress bars, e.g. `pcm_lora+graph/ddim10`."""
         return f"{self.config.variant}{'+graph' if self.graph else ''}/{self.schedule}"
+
+    @property
+    def backend(self) -> str:
+        """Where the row's denoisers run: `torch`, `onnx` or `auto` (`ChunkSampler.backend`)."""
+        return self.sampler.backend
 
     @property
     def is_reference(self) -> bool:
@@ -83,14 +88,15 @@ def build_rows(policy, schedules: list[str], tols: Sequence[float], window: int 
         accelerated: schedule -> acceleration settings (accel, memory, damping, triangular, start) of its `+aa`
             rows; a schedule without settings gets none.
         device: where PCMs are loaded.
-        backends: the runtimes every row runs on (`torch`, `onnx`, `auto`), in this order.
+        backends: where every row's denoisers run (`torch`, `onnx`, `auto`; `DiffusionPolicy.sampler`), in this
+            order.
 
     Returns:
         (rows, skipped): the rows, and one reason per PCM row that could not be built (no checkpoint given, a
         PCM for another schedule, a full PCM for weight-space switching).
 
     Raises:
-        ConfigError: an invalid schedule name or sampler setting.
+        ConfigError: an invalid schedule name, sampler setting or backend.
         CheckpointError: a PCM checkpoint that is missing, corrupt or for another base.
     """
     rows, skipped = [], []
@@ -102,7 +108,7 @@ def build_rows(policy, schedules: list[str], tols: Sequence[float], window: int 
                                if accelerated.get(schedule) else [])
         variants = [dataclasses.replace(v, tol=t) for v in [plain] + accelerated_variant for t in tols]
         sequential = SamplerConfig(name="sequential", scheduler=kind, steps=steps)
-        switching = []  # (config, PCM denoiser, path, FLOPs per row) of every switching row of the schedule
+        switching = []  # (config, PCM network, path, FLOPs per row) of every switching row of the schedule
         for name, paths in (("pcm", pcms), ("pcm_lora", lora_pcms)):
             path = paths.get(schedule)
             if not path:
@@ -115,7 +121,6 @@ def build_rows(policy, schedules: list[str], tols: Sequence[float], window: int 
             if name == "pcm_lora" and card["mode"] != "lora":
                 skipped.append(f"{name}/{schedule}: {path} is a full PCM (weight-space switching needs LoRA)")
                 continue
-            pcm_denoiser(net, name)  # refuses a full PCM for weight-space switching
             flops = flops_per_row(policy, pcm_denoiser(net, name), (1.0,)) if name == "pcm_lora" else base_flops
             for variant in variants:  # a PCM starts from the X^0 it was trained from
                 config = dataclasses.replace(variant, name=name, stiffness=stiffness, start=card.get("start", "x_T"))
@@ -123,12 +128,10 @@ def build_rows(policy, schedules: list[str], tols: Sequence[float], window: int 
         if "torch" not in backends:
             rows.append(Row(policy.sampler(sequential), schedule, flops_row=base_flops))
         for backend in backends:
-            rows.append(Row(policy.sampler(sequential, backend=backend), schedule, backend=backend,
-                            flops_row=base_flops))
-            rows += [Row(policy.sampler(v, backend=backend), schedule, backend=backend, flops_row=base_flops)
-                     for v in variants]
-            rows += [Row(policy.sampler(config, pcm=net, backend=backend), schedule, path, backend=backend,
-                         flops_row=flops) for config, net, path, flops in switching]
+            rows.append(Row(policy.sampler(sequential, backend=backend), schedule, flops_row=base_flops))
+            rows += [Row(policy.sampler(v, backend=backend), schedule, flops_row=base_flops) for v in variants]
+            rows += [Row(policy.sampler(config, pcm=net, backend=backend), schedule, path, pcm=net, flops_row=flops)
+                     for config, net, path, flops in switching]
     return rows, skipped
 
 
@@ -151,7 +154,7 @@ def graphed_rows(policy, rows: list[Row]) -> list[Row]:
         config = dataclasses.replace(row.config, fixed_shape=True)
         graphed = ChunkSampler(config, policy.noise_scheduler.config, GraphedDenoiser(s.base),
                                GraphedDenoiser(s.pcm) if s.pcm else None, s.sample_shape, s.device)
-        out.append(Row(graphed, row.schedule, row.pcm_path, graph=True, flops_row=row.flops_row))
+        out.append(Row(graphed, row.schedule, row.pcm_path, graph=True, pcm=row.pcm, flops_row=row.flops_row))
     return out
 
 

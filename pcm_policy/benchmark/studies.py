@@ -89,6 +89,8 @@ def early_stop_study(policy, rows: list[Row], conds: torch.Tensor, references: d
         (normalized units) and, with episodes, closed-loop success/score.
     """
     study, ddim_loop = [], {}
+    # the DDIM comparison rows run on the backend of the schedule's own sequential row
+    ref_backend = {r.schedule: r.sampler.backend for r in rows if r.config.name == "sequential" and not r.graph}
     for schedule, ref_all in references.items():
         n = min(len(ref_all), chunks)
         ref = ref_all[:n]
@@ -101,10 +103,12 @@ def early_stop_study(policy, rows: list[Row], conds: torch.Tensor, references: d
                 entry = {"rounds": cap, "sampler": row.name, "reference": f"sequential/{schedule}",
                          "mean_abs_err": float((x0 - ref).abs().mean())}
                 if closed:
-                    capped = policy.sampler(dataclasses.replace(row.config, max_iters=cap), pcm=row.sampler.pcm)
+                    capped = policy.sampler(dataclasses.replace(row.config, max_iters=cap), pcm=row.pcm,
+                                            backend=row.sampler.backend)
                     entry.update(run_episodes(policy, capped, settings, episodes, f"{row.name} <= {cap} rounds"))
                 study.append(entry)
-            ddim = Row(policy.sampler(SamplerConfig(name="sequential", scheduler="ddim", steps=cap)),
+            backend = ref_backend.get(schedule, "torch")
+            ddim = Row(policy.sampler(SamplerConfig(name="sequential", scheduler="ddim", steps=cap), backend=backend),
                        schedule_name("ddim", cap))
             x0 = time_row(policy, ddim, conds[:n], seed, 0, progress=False).x0
             entry = {"rounds": cap, "sampler": f"sequential/{ddim.schedule}", "reference": f"sequential/{schedule}",

@@ -22,6 +22,7 @@ import torch
 
 from pcm_policy.atomic import atomic_write_text
 from pcm_policy.auto_sampler import check_backends
+from pcm_policy.backends import check_backend
 from pcm_policy.benchmark.flops import PEAK_MATMUL_SIZE, PEAK_REPEATS, measure_peak_gflops
 from pcm_policy.benchmark.measure import measure_rows
 from pcm_policy.benchmark.report import add_speedups, fastest_exact, markdown_table, plot, plot_sweep, sweep_summary
@@ -104,13 +105,14 @@ class Config:
 
         Raises:
             ConfigError: a key of the wrong type or range, a schedule beyond the policy's T or listed twice, an
-                unknown `accelerated` key, an unknown backend or one listed twice, or an unregistered env when
-                episodes run.
+                unknown `accelerated` key, an unknown backend or one listed twice, a backend that cannot run here
+                (onnx on CUDA as `backend=`, onnxruntime missing), or an unregistered env when episodes run.
             CheckpointError: an unreadable checkpoint, a PCM as the base, a base for another task, or a non-PCM
                 in a PCM map.
             DatasetError: the checkpoint's dataset is missing (when no observation file is given).
         """
         runtime = RuntimeOptions.from_mapping(cfg)
+        backends = bench_backends(cfg, runtime.device)
         episodes = integer(cfg, "episodes", 0)
         early_stop = flag(cfg, "early_stop")
         early_episodes = integer(cfg, "early_stop_episodes", 0)
@@ -142,7 +144,7 @@ class Config:
             raise ConfigError(f"{key}={show(chosen)}: expected a list drawn from schedules={schedules} or null")
         return cls(
             task=task, checkpoint=card, schedules=schedules,
-            backends=check_backends("backends", lookup(cfg, "backends"), runtime.device),
+            backends=backends,
             pcm=pcm_map(cfg, "pcm", schedules), pcm_lora=pcm_map(cfg, "pcm_lora", schedules),
             accelerated=accelerated_settings(cfg, schedules),
             chunks={s: by_schedule.get(s) or chunks for s in schedules}, warmup=integer(cfg, "warmup", 0),
@@ -206,6 +208,19 @@ def accelerated_settings(cfg: Mapping[str, Any], schedules: list[str]) -> dict[s
         SamplerConfig().with_acceleration(settings, f"accelerated.{s}")
         out[s] = dict(settings)
     return out
+
+
+def bench_backends(cfg: Mapping[str, Any], device) -> list[str]:
+    """The backends every row runs on: `backends` (a list), or `backend=X` as a shorthand for `backends=[X]`.
+
+    Raises:
+        ConfigError: a bad list (`check_backends`), or a `backend=` that cannot run here (`check_backend`: onnx on
+            CUDA, onnxruntime missing).
+    """
+    backend = lookup(cfg, "backend", None)
+    if backend is not None:
+        return [check_backend(backend, device)]
+    return check_backends("backends", lookup(cfg, "backends"), device)
 
 
 def usable_backends(backends: list[str], device) -> tuple[list[str], list[str]]:
@@ -323,7 +338,7 @@ def run(config: Config, echo: bool = True) -> dict[str, Any]:
               "sweep": sweep, "early_stop": early, "skipped": skipped}
     atomic_write_text(out / "bench.json", json.dumps(report, indent=2))
     atomic_write_text(out / "bench.md", markdown_table(report))
-    summary = {k: report[k] for k in ("command", "task", "device", "threads")}
+    summary = {k: report[k] for k in ("command", "task", "device", "threads", "backends")}
     atomic_write_text(out / "metrics.json",
                       json.dumps(summary | {"rows": len(results), "bench": str(out / "bench.json")}, indent=2))
     plot([results[i] for i in plotted], out / "bench.png", budget_ms)

@@ -22,6 +22,7 @@ import numpy as np
 
 from pcm_policy.atomic import atomic_write_text
 from pcm_policy.auto_sampler import AutoSettings, check_auto, check_backends, choose_sampler, is_auto
+from pcm_policy.backends import check_backend
 from pcm_policy.checkpoint import Card, load_policy
 from pcm_policy.commands import bench, compose_command, train, train_pcm
 from pcm_policy.control import Controller, ControllerConfig
@@ -59,6 +60,8 @@ class Config:
         seed_start: the first reset seed.
         runtime: seed, device, threads.
         output_dir: where metrics.json, the video and the bench go.
+        backend: the closed loop's runtime for a fixed sampler: torch, onnx or auto (`sampler=auto` chooses among its
+            `sampler.backends`; a `backend=` given restricts them to that one).
     """
 
     task: TaskOptions
@@ -75,6 +78,7 @@ class Config:
     seed_start: int
     runtime: RuntimeOptions
     output_dir: Path
+    backend: str = "torch"
 
     @classmethod
     def from_hydra(cls, cfg: Mapping[str, Any]) -> "Config":
@@ -83,12 +87,14 @@ class Config:
         keys: the stand-in gets stand-in PCMs).
 
         Raises:
-            ConfigError: a key of the wrong type or range, no checkpoint given, or a sampler the checkpoint
-                cannot run.
+            ConfigError: a key of the wrong type or range, no checkpoint given, a sampler the checkpoint
+                cannot run, or a backend that cannot run here (onnx on CUDA, onnxruntime missing).
             CheckpointError: an unreadable checkpoint, a PCM as the base, or a base for another task.
             DatasetError: the checkpoint's dataset (the latency comparison's observations) is missing.
         """
         runtime = RuntimeOptions.from_mapping(cfg)
+        backend = lookup(cfg, "backend", None)  # null: torch, or sampler=auto's own backends
+        backend = None if backend is None else check_backend(backend, runtime.device)
         task = TaskOptions.from_mapping(lookup(cfg, "task"))
         out = output_dir(cfg)
         counts = {k: integer(cfg, k, low) for k, low in
@@ -115,13 +121,13 @@ class Config:
         backends = check_backends("backends", lookup(cfg, "backends"), runtime.device)
         if is_auto(group):
             sampler = check_auto(group, "sampler", T, card.path if card else None, pcm_key=f"pcm_lora.{schedule}",
-                                 pcm_path=sampler_pcm if card else None, device=runtime.device)
+                                 pcm_path=sampler_pcm if card else None, device=runtime.device, backend=backend)
             return cls(task, card, sampler, sampler.pcm_checkpoint, pcm_lora, pcm, schedules, backends, **counts,
                        runtime=runtime, output_dir=out)
         sampler = check_sampler(group, "sampler", T, card.path if card else None, pcm_key=f"pcm_lora.{schedule}",
                                 pcm_path=sampler_pcm, check_pcm=card is not None)
         return cls(task, card, sampler, sampler_pcm if sampler.needs_pcm else None, pcm_lora, pcm, schedules,
-                   backends, **counts, runtime=runtime, output_dir=out)
+                   backends, **counts, runtime=runtime, output_dir=out, backend=backend or "torch")
 
 
 def _stand_in(config: Config) -> tuple[Card, dict[str, str]]:
@@ -168,7 +174,7 @@ def run(config: Config) -> dict[str, Any]:
         observations = sample_observations(card.path, settings.chunks, settings.seed)
         sampler, auto = choose_sampler(policy, settings, observations, 1e3 / task.control_hz, device)
     else:
-        sampler = load_sampler(policy, config.sampler, device, sampler_pcm)
+        sampler = load_sampler(policy, config.sampler, device, sampler_pcm, backend=config.backend)
     out.mkdir(parents=True, exist_ok=True)  # only once the inputs have loaded: bad input leaves no output
     ctrl = Controller(policy, sampler, ControllerConfig(control_hz=task.control_hz), seed=config.runtime.seed)
     run_ = run_controller_episodes(ctrl, task.env_id, task.max_steps, config.episodes, config.seed_start,
@@ -188,13 +194,14 @@ def run(config: Config) -> dict[str, Any]:
     chunks_run = run_.chunks
     warm = chunks_run[1:] or chunks_run  # without the very first chunk: it also pays the one-off warm-up
     summary = {"command": "demo", "task": task.name, "checkpoint": card.given, "sampler": sampler.label,
-               "backend": getattr(sampler, "backend", "torch"), "auto": auto.to_dict() if auto else None,
+               "backend": sampler.backend, "auto": auto.to_dict() if auto else None,
                "closed_loop": {**closed, "chunks": len(chunks_run), **latency_summary(c.latency_ms for c in warm),
                                "iterations_mean": float(np.mean([c.iterations for c in chunks_run])),
                                "deadline_misses": int(sum(c.deadline_missed for c in chunks_run)),
                                "exact_fraction": float(np.mean([c.exact for c in chunks_run]))},
                "bench": report["rows"], "fastest": report["fastest"], "device": report["device"],
                "threads": report["threads"],
+               "calibration": sampler.calibration.to_dict() if sampler.calibration is not None else None,
                "video": str(run_.video) if run_.video else None, "plot": str(out / "bench" / "bench.png"),
                "wall_s": round(time.perf_counter() - t0, 1)}
     atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2))
@@ -218,9 +225,12 @@ def print_summary(s: Mapping[str, Any]) -> None:
         timed = sum(e["p50_ms"] is not None for e in s["auto"]["candidates"])
         print(f"sampler=auto chose {a['sampler']}/{a['schedule']} (tol {a['tol']}) on {a['backend']}, "
               f"{a['threads']} thread(s): p50 {a['p50_ms']:.1f} ms, max deviation {a['max_dev']:.1e} "
-              f"({timed} candidates timed in {s['auto']['seconds']:.1f} s)")
+              f"({timed} timed in {s['auto']['seconds']:.1f} s)")
     print(f"closed loop, {s['sampler']} [{s.get('backend', 'torch')}] under the real-time controller (simulated "
           f"clock), {c['episodes']} episodes:")
+    if s.get("calibration"):
+        for role, entry in s["calibration"]["denoisers"].items():
+            print(f"  auto backend, {role} network: {entry['rule']}")
     print(f"  success {c['success_rate']:.2f}  score {c['score']:.3f}  iterations/chunk {c['iterations_mean']:.2f}  "
           f"latency p50 {c['latency_ms_p50']:.1f} ms p99 {c['latency_ms_p99']:.1f} ms  deadline misses "
           f"{c['deadline_misses']}/{c['chunks']}  exact chunks {c['exact_fraction']:.0%}")

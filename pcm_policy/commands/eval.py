@@ -15,6 +15,7 @@ import torch
 
 from pcm_policy.atomic import atomic_write_text
 from pcm_policy.auto_sampler import AutoSettings, calibration_observations, check_auto, choose_sampler, is_auto
+from pcm_policy.backends import check_backend
 from pcm_policy.checkpoint import Card, load_policy
 from pcm_policy.options import choice, integer, lookup, output_dir
 from pcm_policy.pcm.attach import check_sampler, load_sampler
@@ -44,6 +45,8 @@ class Config:
         videos: episodes recorded as mp4.
         runtime: device, threads, determinism.
         output_dir: where metrics.json, episodes.jsonl and videos/ go.
+        backend: where the sampler's denoisers run: torch, onnx or auto (`pcm_policy.backends`); `sampler=auto`
+            chooses its own among `sampler.backends` (a `backend=` given restricts them to that one).
     """
 
     task: TaskOptions
@@ -57,6 +60,7 @@ class Config:
     videos: int
     runtime: RuntimeOptions
     output_dir: Path
+    backend: str = "torch"
 
     @classmethod
     def from_hydra(cls, cfg: Mapping[str, Any]) -> "Config":
@@ -64,11 +68,13 @@ class Config:
         before any env starts.
 
         Raises:
-            ConfigError: a key of the wrong type or range, an unregistered env, or a sampler the checkpoint
-                cannot run.
+            ConfigError: a key of the wrong type or range, an unregistered env, a sampler the checkpoint
+                cannot run, or a backend that cannot run here (onnx on CUDA, onnxruntime missing).
             CheckpointError: an unreadable or PCM checkpoint, or one trained for another task.
         """
         runtime = RuntimeOptions.from_mapping(cfg)
+        backend = lookup(cfg, "backend", None)  # null: torch, or sampler=auto's own backends
+        backend = None if backend is None else check_backend(backend, runtime.device)
         task = TaskOptions.from_mapping(lookup(cfg, "task"))
         out = output_dir(cfg)
         counts = dict(episodes=integer(cfg, "episodes", 1), n_envs=integer(cfg, "n_envs", 1),
@@ -76,7 +82,7 @@ class Config:
                       videos=integer(cfg, "videos", 0))
         if choice(cfg, "policy.name", ("checkpoint", "expert")) == "expert":
             check_registered(task.env_id)
-            return cls(task, None, None, None, **counts, runtime=runtime, output_dir=out)
+            return cls(task, None, None, None, **counts, runtime=runtime, output_dir=out, backend=backend or "torch")
         card = Card.open_base("checkpoint", lookup(cfg, "checkpoint", None), task=task.name)
         card.check_closed_loop()
         task = dataclasses.replace(task, env_id=task.env_for(card.observation_kind, card.observation_parts))
@@ -84,12 +90,12 @@ class Config:
         card.check_env_gives_cameras(task.env_id)
         group = lookup(cfg, "sampler")
         if is_auto(group):
-            return cls(task, card, check_auto(group, "sampler", card.num_train_timesteps, card.path,
-                                                  device=runtime.device), None, **counts,
-                       runtime=runtime, output_dir=out)
+            settings = check_auto(group, "sampler", card.num_train_timesteps, card.path, device=runtime.device,
+                                  backend=backend)
+            return cls(task, card, settings, None, **counts, runtime=runtime, output_dir=out)
         sampler = check_sampler(group, "sampler", card.num_train_timesteps, card.path)
         pcm = group.get("pcm_checkpoint") if sampler.needs_pcm else None
-        return cls(task, card, sampler, pcm, **counts, runtime=runtime, output_dir=out)
+        return cls(task, card, sampler, pcm, **counts, runtime=runtime, output_dir=out, backend=backend or "torch")
 
 
 def run(config: Config) -> dict[str, Any]:
@@ -121,13 +127,15 @@ def run(config: Config) -> dict[str, Any]:
             sampler, choice = choose_sampler(policy, config.sampler, observations, 1e3 / task.control_hz, device)
             auto = {"auto": choice.to_dict()}
         else:
-            sampler = load_sampler(policy, config.sampler, device, config.pcm_checkpoint)
+            sampler = load_sampler(policy, config.sampler, device, config.pcm_checkpoint, backend=config.backend)
         agent = ChunkAgent(policy, sampler, seed=config.seed_start)
         results = rollout_policy(agent, task.env_id, config.episodes, config.n_envs, policy.config.n_obs_steps,
                                  policy.config.n_action_steps, task.max_steps, config.seed_start, config.vector,
                                  video_dir, config.videos, fps)
         extra = {"policy": config.checkpoint.given, "sampler": sampler.label, "device": str(device),
-                 "threads": torch.get_num_threads(), **agent.summary(), **auto}
+                 "threads": torch.get_num_threads(), "backend": sampler.backend, **agent.summary(), **auto}
+        if sampler.calibration is not None:
+            extra["calibration"] = sampler.calibration.to_dict()
     metrics = {"command": "eval", "task": task.name, **summarize(results, task.name),
                "wall_s": round(time.perf_counter() - t0, 2), **extra}
     if video_dir is not None and video_dir.exists():

@@ -1,22 +1,29 @@
-"""`pcm export CHECKPOINT OUTPUT [--format pcm|lerobot|diffusion-policy] [--dtype float16]`.
+"""`pcm export CHECKPOINT OUTPUT [--format pcm|lerobot|diffusion-policy|onnx] [--dtype float16] [pcm=DIR]`.
 
 `--format pcm` (the default): a compact copy of a checkpoint for shipping (weights cast to the dtype, the
 normalizer kept float32, no optimizer state); train PCMs against the exported copy. `--format lerobot` /
 `--format diffusion-policy`: the base policy in that tool's layout (a lerobot policy directory / a Diffusion
 Policy `.ckpt`, float32), so it runs there; `pcm import` reads it back as the same policy
-(`pcm_policy.interop.lerobot_export`, `pcm_policy.interop.diffusion_policy_export`)."""
+(`pcm_policy.interop.lerobot_export`, `pcm_policy.interop.diffusion_policy_export`). `--format onnx`: a directory of
+ONNX graphs (denoiser, an image policy's encoder, with `pcm=DIR` the PCM's) and policy.json, enough to sample with
+onnxruntime and diffusers alone (docs/onnx.md; `pcm_policy.backends.exported`); checked against torch before it is
+written."""
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from pcm_policy.checkpoint import EXPORT_DTYPES, export_checkpoint
+from pcm_policy.backends.exported import POLICY_JSON, export_onnx
+from pcm_policy.checkpoint import EXPORT_DTYPES, Card, export_checkpoint, load_policy
 from pcm_policy.errors import ConfigError
 from pcm_policy.interop.diffusion_policy_export import export_diffusion_policy
 from pcm_policy.interop.lerobot_export import export_lerobot
+from pcm_policy.options import writable_dir
+from pcm_policy.pcm.attach import load_pcm
 
-FORMATS = ("pcm", "lerobot", "diffusion-policy")
+FORMATS = ("pcm", "lerobot", "diffusion-policy", "onnx")
+OPTIONS = ("pcm",)  # key=value options after OUTPUT
 
 
 @dataclass(frozen=True)
@@ -27,19 +34,30 @@ class Config:
     output: Path
     dtype: str
     format: str = "pcm"
+    pcm: Path | None = None  # --format onnx: a PCM checkpoint of this base, exported beside it
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Config":
         """From the parsed command line (`add_parser`).
 
         Raises:
-            ConfigError: a dtype other than float32 for another tool's format (both load float32 weights).
+            ConfigError: a dtype other than float32 for another tool's format (both load float32 weights); an
+                option other than `pcm=DIR`, or `pcm=` with a format other than onnx.
         """
         dtype = args.dtype or ("float16" if args.format == "pcm" else "float32")
         if args.format != "pcm" and dtype != "float32":
             raise ConfigError(f"--dtype {dtype}: --format {args.format} writes float32 weights (the tool loads "
                               "them as float32); leave --dtype out")
-        return cls(Path(args.checkpoint), Path(args.output), dtype, args.format)
+        options = {}
+        for option in getattr(args, "options", None) or []:
+            key, sep, value = option.partition("=")
+            if not sep or key not in OPTIONS or not value:
+                raise ConfigError(f"{option}: unknown option (expected pcm=<PCM checkpoint dir>)")
+            options[key] = value
+        if "pcm" in options and args.format != "onnx":
+            raise ConfigError(f"pcm={options['pcm']}: only --format onnx exports a PCM")
+        pcm = Path(options["pcm"]) if "pcm" in options else None
+        return cls(Path(args.checkpoint), Path(args.output), dtype, args.format, pcm)
 
 
 def add_parser(sub) -> None:
@@ -50,10 +68,12 @@ def add_parser(sub) -> None:
     export.add_argument("checkpoint", help="run directory or checkpoint directory")
     export.add_argument("output", help="output: checkpoint directory (pcm), policy directory (lerobot), .ckpt file "
                                        "(diffusion-policy)")
+    export.add_argument("options", nargs="*", metavar="pcm=DIR",
+                        help="--format onnx: a PCM checkpoint of this base, exported as pcm_lora.onnx (LoRA) or pcm.onnx")
     export.add_argument("--format", default="pcm", choices=list(FORMATS))
     export.add_argument("--dtype", default=None, choices=list(EXPORT_DTYPES),
                         help="weights dtype (pcm: default float16; the other formats: float32 only)")
-    export.set_defaults(command_config=Config.from_args, command_run=run)
+    export.set_defaults(command_config=Config.from_args, command_run=run, trailing_options="options")
 
 
 def run(config: Config) -> Path:
@@ -71,6 +91,13 @@ def run(config: Config) -> Path:
         print(f"exported {config.checkpoint} -> {path} (Diffusion Policy workspace checkpoint, float32, "
               f"{path.stat().st_size / 1e6:.1f} MB; `pcm import diffusion-policy {path}` reads it back)")
         return path
+    if config.format == "onnx":
+        spec = _export_onnx(config)
+        graphs = ", ".join(f"{f} (max |onnxruntime - torch| {g['self_check_max_abs_diff']:.1e})"
+                           for f, g in spec["graphs"].items())
+        print(f"exported {config.checkpoint} -> {config.output} (ONNX: {graphs}; policy.json; docs/onnx.md samples "
+              "it with onnxruntime and diffusers)")
+        return config.output
     if config.format == "lerobot":
         report = export_lerobot(config.checkpoint, config.output)
         path = report["path"]
@@ -84,3 +111,28 @@ def run(config: Config) -> Path:
     size = sum(p.stat().st_size for p in path.iterdir()) / 1e6
     print(f"exported {config.checkpoint} -> {path} ({config.dtype}, {size:.1f} MB)")
     return path
+
+
+def _export_onnx(config: Config) -> dict:
+    """`--format onnx`: load the base (and PCM) on the CPU, check the output, export (`export_onnx`).
+
+    Raises:
+        CheckpointError: no readable base checkpoint (or a PCM given as the base), or a PCM for another base.
+        ConfigError: an output that is the source or inside it, or an existing directory that is not an ONNX export.
+        PcmError: the self-check failed (nothing written).
+    """
+    card = Card.open_base("checkpoint", str(config.checkpoint))
+    out = config.output
+    writable_dir("output", out)
+    target = out.resolve()
+    for source in {config.checkpoint.resolve(), card.path.resolve()}:
+        if target == source or source in target.parents or target in source.parents:
+            raise ConfigError(f"output={out}: would overlap the checkpoint being exported ({config.checkpoint}); "
+                              "choose a new directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / POLICY_JSON).is_file():
+        raise ConfigError(f"output={out}: exists and is not an ONNX export (refusing to replace it)")
+    policy, _ = load_policy(card.path, "cpu")
+    pcm = pcm_card = None
+    if config.pcm is not None:
+        pcm, pcm_card = load_pcm(Card.open_pcm("pcm", str(config.pcm)).path, policy, "cpu")
+    return export_onnx(policy, out, card.data, str(config.checkpoint), pcm, pcm_card)

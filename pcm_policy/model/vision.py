@@ -180,11 +180,19 @@ def images_to_unit_float(images: torch.Tensor, image_shape: tuple[int, int]) -> 
     return images.float()
 
 
-def center_crop(images: torch.Tensor, crop_shape: tuple[int, int]) -> torch.Tensor:
-    """The centre (h, w) window of (B, C, H, W) images, offsets `round((H - h) / 2)` with Python's round, as
+def center_crop_offsets(image_shape: tuple[int, int], crop_shape: tuple[int, int]) -> tuple[int, int]:
+    """(top, left) of the centre (h, w) window of an (H, W) image: `round((H - h) / 2)` with Python's round, as
     torchvision's `CenterCrop` (so 96 -> 84 starts at row/column 6)."""
-    (h, w), (H, W) = crop_shape, images.shape[-2:]
-    top, left = int(round((H - h) / 2.0)), int(round((W - w) / 2.0))
+    (h, w), (H, W) = crop_shape, image_shape
+    return int(round((H - h) / 2.0)), int(round((W - w) / 2.0))
+
+
+def center_crop(images: torch.Tensor, crop_shape: tuple[int, int], image_shape: tuple[int, int] | None = None
+                ) -> torch.Tensor:
+    """The centre (h, w) window of (B, C, H, W) images (`center_crop_offsets`); `image_shape` gives (H, W) as
+    Python ints where the tensor's own shape is symbolic (ONNX export)."""
+    (h, w) = crop_shape
+    top, left = center_crop_offsets(tuple(image_shape or images.shape[-2:]), crop_shape)
     return images[..., top:top + h, left:left + w]
 
 

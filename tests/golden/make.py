@@ -14,7 +14,7 @@ repository root, and say why in the commit:
 
 Only public entry points are used (`load_policy`, `policy.sampler(config, pcm=...)`,
 `policy.predict_chunk(obs, sampler=..., noise=(x_T, noise))`,
-`load_pcm` / `pcm_denoiser`), so internal refactors do not need a new artifact. Float32 on the CPU, 1 thread.
+`load_pcm`), so internal refactors do not need a new artifact. Float32 on the CPU, 1 thread, torch backend.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pcm_policy.checkpoint import load_policy, weights_fingerprint
-from pcm_policy.pcm.attach import load_pcm, pcm_denoiser
+from pcm_policy.pcm.attach import load_pcm
 from pcm_policy.sampler_config import SamplerConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,14 +74,15 @@ def make_inputs(policy) -> dict[str, torch.Tensor]:
     return inputs
 
 
-def compute_outputs(policy, pcm_net, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def compute_outputs(policy, pcm_net, inputs: dict[str, torch.Tensor], backend: str = "torch") -> dict[str, torch.Tensor]:
     """Every case's chunk `<case>.action_pred` (N, H, Da) float32, unnormalized (px for PushT), and its
-    `<case>.iterations` / `<case>.converged` (int64 scalars), computed from the stored inputs."""
+    `<case>.iterations` / `<case>.converged` (int64 scalars), computed from the stored inputs with the denoisers on
+    `backend` (the artifact is made with torch; the test recomputes it on every backend)."""
     out = {}
     for name, (sampler, kind, n) in CASES.items():
         key = schedule_key(sampler)
         noise = (inputs[f"{key}.x_T"][:n], inputs[f"{key}.noise"][:, :n])
-        chunk_sampler = policy.sampler(sampler, pcm=None if kind is None else pcm_denoiser(pcm_net, kind))
+        chunk_sampler = policy.sampler(sampler, pcm=None if kind is None else pcm_net, backend=backend)
         chunk = policy.predict_chunk(inputs["obs"][:n], sampler=chunk_sampler, noise=noise)
         out[f"{name}.action_pred"] = chunk.action_pred.contiguous()
         out[f"{name}.iterations"] = torch.tensor(int(chunk.stats.iterations))
