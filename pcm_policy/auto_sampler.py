@@ -337,7 +337,7 @@ class _Calibration:
 
     def _build(self, config: SamplerConfig, pcm, backend: str, threads: int) -> Row:
         set_threads(threads)  # before building: an onnx session takes torch's thread count
-        return Row(self.policy.sampler(config, pcm=pcm, backend=backend), config.schedule, backend=backend)
+        return Row(self.policy.sampler(config, pcm=pcm, backend=backend), config.schedule)
 
     def _record(self, entry: dict[str, Any], parts: list[RowTiming], built: tuple) -> None:
         """Fill `entry` from its timed chunks (in observation order); the first entry is the reference."""
