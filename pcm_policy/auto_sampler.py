@@ -341,16 +341,14 @@ class _Calibration:
 
     def _record(self, entry: dict[str, Any], parts: list[RowTiming], built: tuple) -> None:
         """Fill `entry` from its timed chunks (in observation order); the first entry is the reference."""
-        x0 = torch.cat([p.x0 for p in parts])
+        t = RowTiming.concat(parts)
         if self.reference is None:  # the first candidate is torch sequential: the reference
-            self.reference = x0
-        dev = chunk_deviations(x0, self.reference)
-        lat = latency_summary(np.concatenate([p.latencies for p in parts]))
-        converged = all(bool(p.converged.all()) for p in parts)
-        entry.update(p50_ms=lat["latency_ms_p50"], p99_ms=lat["latency_ms_p99"],
-                     rounds=float(np.mean(np.concatenate([p.iterations for p in parts]))),
+            self.reference = t.x0
+        dev = chunk_deviations(t.x0, self.reference)
+        lat = latency_summary(t.latencies)
+        entry.update(p50_ms=lat["latency_ms_p50"], p99_ms=lat["latency_ms_p99"], rounds=float(t.iterations.mean()),
                      max_dev=float(dev.max()), p99_dev=float(np.percentile(dev, 99)),
-                     exact=converged and float(dev.max()) <= self.settings.deviation_bound,
+                     exact=bool(t.converged.all()) and float(dev.max()) <= self.settings.deviation_bound,
                      fits_budget=lat["latency_ms_p99"] + self.encode_p99 <= self.budget_ms)
         self.built[self.candidates.index(entry)] = built
 

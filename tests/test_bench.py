@@ -17,7 +17,7 @@ def test_bench_schema_table_and_plot(tiny_runs, tmp_path):
                             "pcm_lora.ddpm100=null", "pcm_lora.ddim10=null", f"+pcm.ddpm8={tiny_runs / 'pcm_ddpm8'}",
                             f"+pcm_lora.ddpm8={tiny_runs / 'pcm_ddpm8'}", "schedules=[ddpm8,ddim4]", "chunks=3", "warmup=1",
                             "tols=[0]", "tol=0", "early_stop_chunks=2", f"output_dir={out}", "device=cpu",
-                            "backends=[torch]"])
+                            "backends=[torch]", "interleave=false"])
     report = run_composed("bench", cfg)
     rows = json.loads((out / "bench.json").read_text())["rows"]
     assert [(r["sampler"], r["schedule"]) for r in rows] == [
@@ -142,4 +142,28 @@ def test_bench_measures_the_peak_when_not_given(tiny_runs, tmp_path):
                                    "schedules=[ddim2]", "backends=[torch]", "tols=[0.1]", "chunks=1", "warmup=0",
                                    "early_stop=false", f"output_dir={tmp_path}", "device=cpu"])
     assert report["peak_gflops"] > 0 and report["peak_source"].startswith("measured: best of 5 1024x1024")
+    assert report["peak_source"].endswith("CPU time")
     assert report["rows"][0]["peak_fraction"] == pytest.approx(report["rows"][0]["gflops"] / report["peak_gflops"])
+
+
+def test_rows_are_timed_chunk_by_chunk(monkeypatch):
+    """Interleaved timing: every row's warm-up, then chunk j of every row before chunk j + 1 of any (a burst of load
+    hits all rows alike); each chunk keeps its own noise seed."""
+    import numpy as np
+    import torch
+
+    from pcm_policy.benchmark import rows as rows_module
+
+    calls = []
+
+    def fake_time_row(policy, row, conds, seed, warmup, progress=True):
+        calls.append((row, seed, len(conds), warmup))
+        n = len(conds)
+        return rows_module.RowTiming(torch.full((n, 2, 2), float(seed)), np.ones(n), np.ones(n), np.ones(n),
+                                     np.ones(n, bool), np.ones(n))
+
+    monkeypatch.setattr(rows_module, "time_row", fake_time_row)
+    out = rows_module.time_rows(None, ["a", "b"], torch.zeros(3, 1), [3, 2], 10, warmup=1)
+    assert calls == [("a", 10, 1, 0), ("b", 10, 1, 0), ("a", 10, 1, 0), ("b", 10, 1, 0), ("a", 11, 1, 0),
+                     ("b", 11, 1, 0), ("a", 12, 1, 0)]
+    assert [len(t.latencies) for t in out] == [3, 2] and out[0].x0[:, 0, 0].tolist() == [10.0, 11.0, 12.0]

@@ -43,23 +43,25 @@ def flops_per_row(policy, denoiser: Callable | None = None, extra: tuple = ()) -
 
 
 def measure_peak_gflops(size: int = PEAK_MATMUL_SIZE, repeats: int = PEAK_REPEATS) -> float:
-    """This core's (or these cores') fp32 peak as torch reaches it: the best of `repeats` `size` x `size` matrix
-    products at torch's current intra-op thread count, in GFLOP/s.
+    """The fp32 peak of the cores torch computes on: the best of `repeats` `size` x `size` matrix products at torch's
+    current intra-op thread count, in GFLOP/s per the process CPU time they took (divided by the thread count).
 
-    A shared machine only lowers the figure (other work steals cycles), so the best of a few is the estimate; about
-    0.1 s at size 1024 on one core.
+    CPU time, not wall time: on a shared machine other work takes the core away for whole scheduler slices, which
+    wall time would count and CPU time does not (it still pays their cache pollution, so the figure can only be
+    low). About 0.1 s at size 1024 on one core.
 
     Returns:
-        2 size^3 / (best seconds) / 1e9.
+        2 size^3 / (best CPU seconds / threads) / 1e9.
     """
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b  # the first product pays one-off set-up
+    threads = torch.get_num_threads()
     best = float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * size ** 3 / best / 1e9
+        best = min(best, (time.process_time() - t0) / threads)
+    return 2 * size ** 3 / max(best, 1e-9) / 1e9
 
 
 def achieved_gflops(rows_per_chunk: float, flops_row: int, latency_ms: float) -> float:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from pcm_policy.benchmark.flops import achieved_gflops
-from pcm_policy.benchmark.rows import EncodedObservations, Row, time_row
+from pcm_policy.benchmark.rows import EncodedObservations, Row, time_rows
 from pcm_policy.latency import latency_summary
 
 
@@ -26,8 +26,8 @@ def chunk_deviations(x0: torch.Tensor, reference: torch.Tensor) -> np.ndarray:
 
 
 def measure_rows(policy, rows: list[Row], encoded: EncodedObservations, chunks: Mapping[str, int], seed: int,
-                 warmup: int, budget_ms: float, device_name: str, threads: int, peak_gflops: float | None = None
-                 ) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+                 warmup: int, budget_ms: float, device_name: str, threads: int, peak_gflops: float | None = None,
+                 interleave: bool = True) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
     """One result per row: denoising latency p50/p99 (ms), the encoding of its chunks' observations p50/p99 (ms,
     once per chunk, shared by every row), rounds, network rows, deviation from the torch sequential sample of the
     same schedule (max abs over each chunk, normalized action units: p50, p99 and max over chunks), exact fraction,
@@ -46,15 +46,15 @@ def measure_rows(policy, rows: list[Row], encoded: EncodedObservations, chunks: 
         device_name: the device, as reported.
         threads: torch intra-op threads, as reported.
         peak_gflops: the core's fp32 peak in GFLOP/s (None: no `peak_fraction`).
+        interleave: time the rows chunk by chunk (`time_rows`), else each row's chunks in turn.
 
     Returns:
         (results, references): the result dicts in row order (each with its latencies under `_latencies`, not
         for the report), and each schedule's sequential chunks (n, H, Da).
     """
     results, references = [], {}
-    for row in rows:
-        n = min(int(chunks[row.schedule]), len(encoded.conds))
-        t = time_row(policy, row, encoded.conds[:n], seed, warmup)
+    counts = [min(int(chunks[row.schedule]), len(encoded.conds)) for row in rows]
+    for row, n, t in zip(rows, counts, time_rows(policy, rows, encoded.conds, counts, seed, warmup, interleave)):
         encode_ms = encoded.encode_ms[:n]
         if row.is_reference:
             references[row.schedule] = t.x0

@@ -178,6 +178,12 @@ class RowTiming:
     converged: np.ndarray
     network_rows: np.ndarray
 
+    @classmethod
+    def concat(cls, parts: Sequence["RowTiming"]) -> "RowTiming":
+        """The timings of consecutive chunk ranges as one."""
+        return cls(torch.cat([p.x0 for p in parts]),
+                   *(np.concatenate([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(cls)[1:]))
+
 
 @dataclass
 class EncodedObservations:
@@ -261,3 +267,37 @@ def time_row(policy, row: Row, conds: torch.Tensor, noise_seed: int, warmup: int
         outputs.append(x0.cpu())
     return RowTiming(torch.cat(outputs), np.asarray(latencies), np.asarray(iterations), np.asarray(evaluations),
                      np.asarray(converged), np.asarray(network_rows))
+
+
+def time_rows(policy, rows: Sequence[Row], conds: torch.Tensor, counts: Sequence[int], noise_seed: int, warmup: int,
+              interleave: bool = True) -> list[RowTiming]:
+    """`time_row` for every row, row i over the first `counts[i]` conditions.
+
+    Interleaved (the default), chunk j of every row is timed before chunk j + 1 of any, after each row's warm-up:
+    on a shared machine a burst of load then hits every row alike, so the rows' ratios hold within a run. Otherwise
+    each row runs all its chunks in turn.
+
+    Args:
+        policy: the base policy.
+        rows: the rows.
+        conds: (n, C) the observations' global conditions.
+        counts: chunks per row (each <= n).
+        noise_seed: chunk i uses the noise of noise_seed + i, in every row.
+        warmup: untimed chunks per row first (on observation 0).
+        interleave: time chunk by chunk across the rows.
+
+    Returns:
+        One `RowTiming` per row, in row order.
+    """
+    if not interleave:
+        return [time_row(policy, row, conds[:n], noise_seed, warmup) for row, n in zip(rows, counts)]
+    for row in tqdm(rows, desc="warm-up", unit="row", leave=False, dynamic_ncols=True, disable=warmup == 0):
+        for _ in range(warmup):
+            time_row(policy, row, conds[:1], noise_seed, 0, progress=False)
+    parts: list[list[RowTiming]] = [[] for _ in rows]
+    for j in tqdm(range(max(counts, default=0)), desc="chunks (every row, interleaved)", unit="chunk", leave=False,
+                  dynamic_ncols=True):
+        for row, n, done in zip(rows, counts, parts):
+            if j < n:
+                done.append(time_row(policy, row, conds[j:j + 1], noise_seed + j, 0, progress=False))
+    return [RowTiming.concat(p) for p in parts]

@@ -67,6 +67,7 @@ class Config:
             or `closed_loop` (rollouts of the policy itself, for a checkpoint that records no dataset).
         runtime: seed (observation draw and noise), device, threads.
         output_dir: where bench.json, bench.md, bench.png and metrics.json go.
+        interleave: time the rows chunk by chunk (a burst of load on a shared machine hits every row alike).
     """
 
     task: TaskOptions
@@ -95,6 +96,7 @@ class Config:
     observations: str | None
     runtime: RuntimeOptions
     output_dir: Path
+    interleave: bool = True
 
     @classmethod
     def from_hydra(cls, cfg: Mapping[str, Any]) -> "Config":
@@ -157,7 +159,7 @@ class Config:
             budget_ms=number(cfg, "budget_ms", 0, low_open=True, null=True), episodes=episodes,
             episodes_schedules=chosen, seed_start=integer(cfg, "seed_start", 0), early_stop=early_stop,
             early_stop_chunks=integer(cfg, "early_stop_chunks", 1), early_stop_episodes=early_episodes,
-            observations=observations, runtime=runtime, output_dir=out)
+            observations=observations, runtime=runtime, output_dir=out, interleave=flag(cfg, "interleave"))
 
 
 def tolerances(cfg: Mapping[str, Any]) -> list[float]:
@@ -240,7 +242,7 @@ def peak_estimate(given: float | None, threads: int) -> tuple[float, str]:
         return float(given), "given (peak_gflops)"
     measured = measure_peak_gflops()
     return measured, (f"measured: best of {PEAK_REPEATS} {PEAK_MATMUL_SIZE}x{PEAK_MATMUL_SIZE} fp32 matrix products "
-                      f"at {threads} thread{'s' if threads != 1 else ''}")
+                      f"at {threads} thread{'s' if threads != 1 else ''}, CPU time")
 
 
 def network_flops(rows) -> dict[str, int]:
@@ -313,7 +315,7 @@ def run(config: Config, echo: bool = True) -> dict[str, Any]:
 
     encoded = encode_observations(policy, observations)
     results, references = measure_rows(policy, rows, encoded, config.chunks, seed, config.warmup, budget_ms,
-                                       device_name, threads, peak)
+                                       device_name, threads, peak, config.interleave)
     episodes = EpisodeSettings(config.task.name, config.task.env_id, config.task.max_steps, config.control_hz,
                                config.budget_ms, seed, config.seed_start)
     # the latency plot: the sequential rows and the iterative rows at `tol`; the studies: those of one backend (the
