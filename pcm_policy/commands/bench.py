@@ -235,11 +235,13 @@ def usable_backends(backends: list[str], device) -> tuple[list[str], list[str]]:
                        for b in dropped]
 
 
-def peak_estimate(given: float | None, threads: int) -> tuple[float, str]:
-    """The core's fp32 peak in GFLOP/s and how it was obtained: `given` (the `peak_gflops` option), else measured
-    (`measure_peak_gflops`)."""
+def peak_estimate(given: float | None, threads: int, device) -> tuple[float | None, str]:
+    """The fp32 peak in GFLOP/s and how it was obtained: `given` (the `peak_gflops` option), else measured on the
+    CPU (`measure_peak_gflops`); on CUDA only a given one (a CPU matrix product says nothing of a GPU)."""
     if given is not None:
         return float(given), "given (peak_gflops)"
+    if device.type == "cuda":
+        return None, "not measured on CUDA (set peak_gflops)"
     measured = measure_peak_gflops()
     return measured, (f"measured: best of {PEAK_REPEATS} {PEAK_MATMUL_SIZE}x{PEAK_MATMUL_SIZE} fp32 matrix products "
                       f"at {threads} thread{'s' if threads != 1 else ''}, CPU time")
@@ -311,7 +313,7 @@ def run(config: Config, echo: bool = True) -> dict[str, Any]:
     else:
         skipped.append("cuda-graph rows: no CUDA device on this machine")
         print("skipped cuda-graph rows: no CUDA device on this machine")
-    peak, peak_source = peak_estimate(config.peak_gflops, threads)
+    peak, peak_source = peak_estimate(config.peak_gflops, threads, device)
 
     encoded = encode_observations(policy, observations)
     results, references = measure_rows(policy, rows, encoded, config.chunks, seed, config.warmup, budget_ms,
