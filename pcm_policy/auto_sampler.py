@@ -10,8 +10,9 @@ candidate whose chunks all lie within the deviation bound and whose p99 fits the
 Two stages. The screen times every candidate once, at the first thread count: a candidate's tolerances are tried
 from the loosest and the walk stops at the first exact one; a candidate whose first chunk is slower than
 `PRUNE_FACTOR` x the best exact p50 so far is dropped after that chunk; no new candidate starts after `max_seconds`.
-The final round times the `FINALISTS` fastest exact candidates again at every thread count asked for, interleaved
-chunk by chunk (a burst of load on a shared machine hits them all alike), and the choice is made on it. The cost is
+The final round times the `FINALISTS` fastest exact candidates (those within `PRUNE_FACTOR` of the best) again at
+every thread count asked for, interleaved chunk by chunk (a burst of load on a shared machine hits them all alike),
+and the choice is made on it. The cost is
 bounded by (candidates timed) x (chunks + warmup) chunks for the screen, capped by `max_seconds`, plus
 `FINALISTS` x (thread counts) x (chunks + 1) for the final round: on the shipped PushT policy, 1 thread, about
 5-10 s for DDIM-10 and 15-35 s for DDPM-100 (its torch sequential chunk alone is ~0.5 s).
@@ -47,7 +48,7 @@ from pcm_policy.sampler_config import SCHEDULERS, SamplerConfig, check_steps, sc
 ACCELERATION = {"ddpm": {"accel": "anderson", "memory": 2, "damping": 0.5, "triangular": True, "start": "x0_chain"},
                 "ddim": {"accel": "anderson", "memory": 2, "damping": 1.0, "triangular": True, "start": "x_T"}}
 PRUNE_FACTOR = 2.0  # a candidate whose first chunk is this much slower than the best exact p50 is dropped
-FINALISTS = 3  # the fastest exact candidates of the screen, timed again interleaved at every thread count
+FINALISTS = 3  # the fastest exact candidates of the screen (within PRUNE_FACTOR of the best), timed again
 
 
 @dataclass(frozen=True)
@@ -320,6 +321,10 @@ class _Calibration:
         self.reference: torch.Tensor | None = None
         self.t0 = time.perf_counter()
 
+    def position(self, entry: dict[str, Any]) -> int:
+        """The index of `entry` (this very dict) in `candidates`."""
+        return next(i for i, c in enumerate(self.candidates) if c is entry)
+
     def out_of_time(self) -> bool:
         return time.perf_counter() - self.t0 > self.settings.max_seconds
 
@@ -350,7 +355,7 @@ class _Calibration:
                      max_dev=float(dev.max()), p99_dev=float(np.percentile(dev, 99)),
                      exact=bool(t.converged.all()) and float(dev.max()) <= self.settings.deviation_bound,
                      fits_budget=lat["latency_ms_p99"] + self.encode_p99 <= self.budget_ms)
-        self.built[self.candidates.index(entry)] = built
+        self.built[self.position(entry)] = built
 
     def screen(self, config: SamplerConfig, pcm, backend: str, threads: int) -> dict[str, Any]:
         """Time one candidate on every calibration chunk, pruned after its first when far slower than the best."""
@@ -373,14 +378,21 @@ class _Calibration:
 
     def final(self, finalists: list[int], threads: Sequence[int]) -> list[dict[str, Any]]:
         """The finalists again at every thread count, interleaved chunk by chunk so that a burst of load on this
-        shared machine hits them all alike; a warm-up chunk each first."""
-        s, runs = self.settings, []
+        shared machine hits them all alike; a warm-up chunk each first. At a thread count the screen did not time,
+        a finalist whose warm-up chunk is slower than 2 `PRUNE_FACTOR` x the best exact screen p50 (the warm-up pays
+        one-off costs too) is dropped after it."""
+        s, runs, best = self.settings, [], self.best_p50()
         for n in threads:
             for i in finalists:
                 _, config, pcm = self.built[i]
                 row = self._build(config, pcm, self.candidates[i]["backend"], n)
-                time_row(self.policy, row, self.conds[:1], s.seed, 0, progress=False)  # warm-up at this count
-                runs.append((self._entry(config, row.backend, n, "final"), row, (row.sampler, config, pcm), []))
+                entry = self._entry(config, row.backend, n, "final")
+                warm = time_row(self.policy, row, self.conds[:1], s.seed, 0, progress=False).latencies[0]
+                if n != threads[0] and warm > 2 * PRUNE_FACTOR * best:
+                    entry["status"] = (f"pruned: warm-up chunk {warm:.1f} ms > {2 * PRUNE_FACTOR:g}x the best exact "
+                                       f"p50 {best:.1f} ms")
+                    continue
+                runs.append((entry, row, (row.sampler, config, pcm), []))
         for j in range(len(self.conds)):
             for entry, row, _, parts in runs:
                 set_threads(entry["threads"])
@@ -466,13 +478,14 @@ def choose_sampler(policy, settings: AutoSettings, observations, budget_ms: floa
                 entry = cal.screen(config, pcm if config.needs_pcm else None, backend, threads[0])
                 if entry["exact"] or entry["status"] != "timed":
                     break  # a tighter tol is slower; a pruned or untimed one would be too
-    finalists = sorted((i for i, c in enumerate(cal.candidates) if c["exact"]),
+    best = cal.best_p50()
+    finalists = sorted((i for i, c in enumerate(cal.candidates) if c["exact"] and c["p50_ms"] <= PRUNE_FACTOR * best),
                        key=lambda i: cal.candidates[i]["p50_ms"])[:FINALISTS]
     final = cal.final(finalists, threads)
-    best, fits = pick_candidate(final)
+    picked, fits = pick_candidate(final)
     if not fits:
         notes.append(f"no exact candidate fits the {budget_ms:.0f} ms budget: chose the fastest exact one")
-    index = cal.candidates.index(final[best])
+    index = cal.position(final[picked])
     sampler, config, _ = cal.built[index]
     chosen = {**cal.candidates[index], "config": dataclasses.asdict(config)}
     set_threads(chosen["threads"])
