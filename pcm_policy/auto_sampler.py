@@ -9,7 +9,8 @@ candidate whose chunks all lie within the deviation bound and whose p99 fits the
 
 Two stages. The screen times every candidate once, at the first thread count: a candidate's tolerances are tried
 from the loosest and the walk stops at the first exact one; a candidate whose first chunk is slower than
-`PRUNE_FACTOR` x the best exact p50 so far is dropped after that chunk; no new candidate starts after `max_seconds`.
+`PRUNE_FACTOR` x the best exact p50 so far is dropped after that chunk (after its warm-up chunk when that is twice as
+slow again); no new candidate starts after `max_seconds`.
 The final round times the `FINALISTS` fastest exact candidates (those within `PRUNE_FACTOR` of the best) again at
 every thread count asked for, interleaved chunk by chunk (a burst of load on a shared machine hits them all alike),
 and the choice is made on it. The cost is
@@ -358,15 +359,22 @@ class _Calibration:
         self.built[self.position(entry)] = built
 
     def screen(self, config: SamplerConfig, pcm, backend: str, threads: int) -> dict[str, Any]:
-        """Time one candidate on every calibration chunk, pruned after its first when far slower than the best."""
+        """Time one candidate on every calibration chunk; pruned after its first chunk when slower than
+        `PRUNE_FACTOR` x the best exact p50 so far, after its warm-up chunk when twice that."""
         s = self.settings
         entry = self._entry(config, backend, threads, "screen")
         if self.out_of_time():
             entry["status"] = f"not timed: calibration past max_seconds={s.max_seconds:g}"
             return entry
         row = self._build(config, pcm, backend, threads)
-        first = time_row(self.policy, row, self.conds[:1], s.seed, s.warmup, progress=False)
         best = self.best_p50()
+        for k in range(s.warmup):  # the warm-up pays one-off costs: only a far slower one prunes
+            warm = time_row(self.policy, row, self.conds[:1], s.seed, 0, progress=False).latencies[0]
+            if k == 0 and best is not None and warm > 2 * PRUNE_FACTOR * best:
+                entry["status"] = (f"pruned: warm-up chunk {warm:.1f} ms > {2 * PRUNE_FACTOR:g}x the best exact "
+                                   f"p50 {best:.1f} ms")
+                return entry
+        first = time_row(self.policy, row, self.conds[:1], s.seed, 0, progress=False)
         if best is not None and first.latencies[0] > PRUNE_FACTOR * best:
             entry["status"] = (f"pruned: first chunk {first.latencies[0]:.1f} ms > {PRUNE_FACTOR:g}x the best exact "
                                f"p50 {best:.1f} ms")
