@@ -10,7 +10,8 @@ import torch
 from pcm_policy.backends import BACKENDS, check_backend
 from pcm_policy.backends.auto import BackendRouter, RowTiming, rows_per_call
 from pcm_policy.backends.denoisers import BackendCache, NetworkShape, build_denoisers
-from pcm_policy.backends.onnx_denoiser import OnnxDenoiser, OnnxLoraDenoiser
+from pcm_policy.backends.onnx_denoiser import OnnxDenoiser
+from pcm_policy.backends.scaled import BaseAtScaleZero
 from pcm_policy.backends.onnx_graph import denoiser_graph
 from pcm_policy.data.normalizer import Normalizer
 from pcm_policy.errors import ConfigError, PcmError
@@ -78,7 +79,7 @@ def test_lora_graph_takes_the_scale_and_the_merged_graph_is_scale_one():
     net = _perturbed_lora(add_lora(__import__("copy").deepcopy(policy.model), rank=4))
     scaled = OnnxDenoiser(denoiser_graph(net, H, T, scale=None), shape.sample_shape, shape.cond_dim, 1, scale_input=True)
     base = OnnxDenoiser(denoiser_graph(policy.model, H, T), shape.sample_shape, shape.cond_dim, 1)
-    lora = OnnxLoraDenoiser(scaled, base)
+    lora = BaseAtScaleZero(scaled, base)
     for scale in (0.0, 0.3, 1.0):
         _assert_graph_matches(scaled_denoiser(net), lora, shape, (scale,))
     _assert_graph_matches(scaled_denoiser(net), scaled, shape, (0.0,))  # the scale graph itself at 0, too
@@ -118,6 +119,9 @@ def test_onnx_denoiser_copies_inputs_and_returns_fresh_tensors():
     torch.testing.assert_close(first.float(), second, atol=1e-6, rtol=0)
     with pytest.raises(PcmError, match="global condition"):
         den(x, t, None)
+    assert den.session.get_session_options().intra_op_num_threads == 1  # `threads` sets the intra-op threads
+    two = OnnxDenoiser(denoiser_graph(policy.model, 8, 100), shape.sample_shape, shape.cond_dim, threads=2)
+    assert two.session.get_session_options().intra_op_num_threads == 2
 
 
 # ---- samplers on every backend -----------------------------------------------------------------------------------
@@ -251,4 +255,4 @@ def test_load_sampler_attaches_the_pcm_on_the_backend(checkpoints):
     policy, _ = checkpoints
     sampler = load_sampler(policy, {"name": "pcm_lora", "scheduler": "ddim", "steps": 10,
                                     "pcm_checkpoint": str(PCM_LORA_DDIM10)}, backend="onnx")
-    assert sampler.backend == "onnx" and isinstance(sampler.pcm, OnnxLoraDenoiser)
+    assert sampler.backend == "onnx" and isinstance(sampler.pcm, BaseAtScaleZero)

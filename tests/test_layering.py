@@ -135,10 +135,11 @@ def test_function_level_imports_are_only_the_listed_optional_dependencies():
     ("pcm_policy.sampling", ("pcm_policy.pcm", "pcm_policy.policy", "pcm_policy.control", "envs", "gymnasium")),
     ("pcm_policy.control", ("pcm_policy.sampling", "pcm_policy.pcm", "envs")),
     ("pcm_policy.policy", ("pcm_policy.pcm", "pcm_policy.control", "envs", "gymnasium")),
-    # the GPU machine carries no zarr, numcodecs, gymnasium or simulator: training on an hdf5 dataset, every
-    # command's option checks but eval's, train-pcm and the bench must not load them
+    # the GPU machine carries no zarr, numcodecs, gymnasium, simulator or onnx(runtime): training on an hdf5 dataset,
+    # every command's option checks but eval's, train-pcm and the bench must not load them (onnx loads only when
+    # a graph is written or run: backend=onnx|auto, pcm export --format onnx)
     ("pcm_policy.cli, pcm_policy.commands.train, pcm_policy.commands.bench, pcm_policy.commands.train_pcm, "
-     "pcm_policy.data.robomimic", ("zarr", "numcodecs", "gymnasium", "robosuite", "mujoco", "pymunk")),
+     "pcm_policy.data.robomimic", ("zarr", "numcodecs", "gymnasium", "robosuite", "mujoco", "pymunk", "onnx")),
 ])
 @pytest.mark.integration
 def test_loaded_modules(module, forbidden):

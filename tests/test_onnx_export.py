@@ -141,3 +141,18 @@ def test_image_policy_exports_its_encoder(tmp_path):
         expected = policy.encode(obs).numpy()
     assert cond.shape[1] == spec["global_cond"]["dim"]
     np.testing.assert_allclose(cond, expected, atol=1e-4, rtol=0)
+
+
+def test_a_full_pcm_exports_as_pcm_onnx(tmp_path):
+    from pcm_policy.pcm.attach import build_pcm_network
+    from tests.test_backends import _tiny_policy
+
+    policy = _tiny_policy()
+    pcm = build_pcm_network(policy.model, "full")
+    with torch.no_grad():
+        for p in pcm.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    spec = export_onnx(policy, tmp_path / "full", {"task": "pusht"}, source="test", pcm=pcm,
+                       pcm_card={"mode": "full", "scheduler": "ddim", "steps": 4})
+    assert set(spec["graphs"]) == {"denoiser.onnx", "pcm.onnx"} and "scale" not in spec["graphs"]["pcm.onnx"]["inputs"]
+    assert spec["pcm"]["mode"] == "full" and load_exported(tmp_path / "full").graphs.keys() == spec["graphs"].keys()

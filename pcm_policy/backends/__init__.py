@@ -7,7 +7,10 @@ Modules:
     onnx_session     an onnxruntime CPU session with its settings
     onnx_denoiser    a denoiser callable over a session, IO-bound into preallocated buffers per row count
     auto             per-row-count routing between torch and onnx, calibrated on this machine
+    scaled           a LoRA PCM's scale-0 calls sent to the base network's denoiser
     denoisers        a sampler's denoisers on a backend (what `DiffusionPolicy.sampler(..., backend=)` binds)
+    onnx_encoder     an image policy's encoder as an ONNX graph (torch's exporter)
+    exported         `pcm export --format onnx`: graphs + policy.json, self-checked; `load_exported`
 
 The samplers (`pcm_policy.sampling`) do not know about backends: they take denoiser callables.
 """

@@ -139,19 +139,6 @@ class BackendRouter:
         return f"onnx up to {max(onnx)} rows, torch from {min(torch_rows)}"
 
 
-class ScaledRouter:
-    """A LoRA PCM's `denoiser(x, t, cond, scale)` under `auto`: scale 0 is the base network (its router), any
-    other scale the LoRA network's router (both backends skip the delta at scale 0)."""
-
-    def __init__(self, scaled: BackendRouter, base: BackendRouter):
-        self.scaled, self.base = scaled, base
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, scale: float) -> torch.Tensor:
-        if float(scale) == 0.0:
-            return self.base(x, t, cond)
-        return self.scaled(x, t, cond, scale)
-
-
 @dataclass
 class Calibration:
     """What `auto` measured for one sampler: per denoiser (`base`, `pcm`) its router's table and rule.

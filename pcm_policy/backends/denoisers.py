@@ -12,10 +12,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from pcm_policy.backends.auto import BackendRouter, Calibration, ScaledRouter, rows_per_call
-from pcm_policy.backends.onnx_denoiser import OnnxDenoiser, OnnxLoraDenoiser
+from pcm_policy.backends.auto import BackendRouter, Calibration, rows_per_call
+from pcm_policy.backends.onnx_denoiser import OnnxDenoiser
 from pcm_policy.backends.onnx_graph import denoiser_graph
 from pcm_policy.backends.registry import check_backend
+from pcm_policy.backends.scaled import BaseAtScaleZero
 from pcm_policy.backends.torch_denoisers import check_pcm_kind, pcm_network_denoiser
 from pcm_policy.errors import ConfigError
 from pcm_policy.sampler_config import SamplerConfig
@@ -89,7 +90,7 @@ def _onnx_denoisers(model: nn.Module, pcm: nn.Module | None, name: str, shape: N
         return base, None
     if name == "pcm_lora":
         scaled = cache.get(("onnx", "pcm_lora", id(pcm), threads), pcm, lambda: session(pcm, None))
-        return base, OnnxLoraDenoiser(scaled, base)
+        return base, BaseAtScaleZero(scaled, base)
     return base, cache.get(("onnx", "pcm", id(pcm), threads), pcm, lambda: session(pcm, 1.0))
 
 
@@ -111,7 +112,7 @@ def _auto_denoisers(torch_base: Callable, model: nn.Module, pcm: nn.Module | Non
                            lambda: BackendRouter(torch_pcm, onnx_pcm.scaled, lambda r: shape.example(r, (1.0,))))
         scaled.calibrate(rows)
         routers["pcm"] = scaled
-        return base, ScaledRouter(scaled, base), Calibration(routers, threads)
+        return base, BaseAtScaleZero(scaled, base), Calibration(routers, threads)
     router = cache.get(("auto", "pcm", id(pcm), threads), pcm, lambda: BackendRouter(torch_pcm, onnx_pcm, shape.example))
     router.calibrate(rows)
     routers["pcm"] = router

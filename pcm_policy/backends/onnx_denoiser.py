@@ -96,24 +96,3 @@ class OnnxDenoiser:
             b.scale.fill_(float(scale[0]))
         self.session.run_with_iobinding(b.io)
         return b.out.clone() if x.dtype == torch.float32 else b.out.to(x.dtype)
-
-
-class OnnxLoraDenoiser:
-    """`eps = denoiser(x, t, cond, scale)` of a LoRA PCM: the `scale`-input graph, or the base graph at scale 0.
-
-    At scale 0 the LoRA layers add nothing (`pcm_policy.model.lora` skips the delta), so those calls - every base
-    round of weight-space switching - run the base network's faster graph.
-
-    Args:
-        scaled: an `OnnxDenoiser` of the LoRA network with a `scale` input.
-        base: an `OnnxDenoiser` of the base network.
-    """
-
-    def __init__(self, scaled: OnnxDenoiser, base: OnnxDenoiser):
-        self.scaled, self.base = scaled, base
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None, scale: float) -> torch.Tensor:
-        """As `OnnxDenoiser.__call__`, with the LoRA scale (0: the base network)."""
-        if float(scale) == 0.0:
-            return self.base(x, t, cond)
-        return self.scaled(x, t, cond, scale)

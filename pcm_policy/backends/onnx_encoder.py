@@ -65,6 +65,7 @@ def encoder_graph(encoder: VisionEncoder, n_obs_steps: int, cameras: int) -> byt
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is deprecated, and pinned
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # GroupNorm's batch check, a constant here
             torch.onnx.export(_InferenceEncoder(encoder.eval()), (example,), buffer, input_names=[INPUT],
                               output_names=[OUTPUT], dynamic_axes={INPUT: {0: "N"}, OUTPUT: {0: "N"}},
                               opset_version=OPSET, dynamo=False)

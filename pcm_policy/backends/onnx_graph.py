@@ -2,7 +2,7 @@
 
 Why not torch's exporter: its graph of the UNet has ~610 nodes (Shape/Gather/Concat chains for the dynamic batch,
 the sinusoidal embedding and its MLP, one FiLM Linear per block) and at batch 1 onnxruntime spends most of its
-time walking them. This graph computes the same function with ~250 nodes:
+time walking them. This graph computes the same function with 233 nodes (the shipped PushT UNet):
 
 * the timestep path is a lookup table over the training timesteps: `Mish(embed_mlp(t))` times the timestep
   columns of every block's FiLM Linear (plus its bias), computed once in torch for t = 0..T-1, and gathered by
@@ -12,7 +12,8 @@ time walking them. This graph computes the same function with ~250 nodes:
 * GroupNorm is Reshape -> InstanceNormalization -> Reshape -> Mul -> Add, Mish one `Mish` node (opset 18);
 * the temporal convolutions are written as 2-D ones over (N, C, 1, L) with (1, k) kernels: onnxruntime's CPU
   optimizer then runs them in its blocked NCHWc layout (MLAS's AVX2/AVX-512 direct convolutions), which it does
-  for 2-D convolutions only - 1.6x faster at batch 1 and 1.8x at 100 rows than the same graph in 1-D.
+  for 2-D convolutions only - 1.4x faster at batch 1 and 1.9x at 100 rows than the same graph in 1-D
+  (docs/latency-benchmark.md#backends).
 
 The math is unchanged; only float rounding differs (the tests hold it to torch within 1e-5 typical, 1e-4 max).
 
@@ -205,12 +206,14 @@ class _UnetWriter:
     def _film_layers(self) -> list[_Layer]:
         return [_layer(b.cond_encoder[1], self.scale) for b in self.blocks]
 
-    def film(self, timestep: str, global_cond: str) -> list[str]:
-        """Every block's FiLM vector (N, out or 2 out, 1, 1), from one MatMul (module docstring)."""
+    def film(self, timestep: str, global_cond: str) -> list[list[str]]:
+        """Every block's FiLM terms, [scale, bias] or [bias], each (N, out, 1, 1), from one MatMul and one Split
+        (module docstring)."""
         g, net = self.g, self.net
         dsed = net.diffusion_step_encoder[0].dim
         layers = self._film_layers()
-        sizes = [layer.weight.shape[0] for layer in layers]
+        parts = [2 if b.film_scale else 1 for b in self.blocks]
+        sizes = [b.out_channels for b, n in zip(self.blocks, parts) for _ in range(n)]
         weight = torch.cat([layer.weight for layer in layers])  # (total, dsed + C)
         bias = torch.cat([layer.bias for layer in layers])
         mish_cond = g.op("Mish", global_cond)
@@ -234,18 +237,18 @@ class _UnetWriter:
                 film = g.op("Add", film, g.op("Mul", g.op("MatMul", cond, g.const(delta.T, "film_lora")),
                                               self.scale_input))
         film = g.op("Unsqueeze", film, g.const(np.array([2, 3], np.int64), "axes"))
-        return g.op("Split", film, g.const(np.array(sizes, np.int64), "sizes"), axis=1, outputs=len(sizes))
+        terms = iter(g.op("Split", film, g.const(np.array(sizes, np.int64), "sizes"), axis=1, outputs=len(sizes)))
+        return [[next(terms) for _ in range(n)] for n in parts]
 
     # ---- the network ------------------------------------------------------------------------------------------
-    def residual_block(self, x: str, block: ConditionalResidualBlock1D, film: str) -> str:
+    def residual_block(self, x: str, block: ConditionalResidualBlock1D, film: list[str]) -> str:
+        """`ConditionalResidualBlock1D.forward` with its FiLM terms ([scale, bias] or [bias], `film`)."""
         g = self.g
         out = self.conv_block(x, block.conv1)
         if block.film_scale:
-            scale, bias = g.op("Split", film, g.const(np.array([block.out_channels] * 2, np.int64), "sizes"),
-                               axis=1, outputs=2)
-            out = g.op("Add", g.op("Mul", out, scale), bias)
-        else:
-            out = g.op("Add", out, film)
+            scale, bias = film
+            out = g.op("Mul", out, scale)
+        out = g.op("Add", out, film[-1])
         out = self.conv_block(out, block.conv2)
         shortcut = x if isinstance(block.residual, nn.Identity) else self.conv(x, block.residual)
         return g.op("Add", out, shortcut)

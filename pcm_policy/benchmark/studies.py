@@ -103,7 +103,10 @@ def early_stop_study(policy, rows: list[Row], conds: torch.Tensor, references: d
                 entry = {"rounds": cap, "sampler": row.name, "reference": f"sequential/{schedule}",
                          "mean_abs_err": float((x0 - ref).abs().mean())}
                 if closed:
-                    capped = policy.sampler(dataclasses.replace(row.config, max_iters=cap), pcm=row.pcm,
+                    # the PCM network rebuilds the row's PCM denoiser on its backend; a torch row built from a
+                    # denoiser callable alone reuses that
+                    pcm = row.pcm if row.pcm is not None else row.sampler.pcm
+                    capped = policy.sampler(dataclasses.replace(row.config, max_iters=cap), pcm=pcm,
                                             backend=row.sampler.backend)
                     entry.update(run_episodes(policy, capped, settings, episodes, f"{row.name} <= {cap} rounds"))
                 study.append(entry)

@@ -136,6 +136,7 @@ def run(config: Config) -> dict[str, Any]:
                  "threads": torch.get_num_threads(), "backend": sampler.backend, **agent.summary(), **auto}
         if sampler.calibration is not None:
             extra["calibration"] = sampler.calibration.to_dict()
+            print(sampler.calibration.summary())
     metrics = {"command": "eval", "task": task.name, **summarize(results, task.name),
                "wall_s": round(time.perf_counter() - t0, 2), **extra}
     if video_dir is not None and video_dir.exists():
