@@ -13,10 +13,10 @@ from the loosest and the walk stops at the first exact one; a candidate whose fi
 slow again); no new candidate starts after `max_seconds`.
 The final round times the `FINALISTS` fastest exact candidates (those within `PRUNE_FACTOR` of the best) again at
 every thread count asked for, interleaved chunk by chunk (a burst of load on a shared machine hits them all alike),
-and the choice is made on it. The cost is
-bounded by (candidates timed) x (chunks + warmup) chunks for the screen, capped by `max_seconds`, plus
-`FINALISTS` x (thread counts) x (chunks + 1) for the final round: on the shipped PushT policy, 1 thread, about
-5-10 s for DDIM-10 and 15-35 s for DDPM-100 (its torch sequential chunk alone is ~0.5 s).
+and the choice is made on it. The cost is bounded by (candidates timed) x (chunks + warmup) chunks for the screen,
+capped by `max_seconds`, plus `FINALISTS` x (thread counts) x (chunks + 1) for the final round: on the shipped PushT
+policy at 1 thread, 4-15 s for DDIM-10 and 20-30 s for DDPM-100 on this project's shared 2-core machine
+(docs/latency-benchmark.md).
 """
 from __future__ import annotations
 
@@ -29,15 +29,15 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from pcm_policy.benchmark.measure import chunk_deviations
 from pcm_policy.backends import BACKENDS, check_backend
+from pcm_policy.benchmark.measure import chunk_deviations
 from pcm_policy.benchmark.rows import Row, RowTiming, encode_observations, time_row
 from pcm_policy.checkpoint import RUN_CONFIG, Card
 from pcm_policy.chunk_sampler import ChunkSampler
 from pcm_policy.errors import ConfigError
 from pcm_policy.latency import latency_summary
 from pcm_policy.observations import dataset_path, rollout_observations, sample_observations
-from pcm_policy.options import (check_choice, check_int, check_list, check_mapping, check_number, show,
+from pcm_policy.options import (check_choice, check_int, check_list, check_mapping, check_number, check_text, show,
                                 unknown_keys)
 from pcm_policy.pcm.attach import load_pcm
 from pcm_policy.paths import resolve_path
@@ -112,7 +112,8 @@ class AutoSettings:
         tols = sorted({check_number(f"{key}.tols.{i}", t, 0) for i, t in enumerate(tols)}, reverse=True)
         accelerated = check_mapping(f"{key}.accelerated", get("accelerated"), "{accel: anderson, damping: 0.5}")
         settings = cls(
-            scheduler=scheduler, steps=steps, pcm_checkpoint=get("pcm_checkpoint") or None,
+            scheduler=scheduler, steps=steps,
+            pcm_checkpoint=check_text(f"{key}.pcm_checkpoint", get("pcm_checkpoint"), null=True) or None,
             backends=tuple(backends), threads=None if threads is None else tuple(threads),
             tols=tuple(tols), deviation_bound=check_number(f"{key}.deviation_bound", get("deviation_bound"), 0,
                                                            low_open=True),

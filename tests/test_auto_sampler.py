@@ -99,6 +99,7 @@ def test_auto_thread_counts_are_a_candidate_dimension(tiny):
     ({"threads": [0]}, "sampler.threads.0"), ({"threads": [1, 1]}, "sampler.threads"),
     ({"tols": []}, "sampler.tols"), ({"chunks": 0}, "sampler.chunks"), ({"deviation_bound": 0}, "deviation_bound"),
     ({"accelerated": {"memory": 0}}, "memory"), ({"accelerated": {"windw": 3}}, "windw"), ({"colour": 1}, "colour"),
+    ({"pcm_checkpoint": 7}, "sampler.pcm_checkpoint"),
 ])
 def test_auto_refuses_bad_settings_in_one_line(override, match):
     with pytest.raises(ConfigError, match=match) as e:
