@@ -139,6 +139,9 @@ class SamplerConfig:
             return cfg
         if not isinstance(cfg, Mapping):
             raise ConfigError(f"{key}: expected a sampler group (e.g. {key}=ddim)")
+        if cfg.get("name") == "auto":  # chosen by timing, not a config: pcm_policy.auto_sampler
+            raise ConfigError(f"{key}=auto: not available here (pcm eval, pcm demo and the controller they run "
+                              "accept it; in code, pcm_policy.auto_sampler.choose_sampler returns the sampler)")
         known = [f.name for f in dataclasses.fields(cls)]
         unknown_keys(key, {k: v for k, v in cfg.items() if k != "pcm_checkpoint"}, known)
         values = {k: v for k, v in cfg.items() if k in known}

@@ -120,6 +120,8 @@ def cmd_bench(args) -> int:
     # are exactly its own draw of `chunks` with the same seed
     rc = cli.main(["bench", f"checkpoint={args.checkpoint}", f"schedules=[{args.schedule}]", f"chunks={chunks}",
                    f"observations={args.observations}", f"seed={seed}", "tols=[0.1]", "early_stop=false",
+                   # the GPU path is torch + CUDA graphs (onnxruntime here is the CPU wheel), each row's chunks in turn
+                   "backends=[torch]", "interleave=false",
                    f"device={args.device}",
                    f"output_dir={args.output}", *args.overrides])
     if rc == 0:

@@ -24,7 +24,9 @@ LAYERS = [
     ["rollout", "interop"],
     ["observations", "training"],
     ["pcm"],
-    ["benchmark", "serving"],
+    ["benchmark"],
+    ["auto_sampler"],
+    ["serving"],
     ["commands"],
     ["cli"],
 ]

@@ -313,3 +313,22 @@ def test_a_server_on_another_backend_serves_the_torch_chunk(tiny_runs, served, b
     want = in_process(served, np.stack([step, step]), torch.Generator().manual_seed(5))
     normalized = [served.policy.normalizer.normalize("action", torch.from_numpy(a)).numpy() for a in (got, want)]
     np.testing.assert_allclose(*normalized, rtol=0, atol=1e-4)  # normalized action units
+
+
+def test_sampler_auto_serves_its_exact_choice_and_says_so(tiny_runs, served):
+    """sampler=auto: the sampler is chosen at load by timing (pcm_policy.auto_sampler), the metadata names the choice,
+    and the served chunk is within the deviation bound of the torch sequential chunk for the same noise."""
+    from pcm_policy.auto_sampler import AutoSettings
+    settings = AutoSettings(scheduler="ddim", steps=10, backends=("torch", "onnx"), tols=(0.01,), chunks=2, warmup=0)
+    auto = load_served_policy(Card.open_base("checkpoint", tiny_runs / "base"), settings, None, None, echo=False)
+    step = observations(served, 1, 4)[0]
+    with start(auto, seed=3) as server, PolicyClient(server.url) as client:
+        meta = client.metadata
+        reply = client.infer({"obs": step})
+    chosen = auto.auto.chosen
+    assert chosen["exact"] and meta["auto"]["sampler"] == chosen["sampler"] and meta["backend"] == chosen["backend"]
+    assert meta["sampler"] == auto.sampler.label and reply["exact"] is True
+    want = in_process(served, np.stack([step, step]), torch.Generator().manual_seed(3))
+    normalized = [served.policy.normalizer.normalize("action", torch.from_numpy(a)).numpy()
+                  for a in (reply["actions"], want)]
+    np.testing.assert_allclose(*normalized, rtol=0, atol=settings.deviation_bound)

@@ -42,6 +42,9 @@ def busy_port():
     (["host=0.0.0.0"], ["host=0.0.0.0: not a loopback address", "PCM_SERVE_API_KEY"]),
     (["host=example.org"], ["host=example.org: not a loopback address", "PCM_SERVE_API_KEY"]),
     (["backend=tensorrt"], ["backend='tensorrt'", "torch, onnx, auto"]),
+    (["sampler=auto", "sampler.backends=[tensorrt]"], ["sampler.backends", "tensorrt"]),
+    (["sampler=auto", "sampler.chunks=0"], ["sampler.chunks=0"]),
+    (["sampler=auto", "pcm={base}"], ["pcm=", "not a PCM checkpoint"]),
     (["port=70000"], ["port=70000", "<= 65535"]),
     (["port=-1"], ["port=-1"]),
     (["max_batch=0"], ["max_batch=0"]),
@@ -73,10 +76,10 @@ def test_a_key_lets_serve_accept_its_options(tiny_runs, no_work, monkeypatch):
     monkeypatch.setenv("PCM_SERVE_API_KEY", "s3cret-xyz")
     config = build_config("serve", [f"checkpoint={tiny_runs / 'base'}", "port=0", "sampler=pcm_lora",
                                     "sampler.scheduler=ddim", "sampler.steps=8", f"pcm={tiny_runs / 'pcm'}",
-                                    "budget_ms=50"])
+                                    "budget_ms=50", "backend=onnx"])
     assert config.api_key == "s3cret-xyz" and "s3cret" not in repr(config)  # the key is never printed
     assert config.pcm_checkpoint == str(tiny_runs / "pcm") and config.sampler.name == "pcm_lora"
-    assert config.backend == "torch" and config.budget_ms == 50 and config.host == "127.0.0.1"
+    assert config.backend == "onnx" and config.budget_ms == 50 and config.host == "127.0.0.1"
 
 
 @pytest.mark.parametrize("extra,needles", [

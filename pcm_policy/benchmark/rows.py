@@ -1,9 +1,11 @@
-"""Bench rows: one `ChunkSampler` per (schedule, algorithm, acceleration), eager or CUDA-graph replayed, and the
-timed loop that samples every row on the same observations and noise.
+"""Bench rows: one `ChunkSampler` per (schedule, algorithm, acceleration, backend), eager or CUDA-graph replayed,
+and the timed loop that samples every row on the same observations and noise.
 
-Rows, for each sampling schedule (DDPM-100, DDIM-10, DDIM-16): sequential, Picard, PCM (output-space switching)
-and PCM-LoRA (weight-space switching), the PCM rows only where a PCM trained for that schedule is given, and each
-iterative row again with the schedule's acceleration settings (a `+aa` row).
+Rows, for each sampling schedule (DDPM-100, DDIM-10, DDIM-16) and each backend (torch, onnx, auto): sequential,
+Picard, PCM (output-space switching) and PCM-LoRA (weight-space switching), the PCM rows only where a PCM trained for
+that schedule is given, and each iterative row again with the schedule's acceleration settings (a `+aa` row). The
+torch sequential row of every schedule is always built first: it is the reference every deviation is measured
+against and the baseline of every speed-up.
 """
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pcm_policy.benchmark.flops import flops_per_row
 from pcm_policy.chunk_sampler import ChunkSampler
-from pcm_policy.pcm.attach import load_pcm
+from pcm_policy.pcm.attach import load_pcm, pcm_denoiser
 from pcm_policy.policy import observation_count, select_observations
 from pcm_policy.paths import resolve_path
 from pcm_policy.sampler_config import SamplerConfig, parse_schedule
@@ -34,6 +37,8 @@ class Row:
         pcm_path: the PCM checkpoint of a switching row (None otherwise).
         graph: the row's denoisers are CUDA-graph replayed.
         pcm: the PCM network of a switching row (None otherwise), to build variants of the row on its backend.
+        flops_row: FLOPs of one network row of the row's network (`flops_per_row`; a weight-space switching row
+            counts its LoRA adapters, an output-space switching row the base network's), 0 when not counted.
     """
 
     sampler: ChunkSampler
@@ -41,6 +46,7 @@ class Row:
     pcm_path: str | None = None
     graph: bool = False
     pcm: Any = None
+    flops_row: int = 0
 
     @property
     def config(self) -> SamplerConfig:
@@ -52,11 +58,24 @@ class Row:
         """Label for tables and progress bars, e.g. `pcm_lora+graph/ddim10`."""
         return f"{self.config.variant}{'+graph' if self.graph else ''}/{self.schedule}"
 
+    @property
+    def backend(self) -> str:
+        """Where the row's denoisers run: `torch`, `onnx` or `auto` (`ChunkSampler.backend`)."""
+        return self.sampler.backend
+
+    @property
+    def is_reference(self) -> bool:
+        """The eager torch sequential row: the chunks every row of its schedule is compared with."""
+        return self.config.name == "sequential" and not self.graph and self.backend == "torch"
+
+
+
 
 def build_rows(policy, schedules: list[str], tols: Sequence[float], window: int | None, stiffness: float | None,
                pcms: Mapping[str, str], lora_pcms: Mapping[str, str], accelerated: Mapping[str, Mapping[str, Any]],
-               device, backend: str = "torch") -> tuple[list[Row], list[str]]:
-    """The bench rows for every schedule: its sequential row, then every iterative row at every tolerance.
+               device, backends: Sequence[str] = ("torch",)) -> tuple[list[Row], list[str]]:
+    """The bench rows for every schedule and backend: the torch sequential row (the reference, always), then per
+    backend its sequential row and every iterative row at every tolerance.
 
     Args:
         policy: the base policy.
@@ -69,7 +88,8 @@ def build_rows(policy, schedules: list[str], tols: Sequence[float], window: int 
         accelerated: schedule -> acceleration settings (accel, memory, damping, triangular, start) of its `+aa`
             rows; a schedule without settings gets none.
         device: where PCMs are loaded.
-        backend: where every row's denoisers run (`torch`, `onnx`, `auto`; `DiffusionPolicy.sampler`).
+        backends: where every row's denoisers run (`torch`, `onnx`, `auto`; `DiffusionPolicy.sampler`), in this
+            order.
 
     Returns:
         (rows, skipped): the rows, and one reason per PCM row that could not be built (no checkpoint given, a
@@ -80,6 +100,7 @@ def build_rows(policy, schedules: list[str], tols: Sequence[float], window: int 
         CheckpointError: a PCM checkpoint that is missing, corrupt or for another base.
     """
     rows, skipped = [], []
+    base_flops = flops_per_row(policy)
     for schedule in schedules:
         kind, steps = parse_schedule(schedule)
         plain = SamplerConfig(name="picard", scheduler=kind, steps=steps, window=window)
@@ -87,8 +108,7 @@ def build_rows(policy, schedules: list[str], tols: Sequence[float], window: int 
                                if accelerated.get(schedule) else [])
         variants = [dataclasses.replace(v, tol=t) for v in [plain] + accelerated_variant for t in tols]
         sequential = SamplerConfig(name="sequential", scheduler=kind, steps=steps)
-        rows.append(Row(policy.sampler(sequential, backend=backend), schedule))
-        rows += [Row(policy.sampler(variant, backend=backend), schedule) for variant in variants]
+        switching = []  # (config, PCM network, path, FLOPs per row) of every switching row of the schedule
         for name, paths in (("pcm", pcms), ("pcm_lora", lora_pcms)):
             path = paths.get(schedule)
             if not path:
@@ -101,9 +121,17 @@ def build_rows(policy, schedules: list[str], tols: Sequence[float], window: int 
             if name == "pcm_lora" and card["mode"] != "lora":
                 skipped.append(f"{name}/{schedule}: {path} is a full PCM (weight-space switching needs LoRA)")
                 continue
+            flops = flops_per_row(policy, pcm_denoiser(net, name), (1.0,)) if name == "pcm_lora" else base_flops
             for variant in variants:  # a PCM starts from the X^0 it was trained from
                 config = dataclasses.replace(variant, name=name, stiffness=stiffness, start=card.get("start", "x_T"))
-                rows.append(Row(policy.sampler(config, pcm=net, backend=backend), schedule, str(path), pcm=net))
+                switching.append((config, net, str(path), flops))
+        if "torch" not in backends:
+            rows.append(Row(policy.sampler(sequential), schedule, flops_row=base_flops))
+        for backend in backends:
+            rows.append(Row(policy.sampler(sequential, backend=backend), schedule, flops_row=base_flops))
+            rows += [Row(policy.sampler(v, backend=backend), schedule, flops_row=base_flops) for v in variants]
+            rows += [Row(policy.sampler(config, pcm=net, backend=backend), schedule, path, pcm=net, flops_row=flops)
+                     for config, net, path, flops in switching]
     return rows, skipped
 
 
@@ -126,7 +154,7 @@ def graphed_rows(policy, rows: list[Row]) -> list[Row]:
         config = dataclasses.replace(row.config, fixed_shape=True)
         graphed = ChunkSampler(config, policy.noise_scheduler.config, GraphedDenoiser(s.base),
                                GraphedDenoiser(s.pcm) if s.pcm else None, s.sample_shape, s.device)
-        out.append(Row(graphed, row.schedule, row.pcm_path, graph=True, pcm=row.pcm))
+        out.append(Row(graphed, row.schedule, row.pcm_path, graph=True, pcm=row.pcm, flops_row=row.flops_row))
     return out
 
 
@@ -138,8 +166,9 @@ class RowTiming:
         x0: the chunks, (n, H, Da) normalized actions on the CPU.
         latencies: wall time per chunk, ms.
         iterations: sequential rounds per chunk.
-        evaluations: network rows evaluated per chunk.
+        evaluations: step evaluations per trajectory per chunk.
         converged: whether each chunk passed its convergence test.
+        network_rows: rows passed to networks per chunk, padding included (the compute cost).
     """
 
     x0: torch.Tensor
@@ -147,6 +176,13 @@ class RowTiming:
     iterations: np.ndarray
     evaluations: np.ndarray
     converged: np.ndarray
+    network_rows: np.ndarray
+
+    @classmethod
+    def concat(cls, parts: Sequence["RowTiming"]) -> "RowTiming":
+        """The timings of consecutive chunk ranges as one."""
+        return cls(torch.cat([p.x0 for p in parts]),
+                   *(np.concatenate([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(cls)[1:]))
 
 
 @dataclass
@@ -210,8 +246,8 @@ def time_row(policy, row: Row, conds: torch.Tensor, noise_seed: int, warmup: int
         The row's `RowTiming`.
     """
     sampler = row.sampler
-    outputs, latencies, iterations, evaluations, converged = [], [], [], [], []
-    bar = tqdm(range(-warmup, len(conds)), desc=row.name, unit="chunk", disable=not progress,
+    outputs, latencies, iterations, evaluations, converged, network_rows = [], [], [], [], [], []
+    bar = tqdm(range(-warmup, len(conds)), desc=f"{row.name} [{row.backend}]", unit="chunk", disable=not progress,
                dynamic_ncols=True, leave=False)
     for i in bar:
         j = max(i, 0)
@@ -227,6 +263,41 @@ def time_row(policy, row: Row, conds: torch.Tensor, noise_seed: int, warmup: int
         iterations.append(stats.iterations)
         evaluations.append(stats.evaluations)
         converged.append(stats.converged)
+        network_rows.append(stats.network_rows)
         outputs.append(x0.cpu())
     return RowTiming(torch.cat(outputs), np.asarray(latencies), np.asarray(iterations), np.asarray(evaluations),
-                     np.asarray(converged))
+                     np.asarray(converged), np.asarray(network_rows))
+
+
+def time_rows(policy, rows: Sequence[Row], conds: torch.Tensor, counts: Sequence[int], noise_seed: int, warmup: int,
+              interleave: bool = True) -> list[RowTiming]:
+    """`time_row` for every row, row i over the first `counts[i]` conditions.
+
+    Interleaved (the default), chunk j of every row is timed before chunk j + 1 of any, after each row's warm-up:
+    on a shared machine a burst of load then hits every row alike, so the rows' ratios hold within a run. Otherwise
+    each row runs all its chunks in turn.
+
+    Args:
+        policy: the base policy.
+        rows: the rows.
+        conds: (n, C) the observations' global conditions.
+        counts: chunks per row (each <= n).
+        noise_seed: chunk i uses the noise of noise_seed + i, in every row.
+        warmup: untimed chunks per row first (on observation 0).
+        interleave: time chunk by chunk across the rows.
+
+    Returns:
+        One `RowTiming` per row, in row order.
+    """
+    if not interleave:
+        return [time_row(policy, row, conds[:n], noise_seed, warmup) for row, n in zip(rows, counts)]
+    for row in tqdm(rows, desc="warm-up", unit="row", leave=False, dynamic_ncols=True, disable=warmup == 0):
+        for _ in range(warmup):
+            time_row(policy, row, conds[:1], noise_seed, 0, progress=False)
+    parts: list[list[RowTiming]] = [[] for _ in rows]
+    for j in tqdm(range(max(counts, default=0)), desc="chunks (every row, interleaved)", unit="chunk", leave=False,
+                  dynamic_ncols=True):
+        for row, n, done in zip(rows, counts, parts):
+            if j < n:
+                done.append(time_row(policy, row, conds[j:j + 1], noise_seed + j, 0, progress=False))
+    return [RowTiming.concat(p) for p in parts]

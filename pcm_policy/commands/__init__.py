@@ -21,9 +21,9 @@ COMMANDS = {
               "  train.batch_size=N  train.checkpoint_every=N  train.init_from=CKPT  seed=N  device=auto|cpu|cuda  "
               "output_dir=DIR"),
     "eval": ("eval", "Closed-loop evaluation on the test seeds (100000+i), with videos.",
-             "  checkpoint=DIR  policy=checkpoint|expert  sampler=sequential|ddim|picard|picard_aa|pcm|pcm_lora|"
+             "  checkpoint=DIR  policy=checkpoint|expert  sampler=auto|sequential|ddim|picard|picard_aa|pcm|pcm_lora|"
              "pcm_lora_aa\n  task=pusht|lift|can  episodes=50  n_envs=10  vector=sync|async  videos=2  output_dir=DIR\n"
-             "  server=ws://HOST:PORT (actions from `pcm serve`)"),
+             "  backend=torch|onnx|auto  server=ws://HOST:PORT (actions from `pcm serve`)"),
     "collect": ("collect", "Record scripted-expert demonstrations in the real dataset formats.",
                 "  task=pusht|lift|can  episodes=N  seed=0  keep_failed=false  images=false  overwrite=false  "
                 "output_dir=DIR\n  (re-running after an interruption resumes at the next episode)"),
@@ -31,18 +31,20 @@ COMMANDS = {
                   "  base=CKPT  mode=lora|full  lora_rank=64  scheduler=ddim|ddpm  steps=10  start=x_T|noise_sum|"
                   "x0_chain  trajectories=8192\n  epochs=20  batch_size=32  eval_tol=0.1  stiffness=null  device=auto  "
                   "output_dir=DIR"),
-    "bench": ("bench", "Latency benchmark: sequential DDPM/DDIM, Picard, PCM and PCM-LoRA side by side.",
+    "bench": ("bench", "Latency benchmark in ms: sequential DDPM/DDIM, Picard, PCM and PCM-LoRA on each backend.",
               "  checkpoint=DIR  pcm.ddpm100=DIR  pcm_lora.ddim10=DIR  schedules=[ddpm100,ddim10,ddim16]\n"
-              "  chunks=1000  tol=0.1  window=null  threads=1  episodes=0  observations=FILE  device=auto  "
-              "output_dir=DIR"),
+              "  backends=[torch,onnx,auto]  chunks=1000  tol=0.1  window=null  threads=1  episodes=0  "
+              "peak_gflops=null  observations=FILE  device=auto  output_dir=DIR"),
     "serve": ("serve", "Serve a policy to robots on openpi's websocket protocol (docs/serving.md).",
-              "  checkpoint=DIR  sampler=ddim|picard|pcm_lora|...  pcm=DIR  backend=torch  budget_ms=null\n"
+              "  checkpoint=DIR  sampler=auto|ddim|picard|pcm_lora|...  pcm=DIR  backend=torch|onnx|auto  budget_ms=null\n"
               "  host=127.0.0.1  port=8000  threads=1  seed=0  max_batch=16  (key: PCM_SERVE_API_KEY)"),
     "serve-bench": ("serve_bench", "Round trips and batching of `pcm serve` with 1 and N robots on 127.0.0.1.",
                     "  checkpoint=DIR  sampler=ddim|...  clients=[1,4]  rate_hz=null  requests=200  max_seconds=60  "
                     "threads=1\n  output_dir=DIR"),
-    "demo": ("demo", "The main job: closed-loop PushT with PCM-LoRA, then a latency comparison.",
-             "  checkpoint=DIR  pcm_lora.ddim10=DIR  episodes=5  chunks=200  task=pusht|lift|can  device=auto"),
+    "demo": ("demo", "The main job: the fastest exact sampler on this machine (sampler=auto), closed-loop PushT with "
+             "it, then a latency comparison on every backend.",
+             "  checkpoint=DIR  pcm_lora.ddim10=DIR  sampler=auto|pcm_lora|...  backends=[torch,onnx,auto]  "
+             "episodes=5  chunks=50\n  task=pusht|lift|can  device=auto"),
 }
 
 

@@ -1,12 +1,14 @@
 """`pcm bench`: latency at control frequency, side by side, on one checkpoint, observations and noise
 (`configs/bench.yaml`).
 
-For each sampling schedule (`schedules`): sequential, Picard, PCM (output-space switching) and PCM-LoRA
-(weight-space switching), the PCM rows only where a PCM trained for that schedule is given, and every iterative
-row again with the schedule's `accelerated` settings. Every row samples the same `chunks` (observation, noise)
-pairs at batch 1; deviations are measured against the sequential sampler of the same schedule; a chunk slower
-than the control-period budget is a deadline miss. Optional studies: closed-loop episodes per row under the
-real-time controller, and the early-stop study (iterations capped at 1, 2, 3).
+For each sampling schedule (`schedules`) and backend (`backends`: torch, onnx, auto): sequential, Picard, PCM
+(output-space switching) and PCM-LoRA (weight-space switching), the PCM rows only where a PCM trained for that
+schedule is given, and every iterative row again with the schedule's `accelerated` settings. Every row samples the
+same `chunks` (observation, noise) pairs at batch 1; deviations are measured against the torch sequential sampler of
+the same schedule; a chunk slower than the control-period budget is a deadline miss. The summary gives, per
+schedule, the fastest exact row in milliseconds and its speed-up over torch sequential; every row its achieved
+GFLOP/s against the core's peak (`peak_gflops`). Optional studies (on the torch rows): closed-loop episodes per row
+under the real-time controller, and the early-stop study (iterations capped at 1, 2, 3).
 """
 from __future__ import annotations
 
@@ -19,9 +21,11 @@ from typing import Any, Mapping
 import torch
 
 from pcm_policy.atomic import atomic_write_text
+from pcm_policy.auto_sampler import check_backends
 from pcm_policy.backends import check_backend
+from pcm_policy.benchmark.flops import PEAK_MATMUL_SIZE, PEAK_REPEATS, measure_peak_gflops
 from pcm_policy.benchmark.measure import measure_rows
-from pcm_policy.benchmark.report import add_speedups, markdown_table, plot, plot_sweep, sweep_summary
+from pcm_policy.benchmark.report import add_speedups, fastest_exact, markdown_table, plot, plot_sweep, sweep_summary
 from pcm_policy.benchmark.rows import build_rows, encode_observations, graphed_rows
 from pcm_policy.benchmark.studies import EpisodeSettings, closed_loop_rows, early_stop_study
 from pcm_policy.checkpoint import Card, load_policy
@@ -43,6 +47,8 @@ class Config:
         task: the task (its env for closed-loop studies, its control rate).
         checkpoint: the base policy's card.
         schedules: sampling schedules, e.g. [ddpm100, ddim10].
+        backends: the runtimes every row runs on, e.g. [torch, onnx, auto] (the torch sequential row always runs:
+            the reference).
         pcm: schedule -> PCM checkpoint of the output-space switching rows (schedules listed only).
         pcm_lora: schedule -> LoRA PCM checkpoint of the weight-space switching rows.
         accelerated: schedule -> acceleration settings of its `+aa` rows.
@@ -50,7 +56,8 @@ class Config:
         warmup: untimed chunks per row.
         tols: the tolerance sweep: every iterative row once per tol (the accuracy-matched comparison).
         tol: the tolerance of the rows the studies and bench.png use (added to the sweep when not in it).
-        deviation_bound: the p99 deviation from sequential the sweep summary matches samplers at.
+        deviation_bound: the p99 deviation from torch sequential at which rows count as exact (the summaries).
+        peak_gflops: the core's fp32 peak in GFLOP/s (None: measured at start, `measure_peak_gflops`).
         window, stiffness: the iterative rows' window and switching stiffness.
         control_hz: the control frequency; budget_ms the per-chunk deadline (default one control period).
         episodes: closed-loop episodes per row (0: none), for `episodes_schedules` (None: all).
@@ -60,12 +67,13 @@ class Config:
             or `closed_loop` (rollouts of the policy itself, for a checkpoint that records no dataset).
         runtime: seed (observation draw and noise), device, threads.
         output_dir: where bench.json, bench.md, bench.png and metrics.json go.
-        backend: where the rows' denoisers run: torch, onnx or auto (`pcm_policy.backends`).
+        interleave: time the rows chunk by chunk (a burst of load on a shared machine hits every row alike).
     """
 
     task: TaskOptions
     checkpoint: Card
     schedules: list[str]
+    backends: list[str]
     pcm: dict[str, str]
     pcm_lora: dict[str, str]
     accelerated: dict[str, dict]
@@ -74,6 +82,7 @@ class Config:
     tols: list[float]
     tol: float
     deviation_bound: float
+    peak_gflops: float | None
     window: int | None
     stiffness: float | None
     control_hz: float
@@ -87,7 +96,7 @@ class Config:
     observations: str | None
     runtime: RuntimeOptions
     output_dir: Path
-    backend: str = "torch"
+    interleave: bool = True
 
     @classmethod
     def from_hydra(cls, cfg: Mapping[str, Any]) -> "Config":
@@ -98,14 +107,14 @@ class Config:
 
         Raises:
             ConfigError: a key of the wrong type or range, a schedule beyond the policy's T or listed twice, an
-                unknown `accelerated` key, an unregistered env when episodes run, or a backend that cannot run here
-                (onnx on CUDA, onnxruntime missing).
+                unknown `accelerated` key, an unknown backend or one listed twice, a backend that cannot run here
+                (onnx on CUDA as `backend=`, onnxruntime missing), or an unregistered env when episodes run.
             CheckpointError: an unreadable checkpoint, a PCM as the base, a base for another task, or a non-PCM
                 in a PCM map.
             DatasetError: the checkpoint's dataset is missing (when no observation file is given).
         """
         runtime = RuntimeOptions.from_mapping(cfg)
-        backend = check_backend(lookup(cfg, "backend", "torch"), runtime.device)
+        backends = bench_backends(cfg, runtime.device)
         episodes = integer(cfg, "episodes", 0)
         early_stop = flag(cfg, "early_stop")
         early_episodes = integer(cfg, "early_stop_episodes", 0)
@@ -137,18 +146,20 @@ class Config:
             raise ConfigError(f"{key}={show(chosen)}: expected a list drawn from schedules={schedules} or null")
         return cls(
             task=task, checkpoint=card, schedules=schedules,
+            backends=backends,
             pcm=pcm_map(cfg, "pcm", schedules), pcm_lora=pcm_map(cfg, "pcm_lora", schedules),
             accelerated=accelerated_settings(cfg, schedules),
             chunks={s: by_schedule.get(s) or chunks for s in schedules}, warmup=integer(cfg, "warmup", 0),
             tols=tolerances(cfg), tol=number(cfg, "tol", 0),
             deviation_bound=number(cfg, "deviation_bound", 0, low_open=True),
+            peak_gflops=number(cfg, "peak_gflops", 0, low_open=True, null=True),
             window=integer(cfg, "window", 1, null=True),
             stiffness=number(cfg, "stiffness", 0, low_open=True, null=True),
             control_hz=number(cfg, "control_hz", 0, low_open=True),
             budget_ms=number(cfg, "budget_ms", 0, low_open=True, null=True), episodes=episodes,
             episodes_schedules=chosen, seed_start=integer(cfg, "seed_start", 0), early_stop=early_stop,
             early_stop_chunks=integer(cfg, "early_stop_chunks", 1), early_stop_episodes=early_episodes,
-            observations=observations, runtime=runtime, output_dir=out, backend=backend)
+            observations=observations, runtime=runtime, output_dir=out, interleave=flag(cfg, "interleave"))
 
 
 def tolerances(cfg: Mapping[str, Any]) -> list[float]:
@@ -201,13 +212,74 @@ def accelerated_settings(cfg: Mapping[str, Any], schedules: list[str]) -> dict[s
     return out
 
 
+def bench_backends(cfg: Mapping[str, Any], device) -> list[str]:
+    """The backends every row runs on: `backends` (a list), or `backend=X` as a shorthand for `backends=[X]`.
+
+    Raises:
+        ConfigError: a bad list (`check_backends`), or a `backend=` that cannot run here (`check_backend`: onnx on
+            CUDA, onnxruntime missing).
+    """
+    backend = lookup(cfg, "backend", None)
+    if backend is not None:
+        return [check_backend(backend, device)]
+    return check_backends("backends", lookup(cfg, "backends"), device)
+
+
+def usable_backends(backends: list[str], device) -> tuple[list[str], list[str]]:
+    """The backends the bench runs on `device`, and a note per backend left out: on CUDA only torch (with CUDA
+    graphs, the `+graph` rows); onnxruntime's CPU provider is the CPU's runtime."""
+    if device.type != "cuda":
+        return list(backends), []
+    dropped = [b for b in backends if b != "torch"]
+    return ["torch"], [f"backend {b}: CPU only (on CUDA the bench runs torch with CUDA graphs, the +graph rows)"
+                       for b in dropped]
+
+
+def peak_estimate(given: float | None, threads: int, device) -> tuple[float | None, str]:
+    """The fp32 peak in GFLOP/s and how it was obtained: `given` (the `peak_gflops` option), else measured on the
+    CPU (`measure_peak_gflops`); on CUDA only a given one (a CPU matrix product says nothing of a GPU)."""
+    if given is not None:
+        return float(given), "given (peak_gflops)"
+    if device.type == "cuda":
+        return None, "not measured on CUDA (set peak_gflops)"
+    measured = measure_peak_gflops()
+    return measured, (f"measured: best of {PEAK_REPEATS} {PEAK_MATMUL_SIZE}x{PEAK_MATMUL_SIZE} fp32 matrix products "
+                      f"at {threads} thread{'s' if threads != 1 else ''}, CPU time")
+
+
+def network_flops(rows) -> dict[str, int]:
+    """FLOPs per network row of each network the rows run: the base, and each LoRA PCM with its adapters."""
+    flops = {}
+    for row in rows:
+        key = f"LoRA PCM {row.schedule}" if row.config.name == "pcm_lora" else "base"
+        flops.setdefault(key, row.flops_row)
+    return flops
+
+
+def auto_routing(rows) -> dict[str, Any] | None:
+    """What `backend=auto` measured on this machine (its routers are shared by the rows): per denoiser (`base`, and
+    `pcm <schedule>` per PCM) the rule and the table of row counts with torch and onnx ms; None without auto rows."""
+    routing: dict[str, Any] = {}
+    for row in rows:
+        calibration = row.sampler.calibration if row.backend == "auto" else None
+        if calibration is None:
+            continue
+        record = calibration.to_dict()
+        routing["threads"] = record["threads"]
+        for role, entry in record["denoisers"].items():
+            routing.setdefault("denoisers", {})[role if role == "base" else f"{role} {row.schedule}"] = entry
+    return routing or None
+
+
 def run(config: Config, echo: bool = True) -> dict[str, Any]:
     """Time every row, compare outputs, run the studies; write `bench.json`, `bench.md`, `bench.png`,
     `metrics.json` and (with `echo`) print the table and the file paths.
 
     Returns:
-        The report written to `bench.json`: rows (latency p50/p99 in ms, iterations, deviation from sequential in
-        normalized action units, deadline misses against the budget in ms, optional success/score), the
+        The report written to `bench.json`: rows (backend, latency p50/p99 in ms, iterations, deviation from torch
+        sequential in normalized action units, deadline misses against the budget in ms, GFLOP/s, optional
+        success/score), `fastest` (the fastest exact row per schedule in ms and its speed-up over torch
+        sequential), `flops_per_row`, `peak_gflops` and `peak_source`, the tolerance sweep's summary, the
         early-stop study, skipped rows.
 
     Raises:
@@ -228,8 +300,10 @@ def run(config: Config, echo: bool = True) -> dict[str, Any]:
     else:
         observations = sample_observations(config.checkpoint.path, n, seed)
     tols = sorted(set(config.tols) | {config.tol}, reverse=True)
-    rows, skipped = build_rows(policy, config.schedules, tols, config.window, config.stiffness, config.pcm,
-                               config.pcm_lora, config.accelerated, device, config.backend)
+    backends, skipped = usable_backends(config.backends, device)
+    rows, skipped_rows = build_rows(policy, config.schedules, tols, config.window, config.stiffness, config.pcm,
+                                    config.pcm_lora, config.accelerated, device, backends)
+    skipped += skipped_rows
     out = config.output_dir
     out.mkdir(parents=True, exist_ok=True)  # only once the inputs have loaded: bad input leaves no output
     for reason in skipped:
@@ -239,14 +313,18 @@ def run(config: Config, echo: bool = True) -> dict[str, Any]:
     else:
         skipped.append("cuda-graph rows: no CUDA device on this machine")
         print("skipped cuda-graph rows: no CUDA device on this machine")
+    peak, peak_source = peak_estimate(config.peak_gflops, threads, device)
 
     encoded = encode_observations(policy, observations)
     results, references = measure_rows(policy, rows, encoded, config.chunks, seed, config.warmup, budget_ms,
-                                       device_name, threads)
+                                       device_name, threads, peak, config.interleave)
     episodes = EpisodeSettings(config.task.name, config.task.env_id, config.task.max_steps, config.control_hz,
                                config.budget_ms, seed, config.seed_start)
-    # the studies and the latency plot: the sequential rows and the iterative rows at `tol`
-    studied = [i for i, row in enumerate(rows) if row.config.name == "sequential" or row.config.tol == config.tol]
+    # the latency plot: the sequential rows and the iterative rows at `tol`; the studies: those of one backend (the
+    # others give the same chunks to within 1e-4)
+    plotted = [i for i, row in enumerate(rows) if row.config.name == "sequential" or row.config.tol == config.tol]
+    study_backend = "torch" if "torch" in backends else backends[0]
+    studied = [i for i in plotted if rows[i].backend == study_backend]
     if config.episodes > 0:
         closed_loop_rows(policy, [rows[i] for i in studied], [results[i] for i in studied], episodes,
                          config.episodes, config.episodes_schedules)
@@ -256,18 +334,18 @@ def run(config: Config, echo: bool = True) -> dict[str, Any]:
     add_speedups(results)
     sweep = sweep_summary(results, config.deviation_bound) if len(tols) > 1 else []
     report = {"command": "bench", "task": card["task"], "checkpoint": str(config.checkpoint.given),
-              "device": device_name, "threads": threads, "backend": config.backend,
-              "control_hz": config.control_hz, "budget_ms": budget_ms,
-              "tols": tols, "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results],
-              "sweep": sweep, "early_stop": early, "skipped": skipped,
-              "calibration": {row.name: row.sampler.calibration.to_dict() for row in rows
-                              if row.sampler.calibration is not None}}
+              "device": device_name, "threads": threads, "control_hz": config.control_hz, "budget_ms": budget_ms,
+              "backends": backends, "tols": tols, "deviation_bound": config.deviation_bound,
+              "flops_per_row": network_flops(rows), "peak_gflops": peak, "peak_source": peak_source,
+              "fastest": fastest_exact(results, config.deviation_bound), "auto_routing": auto_routing(rows),
+              "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results],
+              "sweep": sweep, "early_stop": early, "skipped": skipped}
     atomic_write_text(out / "bench.json", json.dumps(report, indent=2))
     atomic_write_text(out / "bench.md", markdown_table(report))
-    summary = {k: report[k] for k in ("command", "task", "device", "threads", "backend")}
+    summary = {k: report[k] for k in ("command", "task", "device", "threads", "backends")}
     atomic_write_text(out / "metrics.json",
                       json.dumps(summary | {"rows": len(results), "bench": str(out / "bench.json")}, indent=2))
-    plot([results[i] for i in studied], out / "bench.png", budget_ms)
+    plot([results[i] for i in plotted], out / "bench.png", budget_ms)
     plots = ["bench.png"]
     if sweep:
         plot_sweep(results, out / "bench_sweep.png")

@@ -1,10 +1,13 @@
 """`pcm demo`: the whole mission on shipped defaults, in a few minutes on a CPU (`configs/demo.yaml`).
 
 1. Load the task's shipped base policy and its PCMs (or train a quick stand-in when the shipped base is absent).
-2. Closed-loop episodes under the real-time controller (simulated clock) with the configured PCM sampler,
-   recording a video of the first one.
-3. A short latency comparison (a `pcm bench` config) on the same checkpoint, observations and noise.
-4. A summary table with success, score, iterations, latency, deadline misses and speed-ups.
+2. `sampler=auto` (the default): time every exact sampler under every backend on this machine and take the fastest
+   that fits the control period (`pcm_policy.auto_sampler`); any other `sampler=` runs as configured.
+3. Closed-loop episodes under the real-time controller (simulated clock) with that sampler, recording a video of
+   the first one.
+4. A short latency comparison (a `pcm bench` config, every row on each of `backends`) on the same checkpoint,
+   observations and noise.
+5. A summary table with success, score, iterations, latency, deadline misses and speed-ups.
 """
 from __future__ import annotations
 
@@ -18,13 +21,14 @@ from typing import Any, Mapping
 import numpy as np
 
 from pcm_policy.atomic import atomic_write_text
+from pcm_policy.auto_sampler import AutoSettings, check_auto, check_backends, choose_sampler, is_auto
 from pcm_policy.backends import check_backend
 from pcm_policy.checkpoint import Card, load_policy
 from pcm_policy.commands import bench, compose_command, train, train_pcm
 from pcm_policy.control import Controller, ControllerConfig
 from pcm_policy.errors import ConfigError
 from pcm_policy.latency import latency_summary
-from pcm_policy.observations import check_dataset
+from pcm_policy.observations import check_dataset, sample_observations
 from pcm_policy.options import integer, lookup, output_dir, renamed
 from pcm_policy.paths import resolve_path
 from pcm_policy.pcm.attach import check_sampler, load_sampler
@@ -44,26 +48,30 @@ class Config:
         task: the task.
         checkpoint: the base policy's card, or None when the task's shipped base is absent (a stand-in is
             trained first).
-        sampler: the closed-loop sampler.
-        sampler_pcm: its PCM, `pcm_lora.<its schedule>` (None for a sampler without one).
+        sampler: the closed-loop sampler, or `sampler=auto`'s settings (chosen by timing at start).
+        sampler_pcm: its PCM, `pcm_lora.<its schedule>` (None for a sampler without one; for `sampler=auto` the
+            PCM it may choose).
         pcm_lora: schedule -> LoRA PCM (the weight-space rows, and the output-space rows without `pcm`).
         pcm: schedule -> PCM of the output-space rows.
         schedules: the latency comparison's schedules.
+        backends: the latency comparison's backends (every row on each).
         episodes: closed-loop episodes (reset seeds seed_start, ...).
         chunks: latency-comparison chunks per row; ddpm100_chunks for the slow DDPM-100 rows.
         seed_start: the first reset seed.
         runtime: seed, device, threads.
         output_dir: where metrics.json, the video and the bench go.
-        backend: where the denoisers run, in the closed loop and the comparison: torch, onnx or auto.
+        backend: the closed loop's runtime for a fixed sampler: torch, onnx or auto (`sampler=auto` chooses among its
+            `sampler.backends`; a `backend=` given restricts them to that one).
     """
 
     task: TaskOptions
     checkpoint: Card | None
-    sampler: SamplerConfig
+    sampler: SamplerConfig | AutoSettings
     sampler_pcm: str | None
     pcm_lora: dict[str, str]
     pcm: dict[str, str]
     schedules: list[str]
+    backends: list[str]
     episodes: int
     chunks: int
     ddpm100_chunks: int
@@ -85,7 +93,8 @@ class Config:
             DatasetError: the checkpoint's dataset (the latency comparison's observations) is missing.
         """
         runtime = RuntimeOptions.from_mapping(cfg)
-        backend = check_backend(lookup(cfg, "backend", "torch"), runtime.device)
+        backend = lookup(cfg, "backend", None)  # null: torch, or sampler=auto's own backends
+        backend = None if backend is None else check_backend(backend, runtime.device)
         task = TaskOptions.from_mapping(lookup(cfg, "task"))
         out = output_dir(cfg)
         counts = {k: integer(cfg, k, low) for k, low in
@@ -109,10 +118,16 @@ class Config:
         schedule = f"{group.get('scheduler')}{group.get('steps')}" if isinstance(group, Mapping) else None
         # demo attaches the LoRA PCM of the sampler's schedule (pcm_lora.<schedule>) whatever the switching space
         sampler_pcm = (lookup(cfg, "pcm_lora", None) or {}).get(schedule)
+        backends = check_backends("backends", lookup(cfg, "backends"), runtime.device)
+        if is_auto(group):
+            sampler = check_auto(group, "sampler", T, card.path if card else None, pcm_key=f"pcm_lora.{schedule}",
+                                 pcm_path=sampler_pcm if card else None, device=runtime.device, backend=backend)
+            return cls(task, card, sampler, sampler.pcm_checkpoint, pcm_lora, pcm, schedules, backends, **counts,
+                       runtime=runtime, output_dir=out)
         sampler = check_sampler(group, "sampler", T, card.path if card else None, pcm_key=f"pcm_lora.{schedule}",
                                 pcm_path=sampler_pcm, check_pcm=card is not None)
         return cls(task, card, sampler, sampler_pcm if sampler.needs_pcm else None, pcm_lora, pcm, schedules,
-                   **counts, runtime=runtime, output_dir=out, backend=backend)
+                   backends, **counts, runtime=runtime, output_dir=out, backend=backend or "torch")
 
 
 def _stand_in(config: Config) -> tuple[Card, dict[str, str]]:
@@ -151,9 +166,15 @@ def run(config: Config) -> dict[str, Any]:
         card, pcm_lora = _stand_in(config)
         pcm, sampler_pcm = {}, pcm_lora.get(config.sampler.schedule)
 
-    # 1-2: closed loop under the controller, with the sampler's LoRA PCM.
+    # 2-3: the sampler (auto: timed here), then closed loop under the controller.
     policy, _ = load_policy(card.path, device, expect_task=task.name)
-    sampler = load_sampler(policy, config.sampler, device, sampler_pcm, backend=config.backend)
+    auto = None
+    if isinstance(config.sampler, AutoSettings):
+        settings = dataclasses.replace(config.sampler, pcm_checkpoint=sampler_pcm)
+        observations = sample_observations(card.path, settings.chunks, settings.seed)
+        sampler, auto = choose_sampler(policy, settings, observations, 1e3 / task.control_hz, device)
+    else:
+        sampler = load_sampler(policy, config.sampler, device, sampler_pcm, backend=config.backend)
     out.mkdir(parents=True, exist_ok=True)  # only once the inputs have loaded: bad input leaves no output
     ctrl = Controller(policy, sampler, ControllerConfig(control_hz=task.control_hz), seed=config.runtime.seed)
     run_ = run_controller_episodes(ctrl, task.env_id, task.max_steps, config.episodes, config.seed_start,
@@ -163,22 +184,23 @@ def run(config: Config) -> dict[str, Any]:
     # 3: latency comparison on the same checkpoint (output space: a full PCM where given, else the LoRA one).
     chunks = {s: config.ddpm100_chunks if s == "ddpm100" else config.chunks for s in config.schedules}
     report = bench.run(bench.Config(
-        task=task, checkpoint=card, schedules=config.schedules, pcm={**pcm_lora, **pcm}, pcm_lora=pcm_lora,
-        accelerated=_default_acceleration(), chunks=chunks, warmup=5, tols=[0.1], tol=0.1, deviation_bound=0.01,
-        window=None, stiffness=None,
+        task=task, checkpoint=card, schedules=config.schedules, backends=config.backends, pcm={**pcm_lora, **pcm},
+        pcm_lora=pcm_lora, accelerated=_default_acceleration(), chunks=chunks, warmup=2, tols=[0.1], tol=0.1,
+        deviation_bound=0.01, peak_gflops=None, window=None, stiffness=None,
         control_hz=task.control_hz, budget_ms=None, episodes=0, episodes_schedules=None,
         seed_start=config.seed_start, early_stop=False, early_stop_chunks=1, early_stop_episodes=0,
-        observations=None, runtime=config.runtime, output_dir=out / "bench", backend=config.backend), echo=False)
+        observations=None, runtime=config.runtime, output_dir=out / "bench"), echo=False)
 
     chunks_run = run_.chunks
     warm = chunks_run[1:] or chunks_run  # without the very first chunk: it also pays the one-off warm-up
     summary = {"command": "demo", "task": task.name, "checkpoint": card.given, "sampler": sampler.label,
-               "backend": sampler.backend,
+               "backend": sampler.backend, "auto": auto.to_dict() if auto else None,
                "closed_loop": {**closed, "chunks": len(chunks_run), **latency_summary(c.latency_ms for c in warm),
                                "iterations_mean": float(np.mean([c.iterations for c in chunks_run])),
                                "deadline_misses": int(sum(c.deadline_missed for c in chunks_run)),
                                "exact_fraction": float(np.mean([c.exact for c in chunks_run]))},
-               "bench": report["rows"], "device": report["device"], "threads": report["threads"],
+               "bench": report["rows"], "fastest": report["fastest"], "device": report["device"],
+               "threads": report["threads"],
                "calibration": sampler.calibration.to_dict() if sampler.calibration is not None else None,
                "video": str(run_.video) if run_.video else None, "plot": str(out / "bench" / "bench.png"),
                "wall_s": round(time.perf_counter() - t0, 1)}
@@ -193,11 +215,19 @@ def _default_acceleration() -> dict[str, dict]:
 
 
 def print_summary(s: Mapping[str, Any]) -> None:
-    """Print `run`'s summary: the closed-loop line, the bench table (latencies in ms), output paths."""
+    """Print `run`'s summary: auto's choice, the closed-loop line, the fastest exact row per schedule, the bench
+    table (latencies in ms, per backend), output paths."""
     c = s["closed_loop"]
     print()
-    print(f"== pcm demo: {s['task']} on {s['device']}, backend {s.get('backend', 'torch')} ==")
-    print(f"closed loop, {s['sampler']} under the real-time controller (simulated clock), {c['episodes']} episodes:")
+    print(f"== pcm demo: {s['task']} on {s['device']} ==")
+    if s.get("auto"):
+        a = s["auto"]["chosen"]
+        timed = sum(e["p50_ms"] is not None for e in s["auto"]["candidates"])
+        print(f"sampler=auto chose {a['sampler']}/{a['schedule']} (tol {a['tol']}) on {a['backend']}, "
+              f"{a['threads']} thread(s): p50 {a['p50_ms']:.1f} ms, max deviation {a['max_dev']:.1e} "
+              f"({timed} timed in {s['auto']['seconds']:.1f} s)")
+    print(f"closed loop, {s['sampler']} [{s.get('backend', 'torch')}] under the real-time controller (simulated "
+          f"clock), {c['episodes']} episodes:")
     if s.get("calibration"):
         for role, entry in s["calibration"]["denoisers"].items():
             print(f"  auto backend, {role} network: {entry['rule']}")
@@ -205,12 +235,18 @@ def print_summary(s: Mapping[str, Any]) -> None:
           f"latency p50 {c['latency_ms_p50']:.1f} ms p99 {c['latency_ms_p99']:.1f} ms  deadline misses "
           f"{c['deadline_misses']}/{c['chunks']}  exact chunks {c['exact_fraction']:.0%}")
     print()
-    print(f"{'sampler':26s} {'iters':>6s} {'p50 ms':>8s} {'p99 ms':>8s} {'misses':>8s} {'speedup':>8s} {'max err':>9s}")
+    for f in s.get("fastest") or []:
+        print(f"fastest exact {f['schedule']}: {f['sampler']} on {f['backend']} {f['latency_ms_p50']:.1f} ms p50, "
+              f"{f['speedup_p50_vs_sequential']:.2f}x torch sequential ({f['sequential_ms_p50']:.1f} ms)")
+    print()
+    print(f"{'sampler':26s} {'backend':>7s} {'iters':>6s} {'p50 ms':>8s} {'p99 ms':>8s} {'misses':>8s} "
+          f"{'speedup':>8s} {'GFLOP/s':>8s} {'max err':>9s}")
     for r in s["bench"]:
-        speed = r.get("speedup_p50_vs_sequential")
-        print(f"{r['sampler'] + '/' + r['schedule']:26s} {r['iterations_mean']:6.2f} {r['latency_ms_p50']:8.1f} "
-              f"{r['latency_ms_p99']:8.1f} {str(r['deadline_misses']) + '/' + str(r['chunks']):>8s} "
-              f"{(f'{speed:.2f}x' if speed else ''):>8s} {r['max_abs_err_vs_sequential']:9.1e}")
+        speed, gflops = r.get("speedup_p50_vs_sequential"), r.get("gflops")
+        print(f"{r['sampler'] + '/' + r['schedule']:26s} {r.get('backend', 'torch'):>7s} {r['iterations_mean']:6.2f} "
+              f"{r['latency_ms_p50']:8.1f} {r['latency_ms_p99']:8.1f} "
+              f"{str(r['deadline_misses']) + '/' + str(r['chunks']):>8s} {(f'{speed:.2f}x' if speed else ''):>8s} "
+              f"{(f'{gflops:.1f}' if gflops else ''):>8s} {r['max_abs_err_vs_sequential']:9.1e}")
     print()
     if s["video"]:
         print(f"video: {s['video']}")

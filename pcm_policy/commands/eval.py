@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import torch
 
 from pcm_policy.atomic import atomic_write_text
+from pcm_policy.auto_sampler import AutoSettings, calibration_observations, check_auto, choose_sampler, is_auto
 from pcm_policy.backends import check_backend
 from pcm_policy.checkpoint import Card, load_policy
 from pcm_policy.errors import ConfigError
@@ -38,7 +39,8 @@ class Config:
     Attributes:
         task: the task and env the episodes run in.
         checkpoint: the base policy's card (None for `policy=expert`).
-        sampler: the sampler config and, for a switching sampler, its PCM checkpoint.
+        sampler: the sampler config, or `sampler=auto`'s settings (the fastest exact sampler, chosen by timing at
+            start).
         pcm_checkpoint: the sampler's PCM (None for the other samplers).
         episodes: episodes to run (reset seeds seed_start, seed_start + 1, ...).
         n_envs: envs per vectorised wave.
@@ -47,14 +49,15 @@ class Config:
         videos: episodes recorded as mp4.
         runtime: device, threads, determinism.
         output_dir: where metrics.json, episodes.jsonl and videos/ go.
-        backend: where the sampler's denoisers run: torch, onnx or auto (`pcm_policy.backends`).
+        backend: where the sampler's denoisers run: torch, onnx or auto (`pcm_policy.backends`); `sampler=auto`
+            chooses its own among `sampler.backends` (a `backend=` given restricts them to that one).
         server: the policy server the actions come from (None: this process samples them).
         server_metadata: that server's metadata, read when the config is checked.
     """
 
     task: TaskOptions
     checkpoint: Card | None
-    sampler: SamplerConfig | None
+    sampler: SamplerConfig | AutoSettings | None
     pcm_checkpoint: str | None
     episodes: int
     n_envs: int
@@ -80,7 +83,8 @@ class Config:
             PcmError: the server cannot be reached or refuses the key.
         """
         runtime = RuntimeOptions.from_mapping(cfg)
-        backend = check_backend(lookup(cfg, "backend", "torch"), runtime.device)
+        backend = lookup(cfg, "backend", None)  # null: torch, or sampler=auto's own backends
+        backend = None if backend is None else check_backend(backend, runtime.device)
         task = TaskOptions.from_mapping(lookup(cfg, "task"))
         out = output_dir(cfg)
         counts = dict(episodes=integer(cfg, "episodes", 1), n_envs=integer(cfg, "n_envs", 1),
@@ -91,16 +95,20 @@ class Config:
             return cls._for_server(cfg, task, check_url(server), counts, runtime, out)
         if choice(cfg, "policy.name", ("checkpoint", "expert")) == "expert":
             check_registered(task.env_id)
-            return cls(task, None, None, None, **counts, runtime=runtime, output_dir=out, backend=backend)
+            return cls(task, None, None, None, **counts, runtime=runtime, output_dir=out, backend=backend or "torch")
         card = Card.open_base("checkpoint", lookup(cfg, "checkpoint", None), task=task.name)
         card.check_closed_loop()
         task = dataclasses.replace(task, env_id=task.env_for(card.observation_kind, card.observation_parts))
         check_registered(task.env_id)
         card.check_env_gives_cameras(task.env_id)
         group = lookup(cfg, "sampler")
+        if is_auto(group):
+            settings = check_auto(group, "sampler", card.num_train_timesteps, card.path, device=runtime.device,
+                                  backend=backend)
+            return cls(task, card, settings, None, **counts, runtime=runtime, output_dir=out)
         sampler = check_sampler(group, "sampler", card.num_train_timesteps, card.path)
         pcm = group.get("pcm_checkpoint") if sampler.needs_pcm else None
-        return cls(task, card, sampler, pcm, **counts, runtime=runtime, output_dir=out, backend=backend)
+        return cls(task, card, sampler, pcm, **counts, runtime=runtime, output_dir=out, backend=backend or "torch")
 
     @classmethod
     def _for_server(cls, cfg, task: TaskOptions, server: str, counts: dict, runtime, out) -> "Config":
@@ -151,13 +159,20 @@ def run(config: Config) -> dict[str, Any]:
     else:
         device = config.runtime.device
         policy, _ = load_policy(config.checkpoint.path, device, expect_task=task.name)
-        sampler = load_sampler(policy, config.sampler, device, config.pcm_checkpoint, backend=config.backend)
+        auto = {}
+        if isinstance(config.sampler, AutoSettings):  # timed at batch 1, as one robot's controller calls it
+            observations = calibration_observations(policy, config.checkpoint.path, task.env_id, task.max_steps,
+                                                    config.sampler.chunks, config.sampler.seed)
+            sampler, choice = choose_sampler(policy, config.sampler, observations, 1e3 / task.control_hz, device)
+            auto = {"auto": choice.to_dict()}
+        else:
+            sampler = load_sampler(policy, config.sampler, device, config.pcm_checkpoint, backend=config.backend)
         agent = ChunkAgent(policy, sampler, seed=config.seed_start)
         results = rollout_policy(agent, task.env_id, config.episodes, config.n_envs, policy.config.n_obs_steps,
                                  policy.config.n_action_steps, task.max_steps, config.seed_start, config.vector,
                                  video_dir, config.videos, fps)
         extra = {"policy": config.checkpoint.given, "sampler": sampler.label, "device": str(device),
-                 "threads": torch.get_num_threads(), "backend": sampler.backend, **agent.summary()}
+                 "threads": torch.get_num_threads(), "backend": sampler.backend, **agent.summary(), **auto}
         if sampler.calibration is not None:
             extra["calibration"] = sampler.calibration.to_dict()
             print(sampler.calibration.summary())

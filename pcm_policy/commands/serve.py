@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from pcm_policy.auto_sampler import AutoSettings, check_auto, is_auto
 from pcm_policy.backends import check_backend
 from pcm_policy.checkpoint import Card
 from pcm_policy.errors import CheckpointError, ConfigError, PcmError
@@ -31,8 +32,9 @@ class Config:
 
     Attributes:
         checkpoint: the base policy's card.
-        sampler: the sampler config; `pcm_checkpoint` its PCM (switching samplers only).
-        backend: the sampler's backend.
+        sampler: the sampler config, or `sampler=auto`'s settings (the fastest exact sampler, chosen at start);
+            `pcm_checkpoint` its PCM (switching samplers only).
+        backend: the sampler's backend (None: torch for a fixed sampler, `sampler=auto`'s own backends).
         control_hz: the robots' control rate (None: the task's); `budget_ms`, `margin_ms`: the per-request budget.
         host, port: where to listen.
         seed: every connection's first noise seed.
@@ -45,9 +47,9 @@ class Config:
     """
 
     checkpoint: Card
-    sampler: SamplerConfig
+    sampler: SamplerConfig | AutoSettings
     pcm_checkpoint: str | None
-    backend: str
+    backend: str | None
     control_hz: float | None
     budget_ms: float | None
     margin_ms: float
@@ -80,14 +82,19 @@ class Config:
                                   f"here ({', '.join(TASKS)})")
         task = TaskOptions.from_mapping({"name": card.task})
         card.check_env_gives_cameras(task.env_for(card.observation_kind, card.observation_parts))
-        backend = check_backend(lookup(cfg, "backend"), runtime.device)
+        backend = lookup(cfg, "backend", None)  # null: torch, or sampler=auto's own backends
+        backend = None if backend is None else check_backend(backend, runtime.device)
         group = lookup(cfg, "sampler")
         pcm = text(cfg, "pcm", null=True)
-        if pcm is not None:
-            sampler = check_sampler(group, "sampler", card.num_train_timesteps, card.path, pcm_key="pcm", pcm_path=pcm)
+        pcm_option = dict(pcm_key="pcm", pcm_path=pcm) if pcm is not None else {}
+        if is_auto(group):
+            sampler = check_auto(group, "sampler", card.num_train_timesteps, card.path, device=runtime.device,
+                                 backend=backend, **pcm_option)
+            pcm = None
         else:
-            sampler = check_sampler(group, "sampler", card.num_train_timesteps, card.path)
-            pcm = group.get("pcm_checkpoint") if sampler.needs_pcm else None
+            sampler = check_sampler(group, "sampler", card.num_train_timesteps, card.path, **pcm_option)
+            if pcm is None:
+                pcm = group.get("pcm_checkpoint") if sampler.needs_pcm else None
         host, port = text(cfg, "host"), integer(cfg, "port", 0, 65535)
         api_key = api_key_from_env()
         check_exposure(host, api_key)
@@ -148,7 +155,8 @@ def run(config: Config) -> dict[str, Any]:
     server = PolicyServer(served, config.host, config.port, config.api_key, config.seed, config.max_batch,
                           config.max_frame_bytes, config.max_connections, config.batch_window_ms)
     _log_to_stderr()
-    threads = set_threads(config.runtime.threads)
+    # sampler=auto leaves torch's threads at the count it chose; a fixed sampler runs at `threads`
+    threads = set_threads(None if served.auto is not None else config.runtime.threads)
 
     def ready(url: str) -> None:
         key = "API key required" if config.api_key else "no API key (loopback only)"

@@ -17,11 +17,16 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from pcm_policy.auto_sampler import AutoSettings, calibration_observations, choose_sampler
 from pcm_policy.checkpoint import Card, load_policy, weights_fingerprint
 from pcm_policy.pcm.attach import load_sampler
 from pcm_policy.sampler_config import SamplerConfig
 from pcm_policy.serving.frames import LOW_DIM_KEY, ObservationSpec
-from pcm_policy.tasks import get_task
+from pcm_policy.tasks import TaskOptions, get_task
+
+# what the metadata says of `sampler=auto`'s choice (`AutoChoice.chosen`)
+AUTO_KEYS = ("sampler", "tol", "backend", "threads", "p50_ms", "p99_ms", "max_dev")
+
 
 def build_sampler(policy, sampler: SamplerConfig, pcm_checkpoint: str | None, backend: str, device=None):
     """The served policy's `ChunkSampler` (its PCM loaded for a switching sampler) on `backend`.
@@ -71,6 +76,7 @@ class ServedPolicy:
         budget_ms: the per-request compute budget in ms (None: one control period).
         margin_ms: ms kept free before the deadline for the reply.
         backend: the backend the sampler runs on (for the metadata).
+        auto: `sampler=auto`'s choice (`AutoChoice`: the timing table and the chosen candidate), None otherwise.
 
     Attributes:
         spec: the observation keys and history length a request may carry.
@@ -79,8 +85,8 @@ class ServedPolicy:
     """
 
     def __init__(self, policy, sampler, card: Card, control_hz: float, budget_ms: float | None = None,
-                 margin_ms: float = 5.0, backend: str = "torch"):
-        self.policy, self.sampler, self.card, self.backend = policy, sampler, card, backend
+                 margin_ms: float = 5.0, backend: str = "torch", auto=None):
+        self.policy, self.sampler, self.card, self.backend, self.auto = policy, sampler, card, backend, auto
         self.control_hz = float(control_hz)
         self.budget_ms = 1e3 / self.control_hz if budget_ms is None else float(budget_ms)
         self.deadline_s = max(0.0, self.budget_ms - margin_ms) / 1e3
@@ -94,6 +100,7 @@ class ServedPolicy:
             {"observation": {key: {"shape", "dtype"}} per control step, "action": {"shape": [Ta, Da], "dtype",
             "low", "high"} (the training actions' range, env units), "n_obs_steps", "control_hz", "budget_ms",
             "sampler" (label), "backend", "policy": {"task", "name", "fingerprint", "observation_kind"},
+            "auto" (`sampler=auto` only: the chosen candidate's sampler, tol, backend, threads, p50/p99 ms, max_dev),
             "request_keys": the optional control keys}.
         """
         c = self.policy.config
@@ -108,6 +115,7 @@ class ServedPolicy:
             "sampler": self.sampler.label, "backend": self.backend,
             "policy": {"task": task.name, "name": self.card.given, "fingerprint": self.fingerprint,
                        "observation_kind": task.layout(self.card.observation_kind).kind},
+            **({} if self.auto is None else {"auto": {k: self.auto.chosen[k] for k in AUTO_KEYS}}),
             "request_keys": {"reset": "bool: a new episode (the history is refilled with this step)",
                              "seed": "int: restart this connection's noise generator before this request"},
         }
@@ -177,23 +185,36 @@ class ServedPolicy:
             self.infer([self.example_history()], [self.draw_noise(generator)])
 
 
-def load_served_policy(card: Card, sampler: SamplerConfig, pcm_checkpoint: str | None, backend: str,
-                       device: torch.device | str = "cpu", control_hz: float | None = None,
-                       budget_ms: float | None = None, margin_ms: float = 5.0) -> ServedPolicy:
+def load_served_policy(card: Card, sampler: SamplerConfig | AutoSettings, pcm_checkpoint: str | None,
+                       backend: str | None, device: torch.device | str = "cpu", control_hz: float | None = None,
+                       budget_ms: float | None = None, margin_ms: float = 5.0, echo: bool = True) -> ServedPolicy:
     """Load a checked checkpoint and its sampler for serving.
 
     Args:
         card: the base policy's card (checked by `pcm serve`'s config).
-        sampler: the `sampler=` config; `pcm_checkpoint` its PCM (switching samplers).
-        backend: `torch`, `onnx` or `auto`, checked (`pcm_policy.backends.check_backend`).
+        sampler: the `sampler=` config, `pcm_checkpoint` its PCM (switching samplers); or `sampler=auto`'s settings:
+            the fastest exact sampler is chosen here by timing (`pcm_policy.auto_sampler.choose_sampler`, at batch 1
+            on observations from the checkpoint's dataset or its own rollouts, within the per-request budget).
+        backend: `torch`, `onnx` or `auto`, checked (`pcm_policy.backends.check_backend`); None: torch (a fixed
+            sampler; `sampler=auto` brings its own).
         device: where the policy runs.
         control_hz: the robots' control rate (None: the card's task's).
         budget_ms, margin_ms: see `ServedPolicy`.
+        echo: print `sampler=auto`'s timing table.
 
     Raises:
         CheckpointError: weights or PCM that do not load.
+        ConfigError: `sampler=auto` finds no observations to time on.
     """
     policy, _ = load_policy(card.path, device, expect_task=card.task)
-    chunk_sampler = build_sampler(policy, sampler, pcm_checkpoint, backend, device)
-    hz = get_task(card.task, "checkpoint").control_hz if control_hz is None else control_hz
-    return ServedPolicy(policy, chunk_sampler, card, hz, budget_ms, margin_ms, backend)
+    task = TaskOptions.from_mapping({"name": card.task})
+    hz = task.control_hz if control_hz is None else control_hz
+    auto = None
+    if isinstance(sampler, AutoSettings):
+        observations = calibration_observations(policy, card.path, task.env_for(card.observation_kind,
+                                                card.observation_parts), task.max_steps, sampler.chunks, sampler.seed)
+        budget = 1e3 / hz if budget_ms is None else budget_ms
+        chunk_sampler, auto = choose_sampler(policy, sampler, observations, budget, device, echo=echo)
+    else:
+        chunk_sampler = build_sampler(policy, sampler, pcm_checkpoint, backend or "torch", device)
+    return ServedPolicy(policy, chunk_sampler, card, hz, budget_ms, margin_ms, chunk_sampler.backend, auto)
