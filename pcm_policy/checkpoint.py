@@ -6,7 +6,9 @@
         config.yaml          the fully resolved run config
         train_state.pt       online weights, optimizer, LR schedule, EMA, step, RNG (for resuming; optional)
 
-`load_policy` accepts a checkpoint directory or a run directory (then it takes the latest checkpoint).
+`load_policy` accepts a checkpoint directory or a run directory (then it takes the latest checkpoint). An image
+policy assembled from a low-dim head (`pcm train-encoder`) and exported with `--link-head` stores its encoder only:
+its card's `head` names the head's checkpoint and fingerprint, and loading rewires that head again.
 """
 from __future__ import annotations
 
@@ -28,7 +30,9 @@ from pcm_policy.errors import CheckpointError, ConfigError, PcmError
 from pcm_policy.options import writable_dir
 from pcm_policy.paths import resolve_path
 from pcm_policy.policy import DiffusionPolicy, PolicyConfig
+from pcm_policy.model.vision import build_vision_encoder
 from pcm_policy.sampler_config import SamplerConfig
+from pcm_policy.state_encoder import assemble_image_policy
 from pcm_policy.tasks import TASKS, cameras_of_env
 
 POLICY_CARD = "policy.yaml"
@@ -411,10 +415,38 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu", expect_tas
         raise CheckpointError(f"{ckpt / POLICY_CARD}: invalid policy section ({e})") from None
     weights = read_weights(ckpt / POLICY_WEIGHTS)
     weights = {k: v.float() for k, v in weights.items()}  # shipped checkpoints may be stored in fp16
+    if (card.get("head") or {}).get("linked"):
+        weights = _linked_weights(ckpt, card, config, weights)
     policy = DiffusionPolicy(config, Normalizer())
     policy.load_weights(weights, source=str(ckpt / POLICY_WEIGHTS))
     policy.eval().to(device)
     return policy, card
+
+
+def _linked_weights(ckpt: Path, card: Mapping[str, Any], config: PolicyConfig,
+                    weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The full weights of an image policy stored as its encoder + a link to its low-dim head (`--link-head`).
+
+    Raises:
+        CheckpointError: the head cannot be read, or its weights are not the ones the policy was assembled from.
+    """
+    link = card["head"]
+    try:
+        head, _ = load_policy(resolve_path(str(link["checkpoint"])))
+    except (CheckpointError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{ckpt}: its action network is its head's ({link.get('checkpoint')}), which cannot "
+                              f"be read: {e}") from None
+    found = weights_fingerprint(head.model)
+    if found != link.get("fingerprint"):
+        raise CheckpointError(f"{ckpt}: its head {link['checkpoint']} has other weights (fingerprint {found}, "
+                              f"assembled from {link.get('fingerprint')}); export the image policy again from its "
+                              "full checkpoint")
+    if config.vision_config is None:
+        raise CheckpointError(f"{ckpt}: a linked head needs an image policy (policy.vision)")
+    encoder = build_vision_encoder(config.vision_config)
+    encoder.load_state_dict({k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")})
+    return assemble_image_policy(head, encoder, link["own_columns"], config.camera_keys,
+                                 link.get("camera_weights")).weights()
 
 
 def weights_fingerprint(model: torch.nn.Module, *more: torch.nn.Module) -> str:
@@ -438,7 +470,7 @@ def weights_fingerprint(model: torch.nn.Module, *more: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def export_checkpoint(src: str | Path, dst: str | Path, dtype: str = "float16") -> Path:
+def export_checkpoint(src: str | Path, dst: str | Path, dtype: str = "float16", link_head: bool = False) -> Path:
     """A compact copy for shipping: weights in `dtype` (normalizer and integer tensors kept), no training state.
 
     The exported weights are the policy from then on: PCMs must be trained against the exported copy (their
@@ -448,6 +480,9 @@ def export_checkpoint(src: str | Path, dst: str | Path, dtype: str = "float16") 
         src: a checkpoint or run directory (its latest checkpoint).
         dst: the output checkpoint directory; it may replace an older checkpoint directory only.
         dtype: `float16`, `bfloat16` or `float32`.
+        link_head: an image policy from `pcm train-encoder`: store its encoder only, and in the card's `head` a
+            link to the low-dim head it was assembled from (`load_policy` rewires it again; the head's own dtype
+            applies). The head must still hold the weights it was assembled from.
 
     Returns:
         `dst` as a Path.
@@ -463,7 +498,21 @@ def export_checkpoint(src: str | Path, dst: str | Path, dtype: str = "float16") 
     if target is None:
         raise ConfigError(f"dtype={dtype!r}: expected float16, bfloat16 or float32")
     check_output_dir("output", Path(dst), Path(src), ckpt, what="the checkpoint being exported")
+    if link_head:
+        link = card.get("head")
+        if not isinstance(link, Mapping) or "fingerprint" not in link:
+            raise ConfigError(f"--link-head: {ckpt} was not assembled from a low-dim head (`pcm train-encoder` "
+                              "writes such checkpoints)")
+        if link.get("linked"):
+            raise ConfigError(f"--link-head: {ckpt} is already linked to its head")
+        head, head_card = load_policy(resolve_path(str(link["checkpoint"])))
+        if weights_fingerprint(head.model) != link["fingerprint"]:
+            raise CheckpointError(f"--link-head: the head {link['checkpoint']} no longer holds the weights {ckpt} was "
+                                  "assembled from; export the whole policy (without --link-head)")
+        card = dict(card, head={**link, "linked": True, "weights_dtype": head_card.get("weights_dtype", "float32")})
     weights = read_weights(ckpt / POLICY_WEIGHTS)
+    if link_head:  # the action network and the normalizer are the head's (the fingerprint is checked on loading)
+        weights = {k: v for k, v in weights.items() if k.startswith("encoder.")}
     weights = {k: (v if k.startswith("normalizer.") or not v.is_floating_point() else v.to(target)) for k, v in weights.items()}
     config = yaml.safe_load((ckpt / RUN_CONFIG).read_text()) if (ckpt / RUN_CONFIG).is_file() else None
     card = dict(card, exported_from=str(ckpt), weights_dtype=dtype)

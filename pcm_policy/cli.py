@@ -1,9 +1,10 @@
 """`pcm`: the command-line entry point; it parses arguments and dispatches to `pcm_policy.commands`.
 
     pcm data info PATH [--json]
-    pcm export CHECKPOINT OUTPUT [--format pcm|lerobot|diffusion-policy|onnx] [--dtype float16] [pcm=DIR]
+    pcm export CHECKPOINT OUTPUT [--format pcm|lerobot|diffusion-policy|onnx] [--dtype float16] [--link-head] [pcm=DIR]
     pcm import diffusion-policy|lerobot PATH output_dir=DIR [dataset.path=FILE]
-    pcm train task=pusht dataset.path=... train.steps=200 output_dir=...   (and eval, collect, train-pcm, bench, demo)
+    pcm train task=pusht dataset.path=... train.steps=200 output_dir=...   (and eval, collect, train-pcm, train-encoder,
+                                                                             bench, demo)
     pcm serve checkpoint=DIR port=8000   (a policy server on openpi's websocket protocol)
 
 User errors (bad files, unknown keys, missing devices) print one line on stderr and exit with status 2.

@@ -20,6 +20,7 @@ LAYERS = [
     ["sampler_config"],
     ["chunk_sampler", "backends"],
     ["policy"],
+    ["state_encoder"],
     ["checkpoint"],
     ["rollout", "interop"],
     ["observations", "training"],

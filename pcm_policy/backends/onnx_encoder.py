@@ -39,7 +39,7 @@ class _InferenceEncoder(nn.Module):
         if enc.config.crop_shape is not None:
             x = center_crop(x, enc.config.crop_shape, enc.config.image_shape)
         keypoints = enc.pool(enc.backbone(x))
-        features = enc.relu(enc.out(keypoints.flatten(1)))
+        features = enc.activate(enc.out(keypoints.flatten(1)))
         return features.reshape(N, To, cameras * enc.feature_dim)
 
 

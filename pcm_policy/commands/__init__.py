@@ -31,6 +31,10 @@ COMMANDS = {
                   "  base=CKPT  mode=lora|full  lora_rank=64  scheduler=ddim|ddpm  steps=10  start=x_T|noise_sum|"
                   "x0_chain  trajectories=8192\n  epochs=20  batch_size=32  eval_tol=0.1  stiffness=null  device=auto  "
                   "output_dir=DIR"),
+    "train-encoder": ("train_encoder", "An image policy from a low-dim one: a camera encoder regressed onto the "
+                      "state the low-dim policy sees, joined to its action network exactly.",
+                      "  task=pusht_image  head=CKPT (a low-dim policy of the same env)  steps=4000  batch_size=128  "
+                      "lr=1e-3\n  vision.num_keypoints=32  threads=1  output_dir=DIR"),
     "bench": ("bench", "Latency benchmark in ms: sequential DDPM/DDIM, Picard, PCM and PCM-LoRA on each backend.",
               "  checkpoint=DIR  pcm.ddpm100=DIR  pcm_lora.ddim10=DIR  schedules=[ddpm100,ddim10,ddim16]\n"
               "  backends=[torch,onnx,auto]  chunks=1000  tol=0.1  window=null  threads=1  episodes=0  "

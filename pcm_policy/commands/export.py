@@ -1,7 +1,8 @@
 """`pcm export CHECKPOINT OUTPUT [--format pcm|lerobot|diffusion-policy|onnx] [--dtype float16] [pcm=DIR]`.
 
 `--format pcm` (the default): a compact copy of a checkpoint for shipping (weights cast to the dtype, the
-normalizer kept float32, no optimizer state); train PCMs against the exported copy. `--format lerobot` /
+normalizer kept float32, no optimizer state); train PCMs against the exported copy. `--link-head` (an image policy
+from `pcm train-encoder`): the encoder only, with a link to the low-dim head whose action network it shares. `--format lerobot` /
 `--format diffusion-policy`: the base policy in that tool's layout (a lerobot policy directory / a Diffusion
 Policy `.ckpt`, float32), so it runs there; `pcm import` reads it back as the same policy
 (`pcm_policy.interop.lerobot_export`, `pcm_policy.interop.diffusion_policy_export`). `--format onnx`: a directory of
@@ -35,6 +36,7 @@ class Config:
     dtype: str
     format: str = "pcm"
     pcm: Path | None = None  # --format onnx: a PCM checkpoint of this base, exported beside it
+    link_head: bool = False  # --format pcm: store an assembled image policy's encoder + a link to its head
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Config":
@@ -57,7 +59,11 @@ class Config:
         if "pcm" in options and args.format != "onnx":
             raise ConfigError(f"pcm={options['pcm']}: only --format onnx exports a PCM")
         pcm = Path(options["pcm"]) if "pcm" in options else None
-        return cls(Path(args.checkpoint), Path(args.output), dtype, args.format, pcm)
+        link_head = bool(getattr(args, "link_head", False))
+        if link_head and args.format != "pcm":
+            raise ConfigError(f"--link-head: only --format pcm links an image policy to its head (--format "
+                              f"{args.format} writes whole networks)")
+        return cls(Path(args.checkpoint), Path(args.output), dtype, args.format, pcm, link_head)
 
 
 def add_parser(sub) -> None:
@@ -73,6 +79,9 @@ def add_parser(sub) -> None:
     export.add_argument("--format", default="pcm", choices=list(FORMATS))
     export.add_argument("--dtype", default=None, choices=list(EXPORT_DTYPES),
                         help="weights dtype (pcm: default float16; the other formats: float32 only)")
+    export.add_argument("--link-head", action="store_true",
+                        help="an image policy from `pcm train-encoder`: write its encoder only, linked to the low-dim "
+                             "head it shares the action network with")
     export.set_defaults(command_config=Config.from_args, command_run=run, trailing_options="options")
 
 
@@ -107,9 +116,10 @@ def run(config: Config) -> Path:
         print(f"exported {config.checkpoint} -> {path} (lerobot diffusion policy, inputs {features}, MIN_MAX, "
               f"{exact}; `pcm import lerobot {path}` reads it back)")
         return path
-    path = export_checkpoint(config.checkpoint, config.output, config.dtype)
+    path = export_checkpoint(config.checkpoint, config.output, config.dtype, link_head=config.link_head)
     size = sum(p.stat().st_size for p in path.iterdir()) / 1e6
-    print(f"exported {config.checkpoint} -> {path} ({config.dtype}, {size:.1f} MB)")
+    print(f"exported {config.checkpoint} -> {path} ({config.dtype}, {size:.1f} MB"
+          + (", linked to its head" if config.link_head else "") + ")")
     return path
 
 

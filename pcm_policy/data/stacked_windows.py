@@ -73,7 +73,8 @@ def load_dataset(dataset: DatasetConfig, policy: Mapping[str, Any], seed: int) -
     vision = policy.get("vision")
     if vision is None:
         return dataset.load(H, To, Ta, seed)
-    image_shape = tuple(vision.get("image_shape", (96, 96)))
+    shape = vision.get("image_shape", (96, 96))  # None: the file's (`pcm train-encoder` sizes its encoder to it)
+    image_shape = tuple(shape) if shape is not None else None
     return ImageDataset.from_config(
         dataset.kind, dataset.path, H, To, Ta, val_ratio=dataset.val_ratio, seed=seed,
         max_train_episodes=dataset.max_train_episodes, camera_keys=list(policy.get("camera_keys") or []) or None,

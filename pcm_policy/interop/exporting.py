@@ -68,6 +68,9 @@ class ExportSource:
         if vision is not None and vision.get("kind") != "resnet18":
             raise ConfigError(f"{ckpt}: policy.vision.kind={vision.get('kind')!r}: {fmt} has ResNet-18 image "
                               "encoders only; this encoder cannot be written there")
+        if vision is not None and vision.get("feature_activation", "relu") != "relu":
+            raise ConfigError(f"{ckpt}: policy.vision.feature_activation={vision.get('feature_activation')!r}: "
+                              f"{fmt}'s encoder ends in a ReLU; this encoder cannot be written there")
         if vision is not None and vision.get("feature_dim") != 2 * vision.get("num_keypoints", 0):
             raise ConfigError(f"{ckpt}: policy.vision.feature_dim={vision.get('feature_dim')}: {fmt}'s encoder "
                               f"projects to 2 x num_keypoints = {2 * vision.get('num_keypoints', 0)} features")

@@ -31,6 +31,7 @@ from torch import nn
 from pcm_policy.errors import ConfigError, PcmError
 
 KINDS = ("small_cnn", "resnet18")
+FEATURE_ACTIVATIONS = ("relu", "none")
 KEY_PREFIX = "policy.vision"  # where the encoder's keys live in a policy config, for messages
 
 
@@ -66,6 +67,8 @@ class VisionEncoderConfig:
         use_group_norm: GroupNorm (`channels // 16` groups) instead of BatchNorm in the trunk.
         channels: `small_cnn` only: output channels of its conv layers (multiples of 16 with GroupNorm).
         image_mean, image_std: per-channel affine map applied to [0, 1] images before the trunk.
+        feature_activation: `relu` (lerobot's and Diffusion Policy's encoder: features >= 0) or `none` (the
+            projection as it is: an encoder regressed onto a signed state, `pcm_policy.state_encoder`).
 
     Raises:
         ConfigError: a field out of range, naming `policy.vision.<key>`.
@@ -81,6 +84,7 @@ class VisionEncoderConfig:
     channels: tuple[int, ...] = (16, 32, 64, 64)
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    feature_activation: str = "relu"
 
     def __post_init__(self):
         fix = lambda key, value: object.__setattr__(self, key, value)  # noqa: E731 (frozen dataclass)
@@ -109,6 +113,9 @@ class VisionEncoderConfig:
         fix("channels", tuple(int(c) for c in channels))
         fix("image_mean", _triple("image_mean", self.image_mean, positive=False))
         fix("image_std", _triple("image_std", self.image_std, positive=True))
+        if self.feature_activation not in FEATURE_ACTIVATIONS:
+            raise ConfigError(f"{KEY_PREFIX}.feature_activation={self.feature_activation!r}: expected one of "
+                              f"{', '.join(FEATURE_ACTIVATIONS)}")
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any] | "VisionEncoderConfig") -> "VisionEncoderConfig":
@@ -354,7 +361,8 @@ class SpatialSoftmax(nn.Module):
 
 
 class VisionEncoder(nn.Module):
-    """Image -> feature vector: check, to [0, 1], affine, crop, trunk, spatial softmax, `out` linear + ReLU.
+    """Image -> feature vector: check, to [0, 1], affine, crop, trunk, spatial softmax, `out` linear + ReLU (or
+    no activation, `feature_activation`).
 
     Modules: `backbone` (`ResNet18` or `SmallCnn`), `pool` (`SpatialSoftmax`), `out` (Linear 2K -> F), as
     lerobot's `DiffusionRgbEncoder`. `forward` is deterministic in eval mode (centre crop); in training mode the
@@ -395,11 +403,25 @@ class VisionEncoder(nn.Module):
         self.register_buffer("image_std", torch.tensor(config.image_std).view(3, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Encode (B, 3, H, W) images (uint8 0..255 or float in [0, 1]) -> (B, F) float32 features (>= 0).
+        """Encode (B, 3, H, W) images (uint8 0..255 or float in [0, 1]) -> (B, F) float32 features (>= 0 with
+        the default `feature_activation` relu).
 
         Raises:
             PcmError: one line, for an image of the wrong shape, channel order, dtype or range
                 (`images_to_unit_float`).
+        """
+        return self.activate(self.project(images))
+
+    def activate(self, projected: torch.Tensor) -> torch.Tensor:
+        """The final activation (`feature_activation`) applied to `project`'s output."""
+        return self.relu(projected) if self.config.feature_activation == "relu" else projected
+
+    def project(self, images: torch.Tensor) -> torch.Tensor:
+        """`forward` before its final activation: (B, 3, H, W) images -> (B, F) `out(keypoints)`, any sign (what
+        a regression onto a state trains, `pcm_policy.state_encoder`).
+
+        Raises:
+            PcmError: as `forward`.
         """
         if images.ndim != 4:
             raise PcmError(f"observation image has shape {tuple(images.shape)}: the encoder takes (B, 3, H, W)")
@@ -410,7 +432,7 @@ class VisionEncoder(nn.Module):
             else:
                 x = center_crop(x, self.config.crop_shape)
         keypoints = self.pool(self.backbone(x))  # (B, K, 2)
-        return self.relu(self.out(keypoints.flatten(1)))  # flattened (x0, y0, x1, y1, ...), as lerobot
+        return self.out(keypoints.flatten(1))  # flattened (x0, y0, x1, y1, ...), as lerobot
 
     def encode_steps(self, images: torch.Tensor) -> torch.Tensor:
         """Encode an observation history of one or more cameras with this (shared) encoder.
@@ -474,6 +496,9 @@ def backbone_name_from_lerobot(name: str) -> str:
 def _require_resnet(encoder: VisionEncoder) -> None:
     if encoder.config.kind != "resnet18":
         raise PcmError(f"{KEY_PREFIX}.kind={encoder.config.kind!r}: lerobot's rgb_encoder is a resnet18 one")
+    if encoder.config.feature_activation != "relu":
+        raise PcmError(f"{KEY_PREFIX}.feature_activation={encoder.config.feature_activation!r}: lerobot's "
+                       "rgb_encoder ends in a ReLU")
 
 
 def encoder_state_from_lerobot(state: Mapping[str, torch.Tensor], encoder: VisionEncoder,
