@@ -95,7 +95,6 @@ class Config:
         VisionEncoderConfig.from_mapping({**vision, "image_shape": vision.get("image_shape") or (96, 96)})
         return cls(task, dataset, head, head_dataset, cameras, vision, EncoderSettings.from_mapping(cfg), runtime, out)
 
-
     def run_config(self, policy: Mapping[str, Any]) -> dict[str, Any]:
         """The run config saved with the checkpoint (`config.yaml`, `configs/train.yaml`'s layout for what later
         commands read: the dataset, the window shape and the seed of the episode split - `pcm train-pcm` and
