@@ -65,6 +65,12 @@ def shared_columns(own_obs: np.ndarray, state_obs: np.ndarray, where: str) -> li
     return columns
 
 
+def predicted_columns(obs_dim: int, own_columns: Sequence[int]) -> list[int]:
+    """The head's observation columns the encoder predicts: those not in the image policy's own, in order."""
+    own = set(own_columns)
+    return [i for i in range(obs_dim) if i not in own]
+
+
 @dataclass(frozen=True)
 class EncoderSettings:
     """How the encoder is regressed onto the state (the `train_encoder` command's optimisation keys).
@@ -248,7 +254,7 @@ def assemble_image_policy(head: DiffusionPolicy, encoder: VisionEncoder, own_col
     if head.uses_images:
         raise PcmError("the head must be a low-dim policy (it sees the state, not cameras)")
     cfg = head.config
-    predicted = [i for i in range(cfg.obs_dim) if i not in set(own_columns)]
+    predicted = predicted_columns(cfg.obs_dim, own_columns)
     P = len(predicted)
     if encoder.feature_dim != P:
         raise PcmError(f"the encoder predicts {encoder.feature_dim} columns, the head's observation has {P} beyond "
@@ -278,16 +284,14 @@ def assemble_image_policy(head: DiffusionPolicy, encoder: VisionEncoder, own_col
 def state_targets(head: DiffusionPolicy, state_obs: np.ndarray, own_columns: Sequence[int]) -> torch.Tensor:
     """(N, Ds) head observations in env units -> (N, P) its normalized values at the predicted columns."""
     normalized = head.normalizer.normalize("obs", torch.as_tensor(state_obs, dtype=torch.float32))
-    predicted = [i for i in range(state_obs.shape[1]) if i not in set(own_columns)]
-    return normalized[:, predicted].contiguous()
+    return normalized[:, predicted_columns(state_obs.shape[1], own_columns)].contiguous()
 
 
 def error_in_env_units(head: DiffusionPolicy, val_mae: Sequence[float], own_columns: Sequence[int]) -> list[float]:
     """Per predicted column, a normalized mean |error| in the head's observation units (limits: px for PushT)."""
     scale = head.normalizer.params["obs"]["scale"]
-    predicted = [i for i in range(len(scale)) if i not in set(own_columns)]
-    return [float(e / abs(float(scale[i]))) for e, i in zip(val_mae, predicted)]
+    return [float(e / abs(float(scale[i]))) for e, i in zip(val_mae, predicted_columns(len(scale), own_columns))]
 
 
-__all__ = ["EncoderSettings", "assemble_image_policy", "camera_weights", "error_in_env_units", "regression_error",
-           "shared_columns", "state_targets", "train_state_encoder"]
+__all__ = ["EncoderSettings", "assemble_image_policy", "camera_weights", "error_in_env_units", "predicted_columns",
+           "regression_error", "shared_columns", "state_targets", "train_state_encoder"]

@@ -107,17 +107,21 @@ class Config:
                 "seed": self.runtime.seed, "threads": self.runtime.threads, "output_dir": str(self.output_dir)}
 
 
+def _episode_rows(ends: np.ndarray) -> list[np.ndarray]:
+    """The buffer rows of each episode (exclusive cumulative `ends`)."""
+    return [np.arange(s, e) for s, e in zip(np.concatenate([[0], ends[:-1]]), ends)]
+
+
 def _frames(images, episode_ends: np.ndarray) -> torch.Tensor:
-    """Every frame of the dataset, read an episode at a time, (N, cameras, 3, H, W) uint8 (PushT 200 episodes:
-    0.8 GB; Lift 100 demos, two 84x84 cameras: 0.2 GB)."""
-    starts = np.concatenate([[0], episode_ends[:-1]])
-    parts = [images.read(np.arange(s, e)) for s, e in zip(starts, episode_ends)]
+    """Every frame of the dataset, read an episode at a time (a robomimic read stays within one demo),
+    (N, cameras, 3, H, W) uint8 (PushT 200 episodes: 0.8 GB; Lift 100 demos, two 84x84 cameras: 0.2 GB)."""
+    parts = [images.read(rows) for rows in _episode_rows(episode_ends)]
     return torch.from_numpy(np.concatenate(parts)).permute(0, 1, 4, 2, 3).contiguous()
 
 
-def _episode_rows(ends: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    starts = np.concatenate([[0], ends[:-1]])
-    rows = [np.arange(s, e) for s, e, m in zip(starts, ends, mask) if m]
+def _rows_of(episode_ends: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The buffer rows of the episodes `mask` selects."""
+    rows = [r for r, m in zip(_episode_rows(episode_ends), mask) if m]
     return np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
 
 
@@ -147,8 +151,8 @@ def run(config: Config) -> dict[str, Any]:
     t0 = time.perf_counter()
     frames = _frames(images.images, images.episode_ends)
     encoder = build_vision_encoder({**vision, "image_shape": images.image_shape, "feature_dim": targets.shape[1]})
-    train_rows = _episode_rows(images.episode_ends, images.lowdim.train_mask)
-    val_rows = _episode_rows(images.episode_ends, images.lowdim.val_mask)
+    train_rows = _rows_of(images.episode_ends, images.lowdim.train_mask)
+    val_rows = _rows_of(images.episode_ends, images.lowdim.val_mask)
     print(f"encoder: {sum(p.numel() for p in encoder.parameters()):,} parameters, predicting {targets.shape[1]} "
           f"state columns of {config.head.given} from {len(config.cameras)} camera(s); own observation = head "
           f"columns {own}; {len(train_rows):,} training frames, {len(val_rows):,} held out")
